@@ -1,0 +1,146 @@
+"""Building blocks shared by every normalizer-free family.
+
+Parameter names (`w`, `gain`, `bias`; `squeeze_excite/~/linear{,_1}` with `w`,
+`b`) are those of the published checkpoints and must not change.
+"""
+
+from typing import Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Variance floor of scaled weight standardisation (published value): keeps
+# all-zero or constant filters from dividing by zero.
+WS_EPS = 1e-4
+
+
+def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = WS_EPS) -> jax.Array:
+  """Scaled weight standardisation of an HWIO kernel.
+
+  `gain * (w - mean) / sqrt(max(fan_in * var, eps))`, with mean and variance
+  over (H, W, I). Dividing by sqrt(fan_in) makes the layer variance preserving
+  (like He init) for any weights, which is what lets NF networks drop
+  BatchNorm. Written as `w * scale - mean * scale` so XLA fuses it into one pass.
+  """
+  mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+  var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
+  fan_in = np.prod(w.shape[:-1])
+  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+  return w * scale - mean * scale
+
+
+class WSConv2D(hk.Module):
+  """2-D convolution (NHWC, HWIO) with scaled weight standardisation.
+
+  Always has a learnable per-output-channel `gain` and `bias`. Standardisation
+  runs in float32 whatever the compute dtype, then the kernel is cast to the
+  input's dtype: in bfloat16 the mean/variance of a large kernel would
+  otherwise lose most of their precision.
+  """
+
+  def __init__(self,
+               output_channels: int,
+               kernel_shape: int,
+               stride: int = 1,
+               feature_group_count: int = 1,
+               padding: str = "SAME",
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.output_channels = output_channels
+    self.kernel_shape = kernel_shape
+    self.stride = stride
+    self.feature_group_count = feature_group_count
+    self.padding = padding
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_ch = x.shape[-1]
+    if in_ch % self.feature_group_count:
+      raise ValueError(
+          f"{self.module_name}: {in_ch} input channels are not divisible by "
+          f"feature_group_count={self.feature_group_count}.")
+    k = self.kernel_shape
+    w_shape = (k, k, in_ch // self.feature_group_count, self.output_channels)
+    # Fan-in init; weight standardisation makes the result largely insensitive to it.
+    w_init = hk.initializers.VarianceScaling(1.0, "fan_in", "normal")
+    w = hk.get_parameter("w", w_shape, jnp.float32, init=w_init)
+    gain = hk.get_parameter("gain", (self.output_channels,), jnp.float32, init=jnp.ones)
+    bias = hk.get_parameter("bias", (self.output_channels,), jnp.float32, init=jnp.zeros)
+    kernel = standardize_weight(w.astype(jnp.float32), gain.astype(jnp.float32))
+    out = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype),
+        window_strides=(self.stride, self.stride),
+        padding=self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.feature_group_count)
+    return out + bias.astype(x.dtype)
+
+
+class SqueezeExcite(hk.Module):
+  """Squeeze-and-excite gate: sigmoid(fc1(relu(fc0(mean_hw(x))))), shape (N,1,1,C).
+
+  The gate runs in float32 (it is tiny) and is returned in the input's dtype.
+  The hidden ReLU is the plain one, not gamma-scaled, as published.
+  """
+
+  def __init__(self, channels: int, hidden: int, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.channels = channels
+    self.hidden = hidden
+    # Built here, not in __call__, so that they are named
+    # `squeeze_excite/~/linear{,_1}` like the published checkpoints.
+    self.fc0 = hk.Linear(hidden)
+    self.fc1 = hk.Linear(channels)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    h = jax.nn.sigmoid(self.fc1(jax.nn.relu(self.fc0(h))))
+    return h[:, None, None, :].astype(x.dtype)
+
+
+def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool) -> jax.Array:
+  """Drops whole residual branches per example (batch-wise), without rescaling.
+
+  The paper keeps the survivors unscaled (unlike inverted dropout), so the
+  branch's expected output in training is `(1 - drop_rate)` times its
+  inference output; inference uses every branch as is. Draws from
+  `hk.next_rng_key()` only when it actually drops something.
+  """
+  if not is_training or drop_rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(hk.next_rng_key(), 1.0 - drop_rate, (x.shape[0], 1, 1, 1))
+  return x * keep.astype(x.dtype)
+
+
+class StochDepth(hk.Module):
+  """Module form of `stochastic_depth`, for users composing their own blocks."""
+
+  def __init__(self, drop_rate: float, name: Optional[str] = None):
+    super().__init__(name=name)
+    if not 0.0 <= drop_rate < 1.0:
+      raise ValueError(f"StochDepth drop_rate must be in [0, 1), got {drop_rate!r}.")
+    self.drop_rate = drop_rate
+
+  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
+    return stochastic_depth(x, self.drop_rate, is_training)
+
+
+def signal_metrics(x: jax.Array, index: int) -> dict[str, jax.Array]:
+  """Signal-propagation statistics of an NHWC activation (float32).
+
+  `avg_sq_mean_{i}`: mean over channels of the squared channel mean;
+  `avg_var_{i}`: mean over channels of the channel variance. These are the
+  two curves of the NF papers' signal-propagation plots.
+  """
+  channel_means = jnp.mean(x.astype(jnp.float32), axis=(0, 1, 2))
+  return {
+      f"avg_sq_mean_{index}": jnp.mean(jnp.square(channel_means)),
+      f"avg_var_{index}": average_channel_variance(x),
+  }
+
+
+def average_channel_variance(x: jax.Array) -> jax.Array:
+  """Mean over channels of each channel's variance (the residual-branch metric)."""
+  return jnp.mean(jnp.var(x.astype(jnp.float32), axis=(0, 1, 2)))
+

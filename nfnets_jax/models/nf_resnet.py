@@ -1,0 +1,80 @@
+"""NF-ResNets (Brock, De & Smith, 2021, "Characterizing signal propagation to
+close the performance gap in unnormalized ResNets"): pre-activation bottleneck
+ResNets with scaled weight standardisation instead of BatchNorm.
+"""
+
+from typing import Any, Optional
+
+import haiku as hk
+
+from nfnets_jax.models import activations, validation
+from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec, block_slots
+from nfnets_jax.models.network import Initializer, NormFreeNet
+
+#: Depth per stage. The published table has no dropout rates (its default
+#: `drop_rate=None` crashed); ours grow with depth like the F-series'.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ResNet50": {"depth": [3, 4, 6, 3], "drop_rate": 0.2},
+    "ResNet101": {"depth": [3, 4, 23, 3], "drop_rate": 0.2},
+    "ResNet152": {"depth": [3, 8, 36, 3], "drop_rate": 0.3},
+    "ResNet200": {"depth": [3, 24, 36, 3], "drop_rate": 0.3},
+    "ResNet288": {"depth": [24, 24, 24, 24], "drop_rate": 0.4},
+    "ResNet600": {"depth": [50, 50, 50, 50], "drop_rate": 0.4},
+}
+STAGE_WIDTHS = (64, 128, 256, 512)
+BOTTLENECK_RATIO = 0.25
+TRAIN_IMSIZE = TEST_IMSIZE = 224
+
+
+def nf_resnet_plan(num_classes: int, variant: str = "ResNet50", width: int = 4,
+                   alpha: float = 0.2, stochdepth_rate: float = 0.1,
+                   drop_rate: Optional[float] = None, activation: str = "relu",
+                   use_se: bool = False, se_ratio: float = 0.25) -> NetworkPlan:
+  """Resolves an NF-ResNet configuration into a `NetworkPlan`."""
+  row = validation.check_variant("NF-ResNet", variant, VARIANTS)
+  validation.check_num_classes(num_classes)
+  validation.check_positive("width", width)
+  validation.check_rate("stochdepth_rate", stochdepth_rate)
+  drop_rate = validation.check_rate("drop_rate", row["drop_rate"] if drop_rate is None else drop_rate)
+  activation = activations.canonical_name(activation)
+  activations.get_activation(activation, elementwise_only=True)
+  if use_se:
+    validation.check_positive("se_ratio", se_ratio)
+
+  ch = int(16 * width)
+  blocks = []
+  for slot in block_slots(row["depth"], [1, 2, 2, 2], alpha, stochdepth_rate):
+    out_ch = int(STAGE_WIDTHS[slot.stage] * width)
+    blocks.append(BlockSpec(
+        in_ch=ch, out_ch=out_ch, width=int(out_ch * BOTTLENECK_RATIO), groups=1,
+        stride=slot.stride, beta=slot.beta, alpha=alpha,
+        stochdepth_rate=slot.stochdepth_rate,
+        se_position="output" if use_se else None, se_ratio=se_ratio,
+        pool_shortcut=False))
+    ch = out_ch
+  return NetworkPlan(
+      stem=StemSpec((ConvSpec("initial_conv", 3, int(16 * width), 7, 2),), max_pool=True),
+      blocks=tuple(blocks), final_conv=None, num_classes=num_classes,
+      drop_rate=drop_rate, activation=activation, block_name="nf_res_block")
+
+
+class NFResNet(NormFreeNet):
+  """Normalizer-free pre-activation ResNet with the published parameter tree.
+
+  See `NormFreeNet` for the call contract; `use_se` adds squeeze-excite to
+  every block.
+  """
+
+  def __init__(self, num_classes: int, variant: str = "ResNet50", width: int = 4,
+               alpha: float = 0.2, stochdepth_rate: float = 0.1,
+               drop_rate: Optional[float] = None, activation: str = "relu",
+               fc_init: Optional[Initializer] = None, use_se: bool = False,
+               se_ratio: float = 0.25, name: Optional[str] = "NF_ResNet"):
+    plan = nf_resnet_plan(num_classes, variant, width, alpha, stochdepth_rate, drop_rate,
+                          activation, use_se, se_ratio)
+    if fc_init is None:
+      fc_init = hk.initializers.RandomNormal(stddev=0.01)
+    super().__init__(plan, fc_init=fc_init, name=name)
+    self.variant = variant
+    self.train_imsize = TRAIN_IMSIZE
+    self.test_imsize = TEST_IMSIZE

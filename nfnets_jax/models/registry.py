@@ -1,0 +1,93 @@
+"""Models by name: `'family:variant'`, e.g. `'nfnet:F0'`, `'nf_resnet:ResNet50'`.
+
+Command-line tools and configs name models with these strings; this module is
+the single place that maps a name to its Haiku class, its variant table and its
+plan function, and it answers size questions (parameters, FLOPs) without
+allocating any weights.
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnets_jax.models import nf_regnet, nf_resnet, nfnet
+from nfnets_jax.models.architecture import NetworkPlan
+from nfnets_jax.models.network import NormFreeNet
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  model_class: type[NormFreeNet]
+  plan_fn: Callable[..., NetworkPlan]
+  published: Mapping[str, Mapping[str, Any]]
+  variants: Mapping[str, Mapping[str, Any]]
+
+
+FAMILIES: Mapping[str, Family] = {
+    "nfnet": Family(nfnet.NFNet, nfnet.nfnet_plan, nfnet.VARIANTS, nfnet.ALL_VARIANTS),
+    "nf_resnet": Family(nf_resnet.NFResNet, nf_resnet.nf_resnet_plan, nf_resnet.VARIANTS,
+                        nf_resnet.VARIANTS),
+    "nf_regnet": Family(nf_regnet.NFRegNet, nf_regnet.nf_regnet_plan, nf_regnet.VARIANTS,
+                        nf_regnet.VARIANTS),
+}
+
+
+def list_models(published_only: bool = False) -> list[str]:
+  """Every model name, e.g. ['nfnet:F0', ...]; tiny test variants unless `published_only`."""
+  return [f"{family}:{variant}" for family, spec in FAMILIES.items()
+          for variant in (spec.published if published_only else spec.variants)]
+
+
+def parse_model_name(name: str) -> tuple[str, str]:
+  """'nfnet:F0' -> ('nfnet', 'F0'), with an error that lists valid names."""
+  family, sep, variant = name.partition(":") if isinstance(name, str) else ("", "", "")
+  if not sep or family not in FAMILIES or variant not in FAMILIES[family].variants:
+    raise ValueError(
+        f"Unknown model {name!r}; expected 'family:variant', one of: {', '.join(list_models())}.")
+  return family, variant
+
+
+def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> NormFreeNet:
+  """Instantiates the Haiku module for `name` (call inside `hk.transform`)."""
+  family, variant = parse_model_name(name)
+  return FAMILIES[family].model_class(num_classes, variant=variant, **kwargs)
+
+
+def model_plan(name: str, num_classes: int = 1000, **kwargs: Any) -> NetworkPlan:
+  """The resolved architecture of `name`, without Haiku or JAX."""
+  family, variant = parse_model_name(name)
+  return FAMILIES[family].plan_fn(num_classes, variant=variant, **kwargs)
+
+
+def transform(name: str, num_classes: int = 1000, **kwargs: Any) -> hk.Transformed:
+  """`hk.transform` of the model: `apply(params, rng, images, is_training=..., return_metrics=...)`."""
+  model_plan(name, num_classes, **{k: v for k, v in kwargs.items() if k not in ("fc_init", "name")})
+
+  def forward(images, is_training: bool = True, return_metrics: bool = False):
+    return create_model(name, num_classes, **kwargs)(images, is_training, return_metrics)
+
+  return hk.transform(forward)
+
+
+def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,
+                 **kwargs: Any) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+  """The parameter tree's shapes, traced abstractly (no weights are allocated)."""
+  model = transform(name, num_classes, **kwargs)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, is_training=False), images)
+
+
+def count_params(name: str, num_classes: int = 1000, **kwargs: Any) -> int:
+  """Number of parameters of `name`, counted from the model's own parameter tree."""
+  shapes = param_shapes(name, num_classes, **kwargs)
+  return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(shapes)))
+
+
+def count_flops(name: str, height: int, width: int, num_classes: int = 1000,
+                **kwargs: Any) -> tuple[list[int], int]:
+  """Multiply-adds per layer and in total for one `height` x `width` image."""
+  return model_plan(name, num_classes, **kwargs).count_flops(height, width)

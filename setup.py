@@ -1,0 +1,73 @@
+"""Packaging for nfnets-jax.
+
+The core (models + optimizers) needs only JAX, Haiku, optax and chex, so that
+projects importing AGC do not pull in TensorFlow. Input pipelines, training and
+the command-line tools live behind extras; `all` installs every one of them.
+"""
+import setuptools
+
+CORE = [
+    "jax",
+    "jaxlib",
+    "dm-haiku",
+    "optax",
+    "chex",
+    "numpy",
+]
+# TensorFlow only serves the input pipelines. The CPU build is enough there and
+# is much smaller; it exists for x86-64 Linux and Windows only.
+DATA = [
+    'tensorflow-cpu; platform_machine == "x86_64" or platform_machine == "AMD64"',
+    'tensorflow; platform_machine != "x86_64" and platform_machine != "AMD64"',
+    "tensorflow-datasets",
+    "scikit-learn",
+    "pillow",
+]
+TRAIN = [
+    "absl-py",
+    "ml-collections",
+    "orbax-checkpoint",
+    "tensorboard",
+    "tqdm",
+]
+TOOLS = [
+    "dill",
+    "safetensors",
+    "matplotlib",
+]
+TEST = [
+    "pytest",
+    "pytest-xdist",
+]
+# Heavy optional peers used by interop tests and benchmarks only. The torch pair
+# is pinned because torchvision breaks beside other torch releases.
+PEERS = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "timm",
+]
+
+setuptools.setup(
+    name="nfnets-jax",
+    version="0.1.0",
+    description="Normalizer-Free Networks (NFNets) and Adaptive Gradient Clipping for JAX/Haiku",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["nfnets_jax", "nfnets_jax.*"]),
+    package_data={"nfnets_jax": ["resources/*"]},
+    install_requires=CORE,
+    extras_require={
+        "data": DATA,
+        "train": DATA + TRAIN,
+        "tools": TOOLS,
+        "test": TEST,
+        "peers": PEERS,
+        "all": DATA + TRAIN + TOOLS,
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
