@@ -1,0 +1,483 @@
+"""Loading and saving Haiku parameter trees, from every place weights live.
+
+`load_params(path)` returns `{module_path: {name: np.ndarray}}`, the tree the
+models' `apply` takes, from any of:
+
+* **this project's safe `.npz`** (`save_params_npz`): one array per parameter
+  under the flat key `"<module_path>/<name>"`, e.g.
+  `"NFNet/~/nf_block_3/~/conv1/w"`. It is read with `allow_pickle=False`, so
+  opening it can never run code. Module paths contain `/~/`, so a key is split
+  on its *last* `/`.
+* **the published DeepMind files** (`F0_haiku.npz` ... `F6_haiku.npz`): despite
+  the suffix these are dill pickles of the nested dict. Unpickling runs
+  whatever code the file names, so they load only with `trust_pickle=True`;
+  convert them once to the safe format with
+  `python -m nfnets_jax.convert --from_pickle=F0_haiku.npz --trust_pickle --out=F0_safe.npz`.
+  Files are recognised by their first bytes, never by their suffix.
+* **an orbax checkpoint directory** holding just a params tree
+  (`save_params_orbax`, or any `StandardCheckpointer`/`PyTreeCheckpointer` save).
+* **a training workdir**, in the layout below (latest step unless `step` is
+  given; the EMA weights with `ema=True`). A single step directory
+  (`workdir/checkpoints/<step>`) loads too.
+
+Training workdir layout (the contract between training and evaluation)::
+
+    <workdir>/
+      checkpoints/            an orbax.checkpoint.CheckpointManager directory
+        <step>/               one directory per saved step, named by the bare
+                              integer (CheckpointManager's default step format)
+          params/             item "params": the Haiku params tree, saved with
+                              ocp.args.StandardSave
+          ema_params/         item "ema_params" (optional): the EMA of params,
+                              same tree, same handler
+          ...                 any other items (optimizer state, data iterator,
+                              step counters); loading ignores them
+
+`checkpoint_manager(workdir)` opens (or creates) that manager, and
+`PARAMS_ITEM` / `EMA_PARAMS_ITEM` name the two items, so the training loop and
+these loaders cannot drift apart.
+
+When `model=` is given, the loaded tree is checked against the model's own
+parameter shapes and any mismatch is reported by name (`ParameterMismatchError`).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import struct
+import tempfile
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+if TYPE_CHECKING:
+  import orbax.checkpoint as ocp
+
+Params = dict[str, dict[str, np.ndarray]]
+PathLike = Union[str, os.PathLike]
+
+#: Orbax item names inside each step of a training workdir (see module docstring).
+PARAMS_ITEM = "params"
+EMA_PARAMS_ITEM = "ema_params"
+#: Subdirectory of a training workdir that holds the CheckpointManager.
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+#: How to turn an untrusted published pickle into the safe format.
+CONVERT_PICKLE_COMMAND = (
+    "python -m nfnets_jax.convert --from_pickle={src} --trust_pickle --out={dst}")
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_PICKLE_PROTO = b"\x80"
+# Files orbax writes at the top of a checkpoint directory (any of them suffices).
+_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint")
+# Listing every bad name of a wholly wrong checkpoint would bury the message.
+_MAX_LISTED = 25
+
+
+class ParameterMismatchError(ValueError):
+  """A parameter tree does not fit the model (or layout) it is meant for.
+
+  `missing`, `unexpected` and `mismatched` hold the offending names (with
+  shapes) so that callers can act on them, not just print them.
+  """
+
+  def __init__(self, what: str,
+               missing: Sequence[tuple[str, tuple[int, ...]]] = (),
+               unexpected: Sequence[tuple[str, tuple[int, ...]]] = (),
+               mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+               hint: str = ""):
+    self.missing = list(missing)
+    self.unexpected = list(unexpected)
+    self.mismatched = list(mismatched)
+    lines = [f"{what} does not match:"]
+    lines += _listing("missing (the model has them, the checkpoint does not)",
+                      [f"{name} {shape}" for name, shape in self.missing])
+    lines += _listing("unexpected (the checkpoint has them, the model does not)",
+                      [f"{name} {shape}" for name, shape in self.unexpected])
+    lines += _listing("wrong shape",
+                      [f"{name}: checkpoint {got}, model {want}"
+                       for name, got, want in self.mismatched])
+    if hint:
+      lines.append(hint)
+    super().__init__("\n".join(lines))
+
+
+def _listing(title: str, items: list[str]) -> list[str]:
+  if not items:
+    return []
+  shown = [f"    {item}" for item in items[:_MAX_LISTED]]
+  if len(items) > _MAX_LISTED:
+    shown.append(f"    ... and {len(items) - _MAX_LISTED} more")
+  return [f"  {title}: {len(items)}"] + shown
+
+
+class UntrustedPickleError(ValueError):
+  """A pickle was found where `trust_pickle=False` forbids unpickling it."""
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_params_npz(params: Mapping[str, Mapping[str, Any]], path: PathLike, *,
+                    overwrite: bool = True) -> pathlib.Path:
+  """Writes `params` as this project's safe `.npz` (no pickles inside).
+
+  Keys are `"<module_path>/<name>"`. Arrays are stored with their own dtype;
+  bfloat16 (which `.npz` cannot describe, so it would come back as raw bytes)
+  is widened to float32, which is exact. The file is written beside its
+  destination and renamed into place, so a crash never leaves half a
+  checkpoint under the final name.
+  """
+  path = pathlib.Path(path)
+  if path.suffix != ".npz":
+    raise ValueError(f"save_params_npz writes .npz files; got {str(path)!r}. Use a path ending "
+                     "in .npz (numpy would otherwise append the suffix behind your back).")
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+  flat = flatten_params(params)
+  arrays = {}
+  for key, value in flat.items():
+    array = np.asarray(value)
+    if array.dtype.name == "bfloat16":
+      array = array.astype(np.float32)
+    if array.dtype.kind not in "biuf":
+      raise ValueError(f"Parameter {key!r} has dtype {array.dtype}; only numeric arrays can be "
+                       "saved without pickling.")
+    arrays[key] = array
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+def save_params_orbax(params: Mapping[str, Mapping[str, Any]], path: PathLike, *,
+                      overwrite: bool = False) -> pathlib.Path:
+  """Saves `params` as a standalone orbax checkpoint directory (StandardCheckpointer).
+
+  Orbax wants absolute paths; relative ones are resolved against the working
+  directory. The call returns once the checkpoint is committed.
+  """
+  import orbax.checkpoint as ocp  # Lazy: orbax pulls in a lot, most users never need it.
+
+  path = pathlib.Path(path).absolute()
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+  tree = {module: {name: np.asarray(value) for name, value in group.items()}
+          for module, group in params.items()}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, tree, force=overwrite)
+    checkpointer.wait_until_finished()
+  return path
+
+
+def checkpoint_manager(workdir: PathLike, *, max_to_keep: Optional[int] = None,
+                       create: bool = True, **options: Any) -> "ocp.CheckpointManager":
+  """The `orbax.checkpoint.CheckpointManager` of a training workdir.
+
+  Save a step with::
+
+      manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          ema_params=ocp.args.StandardSave(ema_params), ...))
+
+  Extra keyword arguments go to `CheckpointManagerOptions`.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_SUBDIR
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                                      **options))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_params(path: PathLike, *, trust_pickle: bool = False, model: Optional[str] = None,
+                num_classes: Optional[int] = None,
+                model_kwargs: Optional[Mapping[str, Any]] = None,
+                ema: bool = False, step: Optional[int] = None) -> Params:
+  """Loads a Haiku parameter tree from a file, orbax directory or training workdir.
+
+  Args:
+    path: a safe `.npz`, a published pickle, an orbax params checkpoint, a
+      training workdir, its `checkpoints/` directory, or one step directory.
+      The format is read from the content, not the name.
+    trust_pickle: allow unpickling (the published `*_haiku.npz` files).
+      Unpickling executes code named in the file: only for files you trust.
+    model: e.g. `'nfnet:F0'`; when given, the tree is checked against that
+      model's parameter shapes and a mismatch raises `ParameterMismatchError`.
+    num_classes: classifier size for that check; by default read from the
+      checkpoint's final `linear` layer.
+    model_kwargs: constructor arguments of the model (e.g. `{'width': 2}`) for
+      that check.
+    ema: from a workdir or step directory, load the EMA weights instead.
+    step: from a workdir, load this step instead of the latest.
+
+  Returns:
+    `{module_path: {name: np.ndarray}}`.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"No checkpoint at {str(path)!r}: expected a .npz file, a published *_haiku.npz pickle, "
+        "an orbax checkpoint directory or a training workdir.")
+  if path.is_dir():
+    params = _load_directory(path, ema=ema, step=step)
+  else:
+    if ema or step is not None:
+      raise ValueError(
+          f"{str(path)!r} is a single file holding one parameter tree; ema= and step= apply only "
+          "to training workdirs (and their checkpoint directories).")
+    params = _load_file(path, trust_pickle=trust_pickle)
+  if model is not None:
+    validate_params(params, model, num_classes=num_classes, model_kwargs=model_kwargs,
+                    source=str(path))
+  return params
+
+
+def _load_file(path: pathlib.Path, *, trust_pickle: bool) -> Params:
+  with open(path, "rb") as f:
+    head = f.read(16)
+  if head.startswith(_ZIP_MAGIC):
+    return _load_npz(path)
+  if head.startswith(_PICKLE_PROTO):
+    return _load_pickle(path, trust_pickle=trust_pickle)
+  if _looks_like_safetensors(path, head):
+    raise ValueError(
+        f"{str(path)!r} is a safetensors file, i.e. a PyTorch-layout state dict (e.g. timm's); "
+        "convert it to this project's format with `python -m nfnets_jax.convert "
+        f"--from_timm={path} --out={path.with_suffix('.npz')}`.")
+  raise ValueError(
+      f"Cannot tell what {str(path)!r} is (first bytes {head[:8]!r}): expected this project's "
+      ".npz (a zip archive), a published *_haiku.npz (a pickle), an orbax directory or a "
+      "training workdir.")
+
+
+def _looks_like_safetensors(path: pathlib.Path, head: bytes) -> bool:
+  if len(head) < 9:
+    return False
+  (header_len,) = struct.unpack("<Q", head[:8])
+  return head[8:9] == b"{" and 8 + header_len <= path.stat().st_size
+
+
+def _load_npz(path: pathlib.Path) -> Params:
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      # np.load hands back the raw bytes of zip members that are not .npy arrays
+      # (a PyTorch .pth is a zip too), so check what the archive holds first.
+      others = [name for name in data.zip.namelist() if not name.endswith(".npy")]
+      if others:
+        if any(name.endswith("data.pkl") for name in others):
+          raise ValueError(
+              f"{str(path)!r} is a PyTorch checkpoint (a zip with a pickled state dict); convert "
+              f"a timm NFNet's weights with `python -m nfnets_jax.convert --from_timm={path} "
+              f"--out={path.with_suffix('.npz')}`.")
+        raise ValueError(f"{str(path)!r} is a zip archive but not a numpy .npz: it holds "
+                         f"non-array members such as {others[0]!r}.")
+      flat = {key: data[key] for key in data.files}
+  except ValueError as e:
+    if "allow_pickle" in str(e):
+      raise ValueError(
+          f"{str(path)!r} stores pickled objects inside its .npz; this project's format holds "
+          "plain numeric arrays only, and pickles are never loaded from a .npz.") from e
+    raise
+  return unflatten_params(flat, source=str(path))
+
+
+def _load_pickle(path: pathlib.Path, *, trust_pickle: bool) -> Params:
+  if not trust_pickle:
+    safe = path.with_name(path.stem.replace("_haiku", "") + "_safe.npz")
+    raise UntrustedPickleError(
+        f"{str(path)!r} is a Python pickle (the format of the published *_haiku.npz files, "
+        "whatever their suffix says). Unpickling runs code named inside the file, so it is "
+        "refused unless you trust the file: pass trust_pickle=True, or convert it once to the "
+        "safe format with\n    "
+        + CONVERT_PICKLE_COMMAND.format(src=path, dst=safe))
+  try:
+    import dill  # The published files were written with dill; it reads plain pickles too.
+    loader = dill.load
+  except ImportError:  # dill only adds types these files do not use.
+    loader = pickle.load
+  try:
+    with open(path, "rb") as f:
+      tree = loader(f)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(
+        f"Unpickling {str(path)!r} needs a class this environment lacks ({e}); it was written "
+        "by other software than the published parameter files.") from e
+  return _as_params(tree, source=str(path))
+
+
+def _as_params(tree: Any, source: str) -> Params:
+  """Normalises an unpickled `{module: {name: array}}` mapping to NumPy arrays."""
+  if not isinstance(tree, Mapping) and not hasattr(tree, "items"):
+    raise ValueError(f"{source} holds a {type(tree).__name__}, not a {{module: {{name: array}}}} "
+                     "parameter tree.")
+  params: Params = {}
+  for module, group in tree.items():
+    if not isinstance(module, str) or not hasattr(group, "items"):
+      raise ValueError(f"{source}: entry {module!r} is not a module of named arrays "
+                       f"(got {type(group).__name__}); expected {{module: {{name: array}}}}.")
+    params[module] = {str(name): np.asarray(value) for name, value in group.items()}
+  return params
+
+
+def _load_directory(path: pathlib.Path, *, ema: bool, step: Optional[int]) -> Params:
+  if (path / CHECKPOINTS_SUBDIR).is_dir():
+    return _load_from_manager(path / CHECKPOINTS_SUBDIR, ema=ema, step=step, label=str(path))
+  items = [item for item in (PARAMS_ITEM, EMA_PARAMS_ITEM) if _is_orbax_dir(path / item)]
+  if items:  # One step of a CheckpointManager.
+    if step is not None:
+      raise ValueError(f"{str(path)!r} is a single step directory; step= applies to workdirs.")
+    return _restore_tree(path / _item_name(ema, items, label=str(path)))
+  if _is_orbax_dir(path):
+    if ema or step is not None:
+      raise ValueError(
+          f"{str(path)!r} is an orbax checkpoint of one parameter tree; it has no EMA copy or "
+          "steps. ema= and step= apply to training workdirs.")
+    return _restore_tree(path)
+  if any(child.name.isdigit() and child.is_dir() for child in path.iterdir()):
+    return _load_from_manager(path, ema=ema, step=step, label=str(path))
+  raise ValueError(
+      f"{str(path)!r} is a directory but neither a training workdir (no {CHECKPOINTS_SUBDIR}/ "
+      f"inside), a checkpoint step (no {PARAMS_ITEM}/ inside) nor an orbax checkpoint (none of "
+      f"{', '.join(_ORBAX_MARKERS)}).")
+
+
+def _is_orbax_dir(path: pathlib.Path) -> bool:
+  return path.is_dir() and any((path / marker).exists() for marker in _ORBAX_MARKERS)
+
+
+def _item_name(ema: bool, available: Iterable[str], label: str) -> str:
+  item = EMA_PARAMS_ITEM if ema else PARAMS_ITEM
+  available = sorted(available)
+  if item not in available:
+    raise ValueError(
+        f"{label} has no {item!r} item (it has: {', '.join(available) or 'nothing'})"
+        + ("; it was saved without EMA weights, drop ema=True." if ema else "."))
+  return item
+
+
+def _load_from_manager(directory: pathlib.Path, *, ema: bool, step: Optional[int],
+                       label: str) -> Params:
+  import orbax.checkpoint as ocp
+
+  directory = directory.absolute()
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
+    steps = list(mngr.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"{label} holds no finished checkpoint step yet.")
+    if step is None:
+      step = mngr.latest_step()
+    elif step not in steps:
+      raise ValueError(f"{label} has no step {step}; saved steps: {sorted(steps)}.")
+    step_dir = directory / str(step)
+    present = [child.name for child in step_dir.iterdir() if child.is_dir()]
+    item = _item_name(ema, present, label=f"{label} (step {step})")
+    target = _cpu_target(step_dir / item)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(target)}))
+  return _as_params(restored[item], source=f"{label} (step {step}, {item})")
+
+
+def _cpu_target(item_dir: pathlib.Path):
+  """Restore target: saved shapes and dtypes, placed on this host's CPU.
+
+  Without one, orbax reuses the shardings recorded at save time, which name
+  devices (TPU cores, other hosts) that an evaluation machine does not have.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+
+  metadata = ocp.StandardCheckpointHandler().metadata(item_dir)
+  tree = getattr(metadata, "tree", metadata)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  return jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
+
+
+def _restore_tree(path: pathlib.Path) -> Params:
+  import orbax.checkpoint as ocp
+
+  path = path.absolute()
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, _cpu_target(path))
+  return _as_params(restored, source=str(path))
+
+
+# ----------------------------------------------------------------------------- flat keys
+
+
+def flatten_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """`{module: {name: x}}` -> `{"module/name": x}` (the safe `.npz` keys)."""
+  flat = {}
+  for module, group in params.items():
+    for name, value in group.items():
+      if "/" in name or not name:
+        raise ValueError(f"Parameter name {name!r} in module {module!r} is empty or contains "
+                         "'/', so its flat key could not be split back unambiguously.")
+      flat[f"{module}/{name}"] = value
+  return flat
+
+
+def unflatten_params(flat: Mapping[str, Any], source: str = "checkpoint") -> Params:
+  """`{"module/name": x}` -> `{module: {name: x}}`, splitting on the last `/`."""
+  params: Params = {}
+  for key, value in flat.items():
+    module, sep, name = key.rpartition("/")
+    if not sep or not module or not name:
+      raise ValueError(f"{source}: key {key!r} is not '<module_path>/<param_name>', so this is "
+                       "not a parameter file written by save_params_npz.")
+    params.setdefault(module, {})[name] = np.asarray(value)
+  return params
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def infer_num_classes(params: Mapping[str, Mapping[str, Any]]) -> Optional[int]:
+  """Classifier width from the top-level `<root>/~/linear` bias, if there is one."""
+  for module, group in params.items():
+    if module.count("/~/") == 1 and module.endswith("/~/linear") and "b" in group:
+      return int(np.shape(group["b"])[0])
+  return None
+
+
+def validate_params(params: Mapping[str, Mapping[str, Any]], model: str, *,
+                    num_classes: Optional[int] = None,
+                    model_kwargs: Optional[Mapping[str, Any]] = None,
+                    source: str = "checkpoint") -> None:
+  """Raises `ParameterMismatchError` unless `params` has exactly `model`'s parameters and shapes."""
+  from nfnets_jax import models  # Lazy: loading bare files must not need JAX/Haiku.
+
+  if num_classes is None:
+    num_classes = infer_num_classes(params) or 1000
+  kwargs = dict(model_kwargs or {})
+  expected = models.param_shapes(model, num_classes, **kwargs)
+  want = {f"{m}/{n}": tuple(leaf.shape) for m, group in expected.items() for n, leaf in group.items()}
+  got = {f"{m}/{n}": tuple(np.shape(v)) for m, group in params.items() for n, v in group.items()}
+  settings = ", ".join([f"num_classes={num_classes}"] + [f"{k}={v!r}" for k, v in kwargs.items()])
+  check_shapes(got, want, f"{source} vs model {model!r} ({settings})",
+               hint="Check the model name, num_classes and model arguments the checkpoint was "
+                    "trained with.")
+
+
+def check_shapes(got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]],
+                 what: str, hint: str = "") -> None:
+  """Raises `ParameterMismatchError` naming every missing, unexpected and mis-shaped key."""
+  missing = [(key, want[key]) for key in sorted(set(want) - set(got))]
+  unexpected = [(key, got[key]) for key in sorted(set(got) - set(want))]
+  mismatched = [(key, got[key], want[key]) for key in sorted(set(want) & set(got))
+                if got[key] != want[key]]
+  if missing or unexpected or mismatched:
+    raise ParameterMismatchError(what, missing, unexpected, mismatched, hint=hint)
