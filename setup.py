@@ -31,6 +31,7 @@ TRAIN = [
     "tqdm",
 ]
 TOOLS = [
+    "absl-py",
     "dill",
     "safetensors",
     "matplotlib",

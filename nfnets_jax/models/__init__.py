@@ -3,11 +3,14 @@
 `NFNet`, `NFResNet` and `NFRegNet` reproduce the published parameter trees, so
 published checkpoints load unchanged. Look models up by name with
 `create_model('nfnet:F0')` / `transform('nfnet:F0')`; size them with
-`count_params` and `count_flops`.
+`count_params` and `count_flops`. `BNResNet` ('bn_resnet:ResNet50') is the
+batch-normalised baseline for signal-propagation comparisons; it has state,
+so build it with `transform_with_state`.
 """
 
 from nfnets_jax.models.activations import ACTIVATION_NAMES, GAMMAS, get_activation
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec
+from nfnets_jax.models.bn_resnet import BNResNet
 from nfnets_jax.models.layers import (SqueezeExcite, StochDepth, WSConv2D, signal_metrics,
                                       standardize_weight)
 from nfnets_jax.models.network import NFBlock, NormFreeNet
@@ -15,14 +18,14 @@ from nfnets_jax.models.nf_regnet import NFRegNet
 from nfnets_jax.models.nf_resnet import NFResNet
 from nfnets_jax.models.nfnet import NFNet
 from nfnets_jax.models.registry import (FAMILIES, count_flops, count_params, create_model,
-                                        list_models, model_plan, param_shapes, parse_model_name,
-                                        transform)
+                                        is_stateful, list_models, model_plan, param_shapes,
+                                        parse_model_name, transform, transform_with_state)
 
 __all__ = [
     "ACTIVATION_NAMES", "GAMMAS", "get_activation",
     "BlockSpec", "ConvSpec", "NetworkPlan", "StemSpec",
     "SqueezeExcite", "StochDepth", "WSConv2D", "signal_metrics", "standardize_weight",
-    "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet",
-    "FAMILIES", "count_flops", "count_params", "create_model", "list_models", "model_plan",
-    "param_shapes", "parse_model_name", "transform",
+    "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet",
+    "FAMILIES", "count_flops", "count_params", "create_model", "is_stateful", "list_models",
+    "model_plan", "param_shapes", "parse_model_name", "transform", "transform_with_state",
 ]

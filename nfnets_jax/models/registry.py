@@ -4,6 +4,10 @@ Command-line tools and configs name models with these strings; this module is
 the single place that maps a name to its Haiku class, its variant table and its
 plan function, and it answers size questions (parameters, FLOPs) without
 allocating any weights.
+
+The batch-normalised baseline `'bn_resnet:ResNet50'` is registered too. It
+keeps BatchNorm statistics as Haiku state (`Family.stateful`), so it is built
+with `transform_with_state`; `transform` refuses it with a pointer there.
 """
 
 import dataclasses
@@ -14,17 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax.models import nf_regnet, nf_resnet, nfnet
+from nfnets_jax.models import bn_resnet, nf_regnet, nf_resnet, nfnet
 from nfnets_jax.models.architecture import NetworkPlan
-from nfnets_jax.models.network import NormFreeNet
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  model_class: type[NormFreeNet]
+  """A model family: its Haiku class, plan function and variant tables.
+
+  `stateful` marks families with Haiku state (BatchNorm running statistics):
+  they need `hk.transform_with_state`, and their batch statistics are only
+  used with `is_training=True`.
+  """
+  model_class: type[hk.Module]
   plan_fn: Callable[..., NetworkPlan]
   published: Mapping[str, Mapping[str, Any]]
   variants: Mapping[str, Mapping[str, Any]]
+  stateful: bool = False
 
 
 FAMILIES: Mapping[str, Family] = {
@@ -33,6 +43,8 @@ FAMILIES: Mapping[str, Family] = {
                         nf_resnet.VARIANTS),
     "nf_regnet": Family(nf_regnet.NFRegNet, nf_regnet.nf_regnet_plan, nf_regnet.VARIANTS,
                         nf_regnet.VARIANTS),
+    "bn_resnet": Family(bn_resnet.BNResNet, bn_resnet.bn_resnet_plan, bn_resnet.VARIANTS,
+                        bn_resnet.ALL_VARIANTS, stateful=True),
 }
 
 
@@ -51,8 +63,8 @@ def parse_model_name(name: str) -> tuple[str, str]:
   return family, variant
 
 
-def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> NormFreeNet:
-  """Instantiates the Haiku module for `name` (call inside `hk.transform`)."""
+def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> hk.Module:
+  """Instantiates the Haiku module for `name` (call inside `hk.transform[_with_state]`)."""
   family, variant = parse_model_name(name)
   return FAMILIES[family].model_class(num_classes, variant=variant, **kwargs)
 
@@ -63,22 +75,50 @@ def model_plan(name: str, num_classes: int = 1000, **kwargs: Any) -> NetworkPlan
   return FAMILIES[family].plan_fn(num_classes, variant=variant, **kwargs)
 
 
-def transform(name: str, num_classes: int = 1000, **kwargs: Any) -> hk.Transformed:
-  """`hk.transform` of the model: `apply(params, rng, images, is_training=..., return_metrics=...)`."""
+def _forward(name: str, num_classes: int, kwargs: Mapping[str, Any]) -> Callable[..., Any]:
+  # Validates every argument now, not at the first init inside a jit.
   model_plan(name, num_classes, **{k: v for k, v in kwargs.items() if k not in ("fc_init", "name")})
 
   def forward(images, is_training: bool = True, return_metrics: bool = False):
     return create_model(name, num_classes, **kwargs)(images, is_training, return_metrics)
 
-  return hk.transform(forward)
+  return forward
+
+
+def is_stateful(name: str) -> bool:
+  """Whether `name` keeps Haiku state (BatchNorm) and needs `transform_with_state`."""
+  return FAMILIES[parse_model_name(name)[0]].stateful
+
+
+def transform(name: str, num_classes: int = 1000, **kwargs: Any) -> hk.Transformed:
+  """`hk.transform` of the model: `apply(params, rng, images, is_training=..., return_metrics=...)`."""
+  if is_stateful(name):
+    raise ValueError(
+        f"Model {name!r} keeps BatchNorm statistics as Haiku state, which hk.transform "
+        f"cannot carry; use transform_with_state({name!r}), whose apply is "
+        "apply(params, state, rng, images, ...) -> (outputs, state).")
+  return hk.transform(_forward(name, num_classes, kwargs))
+
+
+def transform_with_state(name: str, num_classes: int = 1000,
+                         **kwargs: Any) -> hk.TransformedWithState:
+  """`hk.transform_with_state` of any model, stateful or not (then the state is empty).
+
+  `init(rng, images, is_training=...) -> (params, state)`;
+  `apply(params, state, rng, images, is_training=..., return_metrics=...) -> (outputs, state)`.
+  """
+  return hk.transform_with_state(_forward(name, num_classes, kwargs))
 
 
 def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,
                  **kwargs: Any) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-  """The parameter tree's shapes, traced abstractly (no weights are allocated)."""
-  model = transform(name, num_classes, **kwargs)
+  """The parameter tree's shapes, traced abstractly (no weights are allocated).
+
+  Haiku state (BatchNorm running statistics) is not a parameter and is left out.
+  """
+  model = transform_with_state(name, num_classes, **kwargs)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, is_training=False), images)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, is_training=False)[0], images)
 
 
 def count_params(name: str, num_classes: int = 1000, **kwargs: Any) -> int:

@@ -1,0 +1,196 @@
+"""Size and cost of every model: parameters, and FLOPs at train and test resolution.
+
+    python -m nfnets_jax.report [--format=table|markdown|json] [--families=nfnet,nf_resnet]
+    python -m nfnets_jax.report --models=nfnet:F0,nfnet:F0+ --format=json
+
+Every number is computed from the models themselves: parameters by tracing
+each model's `init` abstractly (`registry.count_params`, no weights are
+allocated), FLOPs from its `NetworkPlan` (`registry.count_flops`). FLOPs are
+multiply-adds, the papers' convention. The NFNet paper's F0..F6 figures
+(parameters, FLOPs at test resolution) are printed alongside with the relative
+difference, so a drift in the architecture shows up here first.
+
+Without `--models`, every published variant of the selected families is
+listed; tracing a large variant takes a few seconds, the full table about a
+minute on a laptop CPU.
+"""
+
+import dataclasses
+import json
+import sys
+from typing import Any, Optional, Sequence
+
+from nfnets_jax.models import registry
+
+#: Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without
+#: Normalization" (arXiv:2102.06171): parameters and FLOPs at each variant's
+#: test resolution.
+PUBLISHED: dict[str, tuple[float, float]] = {
+    "nfnet:F0": (71.5e6, 12.38e9),
+    "nfnet:F1": (132.6e6, 35.54e9),
+    "nfnet:F2": (193.8e6, 62.59e9),
+    "nfnet:F3": (254.9e6, 114.76e9),
+    "nfnet:F4": (316.1e6, 215.24e9),
+    "nfnet:F5": (377.2e6, 289.76e9),
+    "nfnet:F6": (438.4e6, 377.28e9),
+}
+#: Resolution for variants without published train/test sizes (the ResNets).
+DEFAULT_IMSIZE = 224
+FORMATS = ("table", "markdown", "json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCost:
+  """One model's size and cost, with the published figures where there are any."""
+  model: str
+  family: str
+  params: int
+  train_size: int
+  test_size: int
+  train_flops: int
+  test_flops: int
+  published_params: Optional[float] = None
+  published_test_flops: Optional[float] = None
+
+  @property
+  def params_diff_pct(self) -> Optional[float]:
+    return _diff_pct(self.params, self.published_params)
+
+  @property
+  def test_flops_diff_pct(self) -> Optional[float]:
+    return _diff_pct(self.test_flops, self.published_test_flops)
+
+  def as_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "params_diff_pct": self.params_diff_pct,
+            "test_flops_diff_pct": self.test_flops_diff_pct}
+
+
+def _diff_pct(ours: int, published: Optional[float]) -> Optional[float]:
+  return None if published is None else 100.0 * (ours - published) / published
+
+
+def image_sizes(name: str) -> tuple[int, int]:
+  """(train, test) resolution of a variant; `DEFAULT_IMSIZE` where none is published."""
+  family, variant = registry.parse_model_name(name)
+  row = registry.FAMILIES[family].variants[variant]
+  return row.get("train_imsize", DEFAULT_IMSIZE), row.get("test_imsize", DEFAULT_IMSIZE)
+
+
+def model_cost(name: str) -> ModelCost:
+  """Counts `name`'s parameters and FLOPs (1000 classes, as published)."""
+  family, _ = registry.parse_model_name(name)
+  train, test = image_sizes(name)
+  published_params, published_flops = PUBLISHED.get(name, (None, None))
+  return ModelCost(
+      model=name, family=family, params=registry.count_params(name),
+      train_size=train, test_size=test,
+      train_flops=registry.count_flops(name, train, train)[1],
+      test_flops=registry.count_flops(name, test, test)[1],
+      published_params=published_params, published_test_flops=published_flops)
+
+
+def select_models(families: Optional[Sequence[str]] = None,
+                  models: Optional[Sequence[str]] = None) -> list[str]:
+  """The models to report: exactly `models`, or every published variant of `families` (default all)."""
+  if families and models:
+    raise ValueError("Give --families or --models, not both.")
+  if models:
+    for name in models:
+      registry.parse_model_name(name)
+    return list(models)
+  valid = list(registry.FAMILIES)
+  for family in families or ():
+    if family not in registry.FAMILIES:
+      raise ValueError(f"Unknown family {family!r}; valid families: {', '.join(valid)}.")
+  chosen = families or valid
+  return [name for name in registry.list_models(published_only=True)
+          if name.partition(":")[0] in chosen]
+
+
+def _millions(n: Optional[float]) -> str:
+  return "-" if n is None else f"{n / 1e6:.2f}M"
+
+
+def _billions(n: Optional[float]) -> str:
+  return "-" if n is None else f"{n / 1e9:.2f}B"
+
+
+def _pct(p: Optional[float]) -> str:
+  if p is None:
+    return "-"
+  return "0.00%" if abs(p) < 0.005 else f"{p:+.2f}%"  # no "-0.00%"
+
+
+HEADER = ("model", "params", "train px", "train FLOPs", "test px", "test FLOPs",
+          "paper params", "params diff", "paper test FLOPs", "FLOPs diff")
+
+
+def _cells(row: ModelCost) -> tuple[str, ...]:
+  return (row.model, _millions(row.params), str(row.train_size), _billions(row.train_flops),
+          str(row.test_size), _billions(row.test_flops), _millions(row.published_params),
+          _pct(row.params_diff_pct), _billions(row.published_test_flops),
+          _pct(row.test_flops_diff_pct))
+
+
+def render(rows: Sequence[ModelCost], fmt: str = "table") -> str:
+  """`rows` as an aligned text table, a Markdown table or JSON (a list of objects, raw counts)."""
+  if fmt not in FORMATS:
+    raise ValueError(f"Unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}.")
+  if fmt == "json":
+    return json.dumps([row.as_dict() for row in rows], indent=2)
+  cells = [HEADER] + [_cells(row) for row in rows]
+  if fmt == "markdown":
+    lines = ["| " + " | ".join(c) + " |" for c in cells]
+    lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|")
+    return "\n".join(lines) + "\n\nFLOPs are multiply-adds for one image.\n"
+  widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+  lines = ["  ".join(text.ljust(width) if i == 0 else text.rjust(width)
+                     for i, (text, width) in enumerate(zip(c, widths))).rstrip() for c in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines) + "\n\nFLOPs are multiply-adds for one image.\n"
+
+
+def _define_flags():
+  """A private flag set: importing this module never clashes with other CLIs' flags."""
+  from absl import flags
+
+  fv = flags.FlagValues()
+  flags.DEFINE_string("format", "table", f"Output format: {', '.join(FORMATS)}.", flag_values=fv)
+  flags.DEFINE_list("families", None,
+                    f"Families to list (default all): {', '.join(registry.FAMILIES)}.",
+                    flag_values=fv)
+  flags.DEFINE_list("models", None,
+                    "Exact models to list instead, e.g. nfnet:F0,nfnet:F7+ (any variant).",
+                    flag_values=fv)
+  return fv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Prints the report for `argv` (program name first, as in `sys.argv`); returns the exit code.
+
+  Bad flags or values exit with 2 and a message naming the value and the valid choices.
+  """
+  from absl import flags
+
+  argv = list(sys.argv if argv is None else argv)
+  fv = _define_flags()
+  if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
+    print((__doc__ or "").rstrip() + "\n")
+    print(fv.get_help())
+    return 0
+  try:
+    extra = fv(argv)
+    if len(extra) > 1:
+      raise ValueError(f"Unexpected positional arguments: {' '.join(extra[1:])}.")
+    if fv.format not in FORMATS:
+      raise ValueError(f"Unknown --format {fv.format!r}; valid formats: {', '.join(FORMATS)}.")
+    names = select_models(fv.families, fv.models)
+  except (flags.Error, ValueError) as e:
+    print(f"usage error: {e}\nRun with --help for the flags.", file=sys.stderr)
+    return 2
+  print(render([model_cost(name) for name in names], fv.format))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
