@@ -20,6 +20,8 @@ DATA = [
     'tensorflow-cpu; platform_machine == "x86_64" or platform_machine == "AMD64"',
     'tensorflow; platform_machine != "x86_64" and platform_machine != "AMD64"',
     "tensorflow-datasets",
+    # TFDS imports it to locate builders but declares it only for Python < 3.9.
+    "importlib-resources",
     "scikit-learn",
     "pillow",
 ]

@@ -1,0 +1,104 @@
+"""Throughput of the NFNets training input pipeline (images/s), and how it scales with threads.
+
+Writes synthetic ImageNet-sized JPEGs (default 500x375, smooth content plus
+noise so they compress like photos) into an image folder, then times
+`nfnets_jax.data.load` on it at the published training settings: 192 px,
+'cutmix_mixup_randaugment_405', fast (non-deterministic) mode, for each
+tf.data thread-pool size. Reported images/s count output images (a mixed image
+consumes two decoded ones). Also reported: images per CPU-second of the
+process (all its threads), which estimates per-core cost even when other work
+shares the machine and wall-clock scaling is not measurable.
+
+    python benchmarks/bench_input_pipeline.py                 # 1 and 2 threads
+    python benchmarks/bench_input_pipeline.py --threads 1 2 4 --batches 30
+"""
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+from PIL import Image
+
+
+def write_jpegs(root: str, count: int, width: int, height: int, classes: int = 10) -> None:
+  """`count` photo-like JPEGs under root/train/<class>/ (skipped if already there)."""
+  rng = np.random.default_rng(0)
+  for i in range(count):
+    folder = os.path.join(root, "train", f"class_{i % classes:02d}")
+    path = os.path.join(folder, f"img_{i:05d}.jpg")
+    if os.path.exists(path):
+      continue
+    os.makedirs(folder, exist_ok=True)
+    coarse = rng.integers(0, 256, (height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
+    image = np.clip(image + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    with open(path, "wb") as f:
+      f.write(buf.getvalue())
+
+
+def measure(name: str, *, batch: int, image_size: int, augment_name, threads, deterministic: bool,
+            warmup: int, batches: int) -> dict:
+  from nfnets_jax.data import load
+  it = load(name, "train", is_training=True, batch_dims=(batch,), image_size=image_size,
+            augment_name=augment_name, num_threads=threads,
+            seed=0 if deterministic else None, deterministic=deterministic)
+  for _ in range(warmup):
+    next(it)
+  start, cpu_start = time.perf_counter(), time.process_time()
+  for _ in range(batches):
+    next(it)
+  elapsed = time.perf_counter() - start
+  cpu = time.process_time() - cpu_start
+  return {"augment_name": augment_name, "threads": threads, "deterministic": deterministic,
+          "images_per_s": batches * batch / elapsed, "seconds": elapsed,
+          "images_per_cpu_s": batches * batch / cpu, "cpu_seconds": cpu}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
+                                                        "nfnets_bench_jpegs"))
+  parser.add_argument("--num-images", type=int, default=512)
+  parser.add_argument("--width", type=int, default=500)
+  parser.add_argument("--height", type=int, default=375)
+  parser.add_argument("--image-size", type=int, default=192)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--batches", type=int, default=15)
+  parser.add_argument("--json", help="also write the results to this file")
+  args = parser.parse_args()
+
+  write_jpegs(args.workdir, args.num_images, args.width, args.height)
+  name = f"folder:{args.workdir}"
+  runs = []
+  for augment_name, deterministic in [("cutmix_mixup_randaugment_405", False), (None, False),
+                                      ("cutmix_mixup_randaugment_405", True)]:
+    for threads in args.threads:
+      result = measure(name, batch=args.batch, image_size=args.image_size,
+                       augment_name=augment_name, threads=threads, deterministic=deterministic,
+                       warmup=args.warmup, batches=args.batches)
+      runs.append(result)
+      print(f"{str(augment_name):32s} {'deterministic' if deterministic else 'fast':13s} "
+            f"threads={threads:<3d} {result['images_per_s']:8.1f} images/s "
+            f"{result['images_per_cpu_s']:8.1f} images/CPU-s", flush=True)
+  load1, load5, _ = os.getloadavg()
+  summary = {"cpus": os.cpu_count(), "loadavg_1m_5m": [load1, load5],
+             "source": f"{args.num_images} synthetic {args.width}x{args.height} JPEGs",
+             "image_size": args.image_size, "batch": args.batch, "runs": runs}
+  print(f"{os.cpu_count()} CPUs, load average {load1:.1f} / {load5:.1f} (1 / 5 min)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,91 @@
+"""Mixup, CutMix and the published half-and-half combination.
+
+The published pipeline batched 2B examples and mixed the first half with the
+second, one batch-sized op per step; here consecutive examples of the (shuffled)
+stream are paired and each pair is mixed by its own parallel map call, which
+has the same statistics but spreads over all tf.data threads and copies half
+as much. Each pair a, b gives one output:
+
+* mixup: images = r x_a + (1 - r) x_b with r ~ Beta(alpha, alpha);
+* cutmix: x_a inside a box, x_b outside; the box has area fraction
+  uniform in [0, 1] before clipping at the image border (Beta(1, 1) as in the
+  CutMix paper) and a uniformly placed centre;
+* mixup + cutmix: the first half of every output batch is mixup, the second
+  half CutMix (the published split).
+
+Every output carries `labels` (of x_a), `mix_labels` (of x_b) and `ratio`, the
+weight of x_a: the mixup coefficient, or the exact fraction of pixels of x_a
+after clipping. The loss is `ratio * CE(labels) + (1 - ratio) * CE(mix_labels)`.
+"""
+
+from typing import Mapping
+
+from nfnets_jax.data import rng
+from nfnets_jax.data._tf import tf
+from nfnets_jax.data.augment_spec import AugmentSpec
+
+
+def mixup_ratio(seed: tf.Tensor, alpha: float) -> tf.Tensor:
+  """A Beta(alpha, alpha) sample, as the ratio of two Gamma(alpha) samples."""
+  s1, s2 = rng.split_seed(seed, 2)
+  g1 = tf.random.stateless_gamma([], s1, alpha=alpha, dtype=tf.float32)
+  g2 = tf.random.stateless_gamma([], s2, alpha=alpha, dtype=tf.float32)
+  total = g1 + g2
+  # Both gammas underflow to 0 with probability ~1e-15 at alpha=0.2; call it a draw.
+  return tf.where(total > 0, g1 / tf.maximum(total, 1e-30), 0.5)
+
+
+def cutmix_mask(seed: tf.Tensor, height: int, width: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """A [height, width, 1] float mask (1 inside the box) and its mean."""
+  s_area, s_y, s_x = rng.split_seed(seed, 3)
+  side = tf.sqrt(rng.uniform(s_area))  # Area fraction uniform in [0, 1].
+  box_h = tf.cast(side * height, tf.int32)
+  box_w = tf.cast(side * width, tf.int32)
+  cy = rng.randint(s_y, height)
+  cx = rng.randint(s_x, width)
+  y0, x0 = cy - box_h // 2, cx - box_w // 2
+  ys, xs = tf.range(height), tf.range(width)
+  rows = tf.logical_and(ys >= y0, ys < y0 + box_h)
+  cols = tf.logical_and(xs >= x0, xs < x0 + box_w)
+  mask = tf.cast(tf.logical_and(rows[:, None], cols[None, :]), tf.float32)[:, :, None]
+  return mask, tf.reduce_mean(mask)
+
+
+def mix_pair(spec: AugmentSpec, a: Mapping[str, tf.Tensor], b: Mapping[str, tf.Tensor],
+             seed: tf.Tensor, use_cutmix: tf.Tensor | bool) -> dict[str, tf.Tensor]:
+  """Mixes example `b` into example `a` (each {'images': [H, W, C], 'labels': []}).
+
+  Uses CutMix where `use_cutmix` (a scalar bool, only consulted when `spec` has
+  both) and mixup otherwise. Returns images, labels (a's), mix_labels (b's) and
+  ratio (the weight of a).
+  """
+  shape = a["images"].shape
+  height, width = int(shape[0]), int(shape[1])
+  mix_seed, cut_seed = rng.split_seed(seed, 2)
+
+  def mixup():
+    r = mixup_ratio(mix_seed, spec.mixup_alpha)
+    return r * a["images"] + (1.0 - r) * b["images"], r
+
+  def cutmix():
+    mask, r = cutmix_mask(cut_seed, height, width)
+    return mask * a["images"] + (1.0 - mask) * b["images"], r
+
+  if spec.mixup and spec.cutmix:
+    images, ratio = tf.cond(tf.convert_to_tensor(use_cutmix), cutmix, mixup)
+  elif spec.mixup:
+    images, ratio = mixup()
+  elif spec.cutmix:
+    images, ratio = cutmix()
+  else:
+    raise ValueError("mix_pair needs an AugmentSpec with mixup or cutmix")
+  images.set_shape(shape)
+  return {"images": images, "labels": a["labels"], "mix_labels": b["labels"], "ratio": ratio}
+
+
+def uses_cutmix(spec: AugmentSpec, pair_index: tf.Tensor, batch_size: int) -> tf.Tensor:
+  """Whether pair `pair_index` of the stream is CutMix: the second half of each output batch
+  when mixing both ways (the published split), all or none otherwise."""
+  if spec.mixup and spec.cutmix:
+    return tf.cast(pair_index, tf.int64) % batch_size >= batch_size // 2
+  return tf.constant(spec.cutmix)

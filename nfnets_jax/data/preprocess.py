@@ -1,0 +1,172 @@
+"""Decoding, cropping, resizing and normalisation of single images.
+
+Follows the published NFNets preprocessing:
+
+* training: an Inception-style random crop (area 8%-100%, aspect 3/4-4/3,
+  10 attempts, falling back to the evaluation centre crop when no attempt fits),
+  a random left-right flip, then a bicubic resize. JPEGs are decoded only
+  inside the crop window (`decode_and_crop_jpeg`), which is most of the speed of
+  an ImageNet pipeline; other formats (the PNG digits, folder PNGs) are decoded
+  whole, then cropped.
+* evaluation, `eval_preproc`:
+  - 'crop_resize': a centre crop of aspect image_size, as large as leaves a
+    margin of at least 32 px (in image_size units) on the short side, then a
+    bicubic resize to image_size;
+  - 'resize_crop_{pct}': a bicubic resize of the whole image to
+    (image_size + pct) on each side when pct > 1 (pixels), or image_size / pct
+    when pct <= 1 (a fraction), then a centre crop of image_size. As published,
+    the resize does not keep the aspect ratio: both sides go to that size.
+
+Bicubic resizing overshoots, so images leave this module as float32 slightly
+outside [0, 255] (as in the published pipeline); RandAugment clips them.
+"""
+
+from typing import Sequence
+
+from nfnets_jax.data import rng
+from nfnets_jax.data._tf import tf
+
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+CROP_PADDING = 32
+MAX_IMAGE_SIDE = 8192
+
+EVAL_PREPROC_FORMS = ("eval_preproc must be 'crop_resize' or 'resize_crop_<pct>', where pct > 1 "
+                      "is a margin in pixels (e.g. 'resize_crop_32': resize to image_size + 32, "
+                      "then centre-crop) and 0 < pct <= 1 a fraction (e.g. 'resize_crop_0.875': "
+                      "resize to image_size / 0.875, then centre-crop)")
+
+
+def image_size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+  """Validates `image_size` (an int or (height, width)) and returns (height, width)."""
+  sides = (image_size, image_size) if isinstance(image_size, int) else image_size
+  try:
+    sides = tuple(sides)
+  except TypeError:
+    sides = ()
+  ok = (len(sides) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in sides)
+        and all(1 <= s <= MAX_IMAGE_SIDE for s in sides))
+  if not ok:
+    raise ValueError(f"image_size must be a positive int or a (height, width) pair of ints in "
+                     f"[1, {MAX_IMAGE_SIDE}], got {image_size!r}")
+  return sides  # type: ignore[return-value]
+
+
+def parse_eval_preproc(eval_preproc: str) -> tuple[str, float]:
+  """'crop_resize' -> ('crop_resize', 0); 'resize_crop_32' -> ('resize_crop', 32.0)."""
+  if eval_preproc == "crop_resize":
+    return "crop_resize", 0.0
+  prefix = "resize_crop_"
+  if isinstance(eval_preproc, str) and eval_preproc.startswith(prefix):
+    try:
+      pct = float(eval_preproc[len(prefix):])
+    except ValueError:
+      pct = float("nan")
+    if pct > 0:  # False for nan.
+      return "resize_crop", pct
+  raise ValueError(f"Unknown eval_preproc {eval_preproc!r}: {EVAL_PREPROC_FORMS}.")
+
+
+def resize_crop_scaled_size(image_size: tuple[int, int], pct: float) -> tuple[int, int]:
+  """The size 'resize_crop_{pct}' resizes to before its centre crop."""
+  if pct > 1:
+    return tuple(int(s + pct) for s in image_size)  # type: ignore[return-value]
+  return tuple(int(s / pct) for s in image_size)  # type: ignore[return-value]
+
+
+def _shape_hw(image_bytes: tf.Tensor) -> tf.Tensor:
+  return tf.image.extract_jpeg_shape(image_bytes)[:2]
+
+
+def _decode_any(image_bytes: tf.Tensor) -> tf.Tensor:
+  image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def decode_and_crop(image_bytes: tf.Tensor, window_fn) -> tf.Tensor:
+  """Decodes `image_bytes` (any format) to RGB uint8, cropped to `window_fn(hw)`.
+
+  `window_fn` maps the [2] int32 image shape to an [4] int32 window
+  (offset_y, offset_x, height, width); JPEGs are decoded only inside it.
+  """
+  def jpeg():
+    window = window_fn(_shape_hw(image_bytes))
+    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+  def other():
+    image = _decode_any(image_bytes)
+    w = tf.unstack(window_fn(tf.shape(image)[:2]))
+    return image[w[0]:w[0] + w[2], w[1]:w[1] + w[3]]
+
+  image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def center_crop_window(hw: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+  """The 'crop_resize' window: aspect of image_size, >= CROP_PADDING margin, centred."""
+  h = tf.cast(hw[0], tf.float32)
+  w = tf.cast(hw[1], tf.float32)
+  scale = tf.minimum(h / (image_size[0] + CROP_PADDING), w / (image_size[1] + CROP_PADDING))
+  crop_h = tf.maximum(tf.cast(scale * image_size[0], tf.int32), 1)
+  crop_w = tf.maximum(tf.cast(scale * image_size[1], tf.int32), 1)
+  crop_h = tf.minimum(crop_h, hw[0])
+  crop_w = tf.minimum(crop_w, hw[1])
+  offset_y = (hw[0] - crop_h + 1) // 2
+  offset_x = (hw[1] - crop_w + 1) // 2
+  return tf.stack([offset_y, offset_x, crop_h, crop_w])
+
+
+def random_crop_window(hw: tf.Tensor, image_size: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
+  """An Inception crop window, or the centre window when sampling gave the whole image."""
+  hw = tf.cast(hw, tf.int32)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.concat([hw, [3]], axis=0),
+      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=seed,
+      min_object_covered=0.1,
+      aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(0.08, 1.0),
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  window = tf.stack([begin[0], begin[1], size[0], size[1]])
+  whole_image = tf.reduce_all(tf.equal(size[:2], hw))
+  return tf.cond(whole_image, lambda: center_crop_window(hw, image_size), lambda: window)
+
+
+def resize(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
+  """Bicubic resize to float32 (no clamping, as published)."""
+  return tf.image.resize(image, size, method=tf.image.ResizeMethod.BICUBIC)
+
+
+def train_image(image_bytes: tf.Tensor, image_size: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
+  """Random crop, random flip, bicubic resize: float32 [H, W, 3] in about [0, 255]."""
+  crop_seed, flip_seed = rng.split_seed(seed, 2)
+  image = decode_and_crop(image_bytes, lambda hw: random_crop_window(hw, image_size, crop_seed))
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  image = resize(image, image_size)
+  image.set_shape([image_size[0], image_size[1], 3])
+  return image
+
+
+def eval_image(image_bytes: tf.Tensor, image_size: tuple[int, int], eval_preproc: str) -> tf.Tensor:
+  """Deterministic evaluation preprocessing: float32 [H, W, 3] in about [0, 255]."""
+  method, pct = parse_eval_preproc(eval_preproc)
+  if method == "crop_resize":
+    image = decode_and_crop(image_bytes, lambda hw: center_crop_window(hw, image_size))
+    image = resize(image, image_size)
+  else:
+    scaled = resize_crop_scaled_size(image_size, pct)
+    image = resize(_decode_any(image_bytes), scaled)
+    offset_y = (scaled[0] - image_size[0] + 1) // 2
+    offset_x = (scaled[1] - image_size[1] + 1) // 2
+    image = image[offset_y:offset_y + image_size[0], offset_x:offset_x + image_size[1]]
+  image.set_shape([image_size[0], image_size[1], 3])
+  return image
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """Subtracts the ImageNet mean and divides by its std (per RGB channel, 0..255 scale)."""
+  image = tf.cast(image, tf.float32)
+  return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)

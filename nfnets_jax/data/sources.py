@@ -1,0 +1,215 @@
+"""From a dataset name to a stream of (encoded image, label, name) for one process.
+
+Names:
+  * 'digits': the embedded scikit-learn digits (`digits.py`), prepared into
+    data_dir on first use; no download.
+  * 'imagenet2012' (optionally with a version, 'imagenet2012:5.1.0'): TFDS's
+    builder over the official manual archives (`imagenet.py` checks them first).
+  * 'folder:<path>': a directory of images read through TFDS's `ImageFolder`,
+    either `<path>/<split>/<class>/<image>` or, for a single split, just
+    `<path>/<class>/<image>` (which is then the split 'train').
+  * any other TFDS image-classification dataset, e.g. 'cifar10', 'mnist'.
+
+Images are never decoded here (`SkipDecoding`): the preprocessing decodes each
+JPEG only inside its crop window.
+"""
+
+import dataclasses
+import hashlib
+import os
+import re
+from typing import Optional
+
+import tensorflow_datasets as tfds
+
+from nfnets_jax.data import digits as _digits  # noqa: F401  (registers the 'digits' builder)
+from nfnets_jax.data import imagenet
+from nfnets_jax.data._tf import tf
+from nfnets_jax.data.sharding import shard_sizes
+
+FOLDER_PREFIX = "folder:"
+_NAME_KEYS = ("image/filename", "file_name", "filename", "id")
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclasses.dataclass
+class Source:
+  """A dataset ready to read: its builder and which features hold image, label and name."""
+  name: str
+  builder: tfds.core.DatasetBuilder
+  image_key: str
+  label_key: str
+  name_key: Optional[str]
+  is_folder: bool
+
+  @property
+  def num_classes(self) -> int:
+    return self.builder.info.features[self.label_key].num_classes
+
+  @property
+  def split_names(self) -> list[str]:
+    return list(self.builder.info.splits.keys())
+
+  def num_examples(self, split: str) -> int:
+    """Examples in `split` (which may be sliced, e.g. 'train[10000:]', for TFDS datasets)."""
+    self._check_split(split)
+    return self.builder.info.splits[split].num_examples
+
+  def _check_split(self, split: str) -> None:
+    bases = base_split_names(split)
+    unknown = [s for s in bases if s not in self.split_names]
+    if unknown or (self.is_folder and split not in self.split_names):
+      hint = (" Folder datasets take whole split names only." if self.is_folder else
+              " Slices such as 'train[:90%]' and unions 'train+validation' are allowed.")
+      raise ValueError(f"Unknown split {split!r} for dataset {self.name!r}; it has "
+                       f"{self.split_names}.{hint}")
+
+  def part_sizes(self, split: str, process_count: int) -> list[int]:
+    """Examples in each process's part of `split` (they can differ by more than one
+    for unions: TFDS splits each member of 'a+b' evenly on its own)."""
+    if self.is_folder:
+      return shard_sizes(self.num_examples(split), process_count)
+    self._check_split(split)
+    return [self.builder.info.splits[tfds.split_for_jax_process(
+        split, process_index=i, process_count=process_count)].num_examples
+            for i in range(process_count)]
+
+  def read(self, split: str, *, process_index: int, process_count: int,
+           shuffle_files: bool, seed: Optional[int]) -> tuple[tf.data.Dataset, int]:
+    """This process's disjoint part of `split` as {'image': bytes, 'label', 'name'}, and its size.
+
+    The part is TFDS's even split for prepared datasets (contiguous ranges; the
+    first N % P processes get one example more) and every `process_count`-th
+    file for folders.
+    """
+    size = self.part_sizes(split, process_count)[process_index]
+    decoders = {self.image_key: tfds.decode.SkipDecoding()}
+    if self.is_folder:
+      # ImageFolder has no sub-split API and shuffles files without a seed, so read
+      # its (deterministically ordered) file list and take every P-th file.
+      ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+      ds = ds.shard(process_count, process_index)
+    else:
+      part = tfds.split_for_jax_process(split, process_index=process_index,
+                                        process_count=process_count)
+      read_config = tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=self.name_key is None)
+      ds = self.builder.as_dataset(split=part, shuffle_files=shuffle_files, decoders=decoders,
+                                   read_config=read_config)
+    name_key = self.name_key or "tfds_id"
+    image_key, label_key = self.image_key, self.label_key
+
+    def select(ex):
+      return {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int32),
+              "name": tf.strings.as_string(ex[name_key]) if ex[name_key].dtype != tf.string
+              else ex[name_key]}
+
+    ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds, size
+
+
+def base_split_names(split: str) -> list[str]:
+  """'train[:10%]+validation' -> ['train', 'validation']."""
+  return [re.sub(r"\[.*\]$", "", part.strip()) for part in str(split).split("+")]
+
+
+def _folder_root(path: str, data_dir: Optional[str]) -> str:
+  """The directory to hand to ImageFolder: `path`, or a 'train' view of a flat class folder."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"Image folder {path!r} does not exist; expected "
+                            f"<folder>/<split>/<class>/<image>.jpg or <folder>/<class>/<image>.jpg.")
+  subdirs = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
+  if not subdirs:
+    raise ValueError(f"Image folder {path!r} has no sub-directories; expected "
+                     f"<folder>/<split>/<class>/<image>.jpg or <folder>/<class>/<image>.jpg.")
+  flat = any(f.lower().endswith(_IMAGE_EXTENSIONS)
+             for d in subdirs for f in os.listdir(os.path.join(path, d)))
+  if not flat:
+    return path
+  # ImageFolder wants a split level: expose the folder as '<view>/train' via a symlink.
+  views = os.path.join(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR),
+                       "image_folder_views", hashlib.sha1(path.encode()).hexdigest()[:16])
+  link = os.path.join(views, "train")
+  os.makedirs(views, exist_ok=True)
+  try:
+    os.symlink(path, link)
+  except FileExistsError:  # Made by an earlier load, or by another process just now.
+    pass
+  return views
+
+
+def _folder_source(name: str, data_dir: Optional[str]) -> Source:
+  root = _folder_root(name[len(FOLDER_PREFIX):], data_dir)
+  builder = tfds.ImageFolder(root)
+  return Source(name=name, builder=builder, image_key="image", label_key="label",
+                name_key="image/filename", is_folder=True)
+
+
+def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as err:
+    raise ValueError(
+        f"Unknown dataset {name!r}. Use 'digits' (embedded, no download), 'imagenet2012' "
+        f"(manual ILSVRC2012 archives), 'folder:<path>' (an image folder) or any TFDS image "
+        f"classification dataset name. TFDS said: {str(err).splitlines()[0]}") from None
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, name: str, split: str,
+             manual_dir: Optional[str], download: bool) -> None:
+  """Makes sure `builder` is prepared in its data_dir, checking manual files first."""
+  if builder.is_prepared():
+    return
+  is_imagenet = builder.name == "imagenet2012"
+  if is_imagenet:
+    manual_dir = manual_dir or imagenet.default_manual_dir(str(builder.data_dir_root))
+    wanted = [s for s in base_split_names(split) if s in imagenet.SPLIT_ARCHIVES]
+    present = [s for s, f in imagenet.SPLIT_ARCHIVES.items()
+               if os.path.isfile(os.path.join(manual_dir, f))]
+    imagenet.check_manual_dir(manual_dir, sorted(set(wanted) | set(present)))
+  elif not download and builder.name != "digits":
+    raise FileNotFoundError(f"Dataset {name!r} is not prepared in {builder.data_dir_root} and "
+                            f"download=False.")
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  builder.download_and_prepare(download_config=config)
+
+
+def _feature_keys(builder: tfds.core.DatasetBuilder, name: str) -> tuple[str, str, Optional[str]]:
+  features = builder.info.features
+  keys = builder.info.supervised_keys
+  image_key, label_key = (keys if keys and len(keys) == 2 and all(isinstance(k, str) for k in keys)
+                          else ("image", "label"))
+  if (image_key not in features or not isinstance(features[image_key], tfds.features.Image)
+      or label_key not in features or not isinstance(features[label_key], tfds.features.ClassLabel)):
+    raise ValueError(f"Dataset {name!r} is not an image classification dataset: it needs an "
+                     f"Image feature and a ClassLabel feature (supervised keys {keys!r}, "
+                     f"features {list(features.keys())}).")
+  name_key = next((k for k in _NAME_KEYS if k in features), None)
+  return image_key, label_key, name_key
+
+
+def open_source(name: str, split: str, *, data_dir: Optional[str] = None,
+                manual_dir: Optional[str] = None, download: bool = True) -> Source:
+  """Resolves `name`, preparing the dataset in `data_dir` if needed, and checks `split`."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"Dataset name must be a non-empty string, got {name!r}")
+  if name.startswith(FOLDER_PREFIX):
+    source = _folder_source(name, data_dir)
+  else:
+    builder = _builder(name, data_dir)
+    _prepare(builder, name, split, manual_dir, download)
+    image_key, label_key, name_key = _feature_keys(builder, name)
+    source = Source(name=name, builder=builder, image_key=image_key, label_key=label_key,
+                    name_key=name_key, is_folder=False)
+  try:
+    source.num_examples(split)
+  except ValueError:
+    if source.builder.name == "imagenet2012":
+      missing = [s for s in base_split_names(split) if s not in source.split_names]
+      raise ValueError(
+          f"imagenet2012 in {source.builder.data_dir} was prepared without split(s) {missing}: "
+          f"its archive was missing then. Put "
+          f"{[imagenet.SPLIT_ARCHIVES.get(s, s) for s in missing]} in the manual directory, "
+          f"delete {source.builder.data_dir} and load again.") from None
+    raise
+  return source

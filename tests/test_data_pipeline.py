@@ -1,0 +1,283 @@
+"""`load` end to end on the embedded digits and on image folders: shapes, preprocessing
+semantics, determinism, resume, layouts, and refusal of bad input."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from data_helpers import digits_data_dir, encode, random_image, write_folder  # noqa: F401
+
+tf = pytest.importorskip("tensorflow")
+
+from nfnets_jax.data import MEAN_RGB, STDDEV_RGB, load, preprocess  # noqa: E402
+
+LOW = (0 - np.array(MEAN_RGB)) / np.array(STDDEV_RGB)
+HIGH = (255 - np.array(MEAN_RGB)) / np.array(STDDEV_RGB)
+
+
+def _train(data_dir, augment_name=None, **kwargs):
+  args = dict(is_training=True, batch_dims=(2, 4), image_size=16, augment_name=augment_name,
+              data_dir=data_dir, seed=0, shuffle_buffer=100)
+  args.update(kwargs)
+  return load("digits", "train", **args)
+
+
+def _take(batches, n):
+  return [next(batches) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# --- preprocessing semantics -------------------------------------------------------------
+
+def test_crop_resize_window_keeps_a_32px_margin_in_output_units():
+  for hw in [(100, 200), (300, 120), (64, 64)]:
+    window = preprocess.center_crop_window(tf.constant(hw), (32, 32)).numpy()
+    y, x, h, w = window
+    scale = min(hw[0], hw[1]) / (32 + 32)
+    assert h == w == int(scale * 32)
+    assert abs((hw[0] - h) - 2 * y) <= 1 and abs((hw[1] - w) - 2 * x) <= 1  # centred
+
+
+def test_resize_crop_squashes_both_sides_then_centre_crops_as_published():
+  # 64 x 256 horizontal ramp (value = column). resize_crop_32 at 32 px resizes to 64 x 64
+  # (aspect not kept), then crops columns 16..48 of 64, i.e. source columns ~64..192.
+  ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (64, 1, 3))
+  out = preprocess.eval_image(tf.constant(encode(ramp, "PNG")), (32, 32), "resize_crop_32")
+  out = out.numpy()[..., 0]
+  assert out.shape == (32, 32)
+  assert 56 < out[:, 0].mean() < 72 and 184 < out[:, -1].mean() < 200
+  # A fraction: resize_crop_0.5 -> resize to 64 x 64 as well.
+  np.testing.assert_allclose(
+      preprocess.eval_image(tf.constant(encode(ramp, "PNG")), (32, 32), "resize_crop_0.5"
+                            ).numpy()[..., 0], out, atol=1e-3)
+
+
+def test_random_crop_windows_follow_inception_ranges():
+  hw = (120, 160)
+  windows = np.stack([preprocess.random_crop_window(tf.constant(hw), (32, 32),
+                                                    tf.constant([3, i], tf.int64)).numpy()
+                      for i in range(100)])
+  y, x, h, w = windows.T
+  assert np.all((y >= 0) & (x >= 0) & (y + h <= hw[0]) & (x + w <= hw[1]))
+  area = h * w / (hw[0] * hw[1])
+  assert np.all((area >= 0.07) & (area <= 1.0))
+  aspect = w / h
+  assert np.all((aspect > 0.7) & (aspect < 1.4))
+  assert len({tuple(wi) for wi in windows}) > 90
+
+
+def test_random_crop_falls_back_to_centre_crop_when_nothing_fits():
+  hw = tf.constant([2, 1000])  # No crop of area >= 8% has an aspect ratio in [3/4, 4/3].
+  got = preprocess.random_crop_window(hw, (32, 32), tf.constant([1, 2], tf.int64)).numpy()
+  np.testing.assert_array_equal(got, preprocess.center_crop_window(hw, (32, 32)).numpy())
+
+
+def test_jpeg_and_png_take_the_same_train_path():
+  y, x = np.mgrid[0:50, 0:60]
+  img = np.stack([x * 4, y * 5, (x + y) * 2], -1).astype(np.uint8)  # smooth: JPEG-friendly
+  seed = tf.constant([1, 1], tf.int64)
+  png = preprocess.train_image(tf.constant(encode(img, "PNG")), (24, 24), seed).numpy()
+  jpg = preprocess.train_image(tf.constant(encode(img, "JPEG")), (24, 24), seed).numpy()
+  assert png.shape == jpg.shape == (24, 24, 3)
+  assert np.abs(png - jpg).mean() < 4  # Same crop; only JPEG loss differs.
+
+
+def test_normalize_uses_imagenet_statistics():
+  mean = tf.constant(np.array(MEAN_RGB, np.float32)[None, None])
+  np.testing.assert_allclose(preprocess.normalize(mean).numpy(), 0, atol=1e-5)
+  np.testing.assert_allclose(MEAN_RGB, np.array([0.485, 0.456, 0.406]) * 255)
+  np.testing.assert_allclose(STDDEV_RGB, np.array([0.229, 0.224, 0.225]) * 255)
+
+
+# --- batches -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("augment_name", [None, "randaugment_405", "mixup", "cutmix",
+                                          "cutmix_mixup_randaugment_405"])
+def test_training_batch_contract(digits_data_dir, augment_name):
+  batch = next(_train(digits_data_dir, augment_name))
+  assert batch["images"].shape == (2, 4, 16, 16, 3) and batch["images"].dtype == np.float32
+  assert batch["labels"].shape == (2, 4) and batch["labels"].dtype == np.int32
+  assert np.all((batch["labels"] >= 0) & (batch["labels"] < 10))
+  assert np.all(np.isfinite(batch["images"]))
+  if augment_name and "randaugment" in augment_name:  # Clipped to [0, 255] before normalising.
+    assert np.all(batch["images"] >= LOW.min() - 1e-4) and np.all(batch["images"] <= HIGH.max() + 1e-4)
+  mixes = augment_name in ("mixup", "cutmix", "cutmix_mixup_randaugment_405")
+  assert ("mix_labels" in batch) == ("ratio" in batch) == mixes
+  assert "mask" not in batch
+  if mixes:
+    assert batch["mix_labels"].dtype == np.int32 and batch["ratio"].dtype == np.float32
+    assert np.all((batch["ratio"] >= 0) & (batch["ratio"] <= 1))
+    assert np.all((batch["mix_labels"] >= 0) & (batch["mix_labels"] < 10))
+
+
+def test_mixup_cutmix_halves(digits_data_dir):
+  batch = next(_train(digits_data_dir, "mixup_cutmix", batch_dims=(64,)))
+  cut = batch["ratio"][32:] * 16 * 16  # CutMix ratios are whole pixel counts.
+  np.testing.assert_allclose(cut, np.round(cut), atol=1e-3)
+  assert not np.allclose(batch["ratio"][:32] * 256, np.round(batch["ratio"][:32] * 256), atol=1e-3)
+
+
+def test_augment_after_mix(digits_data_dir):
+  a = _take(_train(digits_data_dir, "mixup_randaugment_405", augment_before_mix=False), 2)
+  b = _take(_train(digits_data_dir, "mixup_randaugment_405", augment_before_mix=True), 2)
+  assert a[0]["images"].shape == b[0]["images"].shape
+  np.testing.assert_array_equal(a[0]["labels"], b[0]["labels"])  # Same examples, other augs.
+  assert not np.allclose(a[0]["images"], b[0]["images"])
+  assert a[0]["images"].min() >= LOW.min() - 1e-4 and a[0]["images"].max() <= HIGH.max() + 1e-4
+
+
+def test_eval_is_deterministic_padded_and_masked(digits_data_dir):
+  def run():
+    return list(load("digits", "test", is_training=False, batch_dims=(3, 8), image_size=16,
+                     data_dir=digits_data_dir))
+  first, second = run(), run()
+  _assert_same(first, second)
+  masks = np.concatenate([b["mask"].ravel() for b in first])
+  n = int(masks.sum())
+  assert np.all(masks[:n] == 1) and np.all(masks[n:] == 0)  # Padding only at the end.
+  assert len(masks) == len(first) * 24 and len(masks) - n < 24
+  padded = np.concatenate([b["images"].reshape(24, -1) for b in first])[n:]
+  assert np.all(padded == 0)
+
+
+def test_seeded_training_is_reproducible_and_seed_dependent(digits_data_dir):
+  # (With augmentation, reproducibility is also covered by the resume tests below.)
+  a = _take(_train(digits_data_dir, seed=11), 2)
+  _assert_same(a, _take(_train(digits_data_dir, seed=11), 2))
+  c = _take(_train(digits_data_dir, seed=12), 2)
+  assert not np.array_equal(a[0]["images"], c[0]["images"])
+
+
+@pytest.mark.parametrize("augment_before_mix", [True, False])
+def test_resume_at_a_step_continues_exactly(digits_data_dir, augment_before_mix):
+  name = "cutmix_mixup_randaugment_405"
+  full = _train(digits_data_dir, name, seed=5, augment_before_mix=augment_before_mix)
+  batches = _take(full, 5)
+  assert full.step == 5 and full.state() == {"step": 5}
+  resumed = _train(digits_data_dir, name, seed=5, augment_before_mix=augment_before_mix,
+                   start_step=3)
+  _assert_same(batches[3:], _take(resumed, 2))
+  assert resumed.step == 5
+
+
+def test_fast_mode_runs_unseeded_and_resumes_without_replaying(digits_data_dir):
+  batches = _train(digits_data_dir, "cutmix_mixup_randaugment_405", seed=None, num_threads=2,
+                   shuffle_buffer=None, start_step=10**9)  # Replaying would never finish.
+  assert batches.step == 10**9
+  for batch in _take(batches, 3):
+    assert batch["images"].shape == (2, 4, 16, 16, 3)
+  assert batches.step == 10**9 + 3
+
+
+def test_transpose_and_bfloat16(digits_data_dir):
+  import jax.numpy as jnp
+  plain = next(_train(digits_data_dir))
+  moved = next(_train(digits_data_dir, transpose=True, dtype=jnp.bfloat16))
+  assert moved["images"].shape == (2, 16, 16, 3, 4)  # per device HWCN
+  assert moved["images"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.moveaxis(moved["images"].astype(np.float32), -1, 1),
+                             plain["images"], atol=0.05)
+
+
+def test_fake_data_shapes_without_a_dataset(tmp_path):
+  train = load("no_such_dataset", "train", is_training=True, batch_dims=(2, 3), image_size=8,
+               augment_name="mixup", fake_data=True, transpose=True, data_dir=str(tmp_path))
+  batch = next(train)
+  assert batch["images"].shape == (2, 8, 8, 3, 3)
+  assert batch["mix_labels"].shape == batch["ratio"].shape == (2, 3)
+  evals = list(load("x", "test", is_training=False, batch_dims=(4,), image_size=8,
+                    fake_data=True))
+  assert len(evals) == 1 and evals[0]["mask"].sum() == 4
+  assert not os.listdir(tmp_path)
+
+
+# --- folders and corrupt files -----------------------------------------------------------
+
+def test_flat_class_folder_is_the_train_split(tmp_path):
+  write_folder(tmp_path / "pets", {"cat": 3, "dog": 2})
+  batches = load(f"folder:{tmp_path / 'pets'}", "train", is_training=False, batch_dims=(4,),
+                 image_size=12, data_dir=str(tmp_path / "tfds"))
+  out = list(batches)
+  labels = np.concatenate([b["labels"][b["mask"] == 1] for b in out])
+  assert sorted(labels.tolist()) == [0, 0, 0, 1, 1] and batches.num_classes == 2
+  with pytest.raises(ValueError, match="'validation'.*\\['train'\\]"):
+    load(f"folder:{tmp_path / 'pets'}", "validation", is_training=False, batch_dims=(4,),
+         image_size=12, data_dir=str(tmp_path / "tfds"))
+
+
+def test_corrupt_files_are_skipped_counted_and_named(tmp_path, caplog):
+  root = tmp_path / "images"
+  write_folder(root / "train", {"a": 4, "b": 3})
+  write_folder(root / "test", {"a": 1, "b": 1})
+  garbage = root / "train" / "a" / "garbage.jpg"
+  garbage.write_bytes(b"this is not an image")
+  truncated = root / "train" / "b" / "truncated.jpg"
+  truncated.write_bytes(encode(random_image(9, 40, 40))[:300])
+  caplog.set_level(logging.WARNING)
+  batches = load(f"folder:{root}", "train", is_training=False, batch_dims=(4,), image_size=12)
+  out = list(batches)
+  assert sum(int(b["mask"].sum()) for b in out) == 7  # 9 files, 2 skipped, padding masked
+  assert sorted(batches.skipped_files) == sorted([str(garbage), str(truncated)])
+  for path in (garbage, truncated):
+    assert any(str(path) in r.getMessage() for r in caplog.records)
+  training = load(f"folder:{root}", "train", is_training=True, batch_dims=(4,), image_size=12,
+                  augment_name="randaugment_405", seed=0)
+  for batch in _take(training, 6):  # Several epochs: keeps going.
+    assert batch["images"].shape == (4, 12, 12, 3)
+  assert sorted(training.skipped_files) == sorted([str(garbage), str(truncated)])
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(augment_name="mixup_autoaugment"), "autoaugment.*valid|valid.*autoaugment|Unknown augm"),
+    (dict(image_size=0), "image_size.*0"),
+    (dict(image_size=(32,)), "image_size"),
+    (dict(image_size=16.5), "image_size"),
+    (dict(batch_dims=()), "batch_dims"),
+    (dict(batch_dims=(2, 0)), "batch_dims"),
+    (dict(batch_dims=(3,), augment_name="mixup_cutmix"), "even"),
+    (dict(eval_preproc="resize_crop_x"), "resize_crop_x.*crop_resize"),
+    (dict(eval_preproc="center"), "center"),
+    (dict(dtype=np.int32), "dtype"),
+    (dict(process_index=2, process_count=2), "process_index"),
+    (dict(start_step=-1), "start_step"),
+    (dict(num_threads=0), "num_threads"),
+    (dict(seed="0"), "seed"),
+    (dict(deterministic=True, seed=None), "needs a seed"),
+])
+def test_bad_arguments_raise_at_call_time(kwargs, match):
+  args = dict(is_training=True, batch_dims=(2,), image_size=16, fake_data=True)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    load("digits", "train", **args)
+
+
+def test_unknown_dataset_and_split(digits_data_dir, tmp_path):
+  with pytest.raises(ValueError, match="Unknown dataset 'not_a_dataset'.*digits"):
+    load("not_a_dataset", "train", is_training=True, batch_dims=(2,), image_size=16,
+         data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="Unknown split 'valid'.*test.*train|train.*test"):
+    load("digits", "valid", is_training=False, batch_dims=(2,), image_size=16,
+         data_dir=digits_data_dir)
+  with pytest.raises(FileNotFoundError, match="'mnist' is not prepared.*download=False"):
+    load("mnist", "train", is_training=True, batch_dims=(2,), image_size=16,
+         data_dir=str(tmp_path), download=False)
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    load(f"folder:{tmp_path / 'nowhere'}", "train", is_training=False, batch_dims=(2,),
+         image_size=16)
+
+
+def test_tensorflow_sees_no_accelerators():
+  # nfnets_jax.data hides GPUs from TF so that JAX keeps them (tests/test_import_light.py
+  # checks that the core packages do not import TF at all).
+  assert not tf.config.get_visible_devices("GPU")
