@@ -1,0 +1,80 @@
+"""Which parameters get AGC and which get weight decay, as in the NFNet paper.
+
+The published training setup (Brock et al. 2021, arXiv:2102.06171) splits the
+parameters into three groups, by Haiku module path and parameter name:
+
+* gains and biases (`b`, `scale`, `offset`, or a name containing `gain` or
+  `bias`): AGC, no weight decay;
+* the final classifier's weights (module path containing `linear` but not
+  `squeeze_excite`): weight decay, no AGC (the paper found clipping the last
+  layer hurts);
+* every other weight: AGC and weight decay.
+
+Note that the classifier's *bias* is a bias first, so the published rule does
+clip it. The predicates are plain functions of `(module_path, name)` so a
+caller can regroup parameters of other architectures.
+"""
+
+from typing import Any, Callable
+
+import jax
+
+#: `predicate(module_path, name) -> bool`, e.g. `("NFNet/~/linear", "w")`.
+ParamPredicate = Callable[[str, str], bool]
+
+GAIN_BIAS = "gain_bias"
+CLASSIFIER = "classifier"
+WEIGHT = "weight"
+
+
+def is_gain_or_bias(module: str, name: str) -> bool:
+  """The published no-weight-decay rule: biases, gains, norm scales/offsets."""
+  del module
+  return name in ("b", "scale", "offset") or "gain" in name or "bias" in name
+
+
+def is_classifier(module: str, name: str) -> bool:
+  """The published no-AGC rule: `linear` modules outside squeeze-excite blocks."""
+  del name
+  return "linear" in module and "squeeze_excite" not in module
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def split_path(path: tuple[Any, ...]) -> tuple[str, str]:
+  """`(module_path, name)` of a leaf's key path.
+
+  For a Haiku tree `{module: {name: array}}` these are the two dict keys; for
+  any other nesting the last key is the name and the others, joined by `/`,
+  the module path.
+  """
+  names = [_key_name(k) for k in path]
+  if not names:
+    return "", ""
+  return "/".join(names[:-1]), names[-1]
+
+
+def map_params(fn: Callable[[str, str], Any], tree: Any) -> Any:
+  """`tree_map` of `fn(module_path, name)` over the leaves of a parameter tree."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: fn(*split_path(path)), tree)
+
+
+def param_labels(params: Any, *, is_gain_or_bias: ParamPredicate = is_gain_or_bias,
+                 is_classifier: ParamPredicate = is_classifier) -> Any:
+  """The group of every parameter: `'gain_bias'`, `'classifier'` or `'weight'`.
+
+  Usable directly as the labels of `optax.partition` when a caller wants
+  different transforms per group.
+  """
+  def label(module: str, name: str) -> str:
+    if is_gain_or_bias(module, name):
+      return GAIN_BIAS
+    if is_classifier(module, name):
+      return CLASSIFIER
+    return WEIGHT
+  return map_params(label, params)
