@@ -4,20 +4,30 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+TEST_STAMP := $(VENV)/.installed-test-stamp
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo clean
 
 $(STAMP): setup.py requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[all,test]'
+	$(BIN)/python -m pip install --quiet -e '.[all]'
 	touch $(STAMP)
+
+# The test and peer extras (pytest, torch/timm for interop tests) on top.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[all,test,peers]'
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
+# Trains the demo config on the embedded digits dataset, then evaluates it.
+demo: $(STAMP)
+	$(BIN)/python -m nfnets_jax.train --config=experiments/demo.py --workdir=workdirs/demo
+
 # The whole suite, on every core (pytest-xdist), JAX deprecations as errors (pytest.ini).
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache workdirs

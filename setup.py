@@ -68,9 +68,9 @@ setuptools.setup(
         "peers": PEERS,
         "all": DATA + TRAIN + TOOLS,
     },
+    license="Apache-2.0",
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

@@ -30,12 +30,15 @@ Training workdir layout (the contract between training and evaluation)::
                               ocp.args.StandardSave
           ema_params/         item "ema_params" (optional): the EMA of params,
                               same tree, same handler
+          meta/               item "meta" (optional): JSON with at least
+                              `model`, `num_classes` and `model_kwargs`, so
+                              tools can rebuild the network (`load_meta`)
           ...                 any other items (optimizer state, data iterator,
                               step counters); loading ignores them
 
 `checkpoint_manager(workdir)` opens (or creates) that manager, and
-`PARAMS_ITEM` / `EMA_PARAMS_ITEM` name the two items, so the training loop and
-these loaders cannot drift apart.
+`PARAMS_ITEM` / `EMA_PARAMS_ITEM` / `META_ITEM` name the items, so the training
+loop and these loaders cannot drift apart.
 
 When `model=` is given, the loaded tree is checked against the model's own
 parameter shapes and any mismatch is reported by name (`ParameterMismatchError`).
@@ -61,6 +64,8 @@ PathLike = Union[str, os.PathLike]
 #: Orbax item names inside each step of a training workdir (see module docstring).
 PARAMS_ITEM = "params"
 EMA_PARAMS_ITEM = "ema_params"
+#: Optional JSON item of each step: the model name, num_classes and model kwargs.
+META_ITEM = "meta"
 #: Subdirectory of a training workdir that holds the CheckpointManager.
 CHECKPOINTS_SUBDIR = "checkpoints"
 
@@ -245,6 +250,61 @@ def load_params(path: PathLike, *, trust_pickle: bool = False, model: Optional[s
   return params
 
 
+def load_meta(path: PathLike, *, step: Optional[int] = None) -> Optional[dict[str, Any]]:
+  """The `meta` JSON item saved with a training checkpoint step, if there is one.
+
+  The trainer records which network the weights belong to (`model`,
+  `num_classes`, `model_kwargs`, plus `step`), so that evaluation tools need
+  not be told again. `path` is read like `load_params` reads it: a workdir
+  (latest step unless `step` is given), its `checkpoints/` directory, or one
+  step directory.
+
+  Returns:
+    The JSON object, or None when `path` is a file, an orbax checkpoint of a
+    bare parameter tree, or a step saved without a `meta` item.
+  """
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    if not path.exists():
+      raise FileNotFoundError(f"No checkpoint at {str(path)!r}.")
+    return None
+  import orbax.checkpoint as ocp  # Lazy: only directories are orbax checkpoints.
+
+  if (path / CHECKPOINTS_SUBDIR).is_dir():
+    manager_dir = path / CHECKPOINTS_SUBDIR
+  elif any(_is_orbax_dir(path / item) for item in (PARAMS_ITEM, EMA_PARAMS_ITEM)):
+    if step is not None:
+      raise ValueError(f"{str(path)!r} is a single step directory; step= applies to workdirs.")
+    meta_dir = path / META_ITEM
+    if not meta_dir.is_dir():
+      return None
+    return dict(ocp.JsonCheckpointHandler().restore(meta_dir.absolute(), ocp.args.JsonRestore()))
+  elif not _is_orbax_dir(path) and any(child.name.isdigit() and child.is_dir()
+                                        for child in path.iterdir()):
+    manager_dir = path
+  else:
+    return None
+  manager_dir = manager_dir.absolute()
+  with ocp.CheckpointManager(manager_dir,
+                             options=ocp.CheckpointManagerOptions(create=False)) as mngr:
+    steps = list(mngr.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"{str(path)!r} holds no finished checkpoint step yet.")
+    if step is None:
+      step = mngr.latest_step()
+    elif step not in steps:
+      raise ValueError(f"{str(path)!r} has no step {step}; saved steps: {sorted(steps)}.")
+    if not (manager_dir / str(step) / META_ITEM).is_dir():
+      return None
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        **{META_ITEM: ocp.args.JsonRestore()}))
+  meta = restored[META_ITEM]
+  if not isinstance(meta, Mapping):
+    raise ValueError(f"{str(path)!r} (step {step}): the {META_ITEM!r} item holds a "
+                     f"{type(meta).__name__}, not a JSON object.")
+  return dict(meta)
+
+
 def _load_file(path: pathlib.Path, *, trust_pickle: bool) -> Params:
   with open(path, "rb") as f:
     head = f.read(16)
@@ -401,7 +461,8 @@ def _cpu_target(item_dir: pathlib.Path):
 
   metadata = ocp.StandardCheckpointHandler().metadata(item_dir)
   tree = getattr(metadata, "tree", metadata)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  # local_devices: in a multi-process job jax.devices() lists other hosts' CPUs first.
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   return jax.tree_util.tree_map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
 

@@ -281,3 +281,21 @@ def test_tensorflow_sees_no_accelerators():
   # nfnets_jax.data hides GPUs from TF so that JAX keeps them (tests/test_import_light.py
   # checks that the core packages do not import TF at all).
   assert not tf.config.get_visible_devices("GPU")
+
+
+def test_resize_train_preproc_keeps_whole_unflipped_image(digits_data_dir):
+  """'resize' training preprocessing equals the eval plain resize (resize_crop_1) exactly."""
+  from nfnets_jax.data import load
+  kwargs = dict(batch_dims=(8,), image_size=16, data_dir=digits_data_dir)
+  train = next(load("digits", "test", is_training=True, train_preproc="resize", seed=0,
+                    shuffle_buffer=1, **kwargs))
+  evals = next(load("digits", "test", is_training=False, eval_preproc="resize_crop_1", **kwargs))
+  np.testing.assert_array_equal(train["images"], evals["images"])
+  np.testing.assert_array_equal(train["labels"], evals["labels"])
+
+
+def test_unknown_train_preproc_is_a_clear_error(digits_data_dir):
+  from nfnets_jax.data import load
+  with pytest.raises(ValueError, match=r"'crop'.*inception_crop, resize"):
+    load("digits", "train", is_training=True, batch_dims=(2,), image_size=8,
+         train_preproc="crop", data_dir=digits_data_dir)

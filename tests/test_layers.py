@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nfnets_jax.models import SqueezeExcite, StochDepth, WSConv2D, standardize_weight
+from nfnets_jax.models.layers import avg_pool_same
 
 
 def _numpy_ws(w, gain, eps=1e-4):
@@ -83,3 +84,17 @@ def test_stochastic_depth_drops_whole_examples_without_rescaling():
 def test_stochastic_depth_rejects_invalid_rates(rate):
   with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\)"):
     hk.transform(lambda x: StochDepth(rate)(x, True)).init(jax.random.key(0), jnp.ones((1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 7, 5, 4), (32, 1, 1, 128), (4, 1, 3, 8)])
+def test_avg_pool_same_matches_a_numpy_reference(shape):
+  """SAME 2x2/2 average pooling: end padding, windows averaged over real pixels.
+  Includes 1-pixel maps, where XLA:CPU's reduce_window was wrong in jax 0.10."""
+  x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  n, h, w, c = shape
+  oh, ow = -(-h // 2), -(-w // 2)
+  expected = np.zeros((n, oh, ow, c), np.float32)
+  for i in range(oh):
+    for j in range(ow):
+      expected[:, i, j] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(1, 2))
+  np.testing.assert_allclose(avg_pool_same(jnp.asarray(x), 2), expected, rtol=1e-5, atol=1e-6)

@@ -143,6 +143,7 @@ def load(
     image_size: int | Sequence[int],
     augment_name: Optional[str] = None,
     eval_preproc: str = "resize_crop_32",
+    train_preproc: str = "inception_crop",
     augment_before_mix: bool = True,
     dtype: Any = np.float32,
     transpose: bool = False,
@@ -173,6 +174,8 @@ def load(
     augment_name: e.g. 'cutmix_mixup_randaugment_405' (see `augment_spec.py`);
       validated always, used in training only.
     eval_preproc: 'crop_resize' or 'resize_crop_<pct>' (see `preprocess.py`).
+    train_preproc: 'inception_crop' (published: random crop + flip) or 'resize'
+      (whole image, for data such as digits that crops or mirroring would relabel).
     augment_before_mix: RandAugment each image before mixing (published default)
       rather than the mixed images.
     dtype: dtype of `images` (float32, bfloat16 or float16).
@@ -211,6 +214,7 @@ def load(
   spec = parse_augment_name(augment_name)
   size = preprocess.image_size_hw(image_size)
   preprocess.parse_eval_preproc(eval_preproc)
+  preprocess.check_train_preproc(train_preproc)
   dims = _check_batch_dims(batch_dims)
   tf_dtype = _tf_dtype(dtype)
   index, count = sharding.resolve_process(process_index, process_count)
@@ -267,7 +271,7 @@ def load(
       # Exact resume: replay the stream's reads (no decoding) up to where step k began.
       # A fast-mode stream is random anyway, so it starts afresh instead of paying this.
       ds = ds.skip(start_step * examples_per_step)
-    ds = ds.map(_train_example_fn(spec, size, key, mixes, augment_before_mix),
+    ds = ds.map(_train_example_fn(spec, size, key, mixes, augment_before_mix, train_preproc),
                 num_parallel_calls=tf.data.AUTOTUNE)
     steps = None
   else:
@@ -300,13 +304,13 @@ def _augment_normalize(image: tf.Tensor, spec: AugmentSpec, seed: tf.Tensor) -> 
 
 
 def _train_example_fn(spec: AugmentSpec, size: tuple[int, int], key: tf.Tensor, mixes: bool,
-                      augment_before_mix: bool):
+                      augment_before_mix: bool, train_preproc: str):
   """The per-example training map: (stream position, example) -> features."""
   augment_later = mixes and not augment_before_mix
 
   def fn(index, ex):
     crop_seed, augment_seed, mix_seed = rng.split_seed(rng.example_seed(key, index), 3)
-    image = preprocess.train_image(ex["image"], size, crop_seed)
+    image = preprocess.train_image(ex["image"], size, crop_seed, train_preproc)
     out = {"labels": ex["label"]}
     if mixes:
       out["mix_seed"] = mix_seed

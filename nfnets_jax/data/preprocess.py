@@ -140,8 +140,28 @@ def resize(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
   return tf.image.resize(image, size, method=tf.image.ResizeMethod.BICUBIC)
 
 
-def train_image(image_bytes: tf.Tensor, image_size: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
-  """Random crop, random flip, bicubic resize: float32 [H, W, 3] in about [0, 255]."""
+#: Training preprocessings: the published Inception crop + flip, or a plain resize
+#: of the whole image for data where crops and mirror images change the class
+#: (the 8x8 digits: a 3x3 crop or a mirrored 2 is no longer that digit).
+TRAIN_PREPROCS = ("inception_crop", "resize")
+
+
+def check_train_preproc(train_preproc: str) -> str:
+  if train_preproc not in TRAIN_PREPROCS:
+    raise ValueError(f"Unknown train_preproc {train_preproc!r}; valid: {', '.join(TRAIN_PREPROCS)}.")
+  return train_preproc
+
+
+def train_image(image_bytes: tf.Tensor, image_size: tuple[int, int], seed: tf.Tensor,
+                train_preproc: str = "inception_crop") -> tf.Tensor:
+  """Random crop, random flip, bicubic resize: float32 [H, W, 3] in about [0, 255].
+
+  With `train_preproc='resize'`: the whole image, bicubic-resized, unflipped.
+  """
+  if check_train_preproc(train_preproc) == "resize":
+    image = resize(_decode_any(image_bytes), image_size)
+    image.set_shape([image_size[0], image_size[1], 3])
+    return image
   crop_seed, flip_seed = rng.split_seed(seed, 2)
   image = decode_and_crop(image_bytes, lambda hw: random_crop_window(hw, image_size, crop_seed))
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)

@@ -126,6 +126,29 @@ class StochDepth(hk.Module):
     return stochastic_depth(x, self.drop_rate, is_training)
 
 
+def avg_pool_same(x: jax.Array, stride: int) -> jax.Array:
+  """`stride` x `stride` average pooling of NHWC `x` with SAME padding.
+
+  Equal to `hk.avg_pool(x, (1, s, s, 1), (1, s, s, 1), 'SAME')` (padding at the
+  end, each window averaged over its real pixels) but written as pad + reshape +
+  sum: XLA:CPU's reduce_window gave wrong sums on 1-pixel-wide maps in
+  jax 0.10 (its YNNPACK path), and the reshape form is also cheaper.
+  """
+  n, h, w, c = x.shape
+  oh, ow = -(-h // stride), -(-w // stride)
+  pad_h, pad_w = oh * stride - h, ow * stride - w
+  pads = ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+
+  def window_sums(a):
+    return jnp.pad(a, pads).reshape(a.shape[0], oh, stride, ow, stride, a.shape[-1]).sum((2, 4))
+
+  sums = window_sums(x)
+  if not (pad_h or pad_w):
+    return sums / jnp.asarray(stride * stride, x.dtype)
+  counts = window_sums(jnp.ones((1, h, w, 1), x.dtype))
+  return sums / counts
+
+
 def signal_metrics(x: jax.Array, index: int) -> dict[str, jax.Array]:
   """Signal-propagation statistics of an NHWC activation (float32).
 

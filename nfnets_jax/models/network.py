@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from nfnets_jax.models import activations
 from nfnets_jax.models.architecture import BlockSpec, NetworkPlan
-from nfnets_jax.models.layers import (SqueezeExcite, WSConv2D, average_channel_variance,
+from nfnets_jax.models.layers import (SqueezeExcite, WSConv2D, avg_pool_same, average_channel_variance,
                                       signal_metrics, stochastic_depth)
 
 Initializer = Callable[[tuple[int, ...], Any], jax.Array]
@@ -48,9 +48,7 @@ class NFBlock(hk.Module):
     if not spec.use_projection:
       shortcut = x
     elif spec.stride > 1 and spec.pool_shortcut:
-      pooled = hk.avg_pool(out, window_shape=(1, spec.stride, spec.stride, 1),
-                           strides=(1, spec.stride, spec.stride, 1), padding="SAME")
-      shortcut = convs["conv_shortcut"](pooled)
+      shortcut = convs["conv_shortcut"](avg_pool_same(out, spec.stride))
     else:
       shortcut = convs["conv_shortcut"](out)
 

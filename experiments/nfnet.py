@@ -1,0 +1,30 @@
+"""NFNet-F0..F7 (and F0+..F7+) on ImageNet with the paper's recipe.
+
+Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without
+Normalization": batch 4096, 360 epochs, SGD + Nesterov 0.9, lr 0.1 x batch/256
+with 5 warm-up epochs then cosine, weight decay 2e-5, AGC 0.01, label
+smoothing 0.1, EMA 0.99999, bf16, stochastic depth 0.25, the variant's
+dropout, RandAugment level and train/test resolutions, mixup + CutMix.
+
+  python -m nfnets_jax.train --config=experiments/nfnet.py:F0 --workdir=...
+  # The paper's modified SAM (used for the largest models):
+  python -m nfnets_jax.train --config=experiments/nfnet.py:F6 --config.sam.rho=0.05 ...
+"""
+
+from nfnets_jax.models import nfnet
+from nfnets_jax.train.config import base_config, finalize
+
+
+def get_config(variant: str = "F0"):
+  if variant not in nfnet.VARIANTS:
+    raise ValueError(f"Unknown NFNet variant {variant!r} in experiments/nfnet.py:<variant>; "
+                     f"valid: {', '.join(nfnet.VARIANTS)}.")
+  row = nfnet.VARIANTS[variant]
+  c = base_config()
+  c.model = f"nfnet:{variant}"
+  c.model_kwargs.stochdepth_rate = 0.25
+  c.model_kwargs.drop_rate = row["drop_rate"]
+  c.dataset.image_size = row["train_imsize"]
+  c.dataset.eval_image_size = row["test_imsize"]
+  c.dataset.augment_name = f"cutmix_mixup_randaugment_{row['RA_level']}"
+  return finalize(c)

@@ -1,0 +1,279 @@
+"""Top-1, top-5 and loss of a checkpoint over a whole dataset split.
+
+  python -m nfnets_jax.evaluate --checkpoint=F0_safe.npz --model=nfnet:F0
+  # `make demo`'s workdir, scored as the trainer scores it:
+  python -m nfnets_jax.evaluate --checkpoint=workdirs/demo --ema --dataset=digits \\
+      --split=test --eval_preproc=resize_crop_1
+
+Every example of the split is scored exactly once, on every device of every
+process: the batch is split over a mesh of all devices, each process reads its
+own part of the split, and the padding that evens out the last batches is
+masked out. Multi-host jobs run the same command on every host (the flags
+below, or a cluster JAX recognises; see launch/). Process 0 shows progress on
+stderr and prints a summary and, as the last line of stdout, a JSON object
+with the results for scripts.
+
+Defaults: --image_size is the model's published test resolution, preprocessing
+the published 'resize_crop_32', the batch 32 per device; --model, --num_classes
+and the model arguments come from a training workdir's records when present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from nfnets_jax import inference, runtime
+
+#: Examples per device when --batch_size is not given.
+DEFAULT_PER_DEVICE_BATCH = 32
+
+
+def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012",
+                    split: str = "validation", *, batch_size: Optional[int] = None,
+                    image_size: Optional[int] = None,
+                    eval_preproc: str = inference.DEFAULT_EVAL_PREPROC,
+                    data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
+                    compute_dtype: Any = "float32", progress: str = "auto") -> dict[str, Any]:
+  """Scores `loaded` on a dataset split; the same call on every process of a job.
+
+  Args:
+    loaded: the weights and their network (`inference.load_model`).
+    dataset, split: as `nfnets_jax.data.load` takes them.
+    batch_size: global batch, divisible by the number of devices (default 32
+      per device).
+    image_size: network input side (default the model's test resolution).
+    eval_preproc: 'resize_crop_<pct>' or 'crop_resize'.
+    data_dir, manual_dir: TFDS directories.
+    compute_dtype: float32, bfloat16 or float16.
+    progress: 'bar' (tqdm), 'lines', 'none', or 'auto' (a bar on a terminal,
+      else lines); shown by process 0 only.
+
+  Returns:
+    top1, top5, loss (means over the real examples of every process),
+    num_examples, seconds (wall time of the pass, compilation included),
+    images_per_sec (after the first batch, so without compilation),
+    skipped_files (corrupt files this process dropped; each is also logged),
+    and the settings used.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from nfnets_jax import data
+  from nfnets_jax.train import steps
+
+  num_devices, num_processes = jax.device_count(), jax.process_count()
+  if batch_size is None:
+    batch_size = DEFAULT_PER_DEVICE_BATCH * num_devices
+  check_batch_size(batch_size)
+  image_size = inference.default_image_size(loaded.name) if image_size is None else image_size
+  if progress not in ("auto", "bar", "lines", "none"):
+    raise ValueError(f"progress must be 'auto', 'bar', 'lines' or 'none', got {progress!r}")
+
+  mesh = steps.make_mesh()
+  model = loaded.transform()
+  eval_step = steps.make_eval_step(model, loaded.num_classes, jnp.dtype(compute_dtype), mesh)
+  sharding = steps.replicated(mesh)
+  # Every process holds the same weights; make_array_from_callback builds the
+  # replicated global array from them without any cross-host transfer.
+  params = jax.tree_util.tree_map(
+      lambda leaf: jax.make_array_from_callback(np.shape(leaf), sharding,
+                                                lambda index: np.asarray(leaf)[index]),
+      loaded.params)
+  batches = data.load(dataset, split, is_training=False,
+                      batch_dims=(batch_size // num_processes,), image_size=image_size,
+                      eval_preproc=eval_preproc, data_dir=data_dir, manual_dir=manual_dir,
+                      process_index=jax.process_index(), process_count=num_processes)
+  if batches.num_classes > loaded.num_classes:
+    raise ValueError(
+        f"{dataset!r} has {batches.num_classes} classes but the model {loaded.name} has "
+        f"{loaded.num_classes} outputs; labels beyond them could never be predicted. Check "
+        "--dataset and --checkpoint (or --num_classes).")
+
+  num_steps = len(batches)
+  reporter = _Progress(num_steps, batch_size, progress, enabled=jax.process_index() == 0)
+  totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
+  start = time.perf_counter()
+  warm = None  # (time, examples) when the first (compiling) batch had finished.
+  pending = None
+
+  def collect(result):
+    nonlocal warm
+    sums = jax.device_get(result)["params"]
+    for key in totals:
+      totals[key] += float(sums[key])
+    now = time.perf_counter()
+    if warm is None:
+      warm = (now, totals["count"])
+      rate = totals["count"] / (now - start)
+    else:  # Throughput since the first batch, whose time is mostly compilation.
+      rate = (totals["count"] - warm[1]) / max(now - warm[0], 1e-9)
+    reporter.update(totals["count"], rate)
+
+  for batch in batches:
+    result = eval_step({"params": params}, steps.global_batch(mesh, batch))
+    # Fetch the previous batch's sums while this one runs: the device stays busy
+    # and the progress shown is what has really been computed.
+    if pending is not None:
+      collect(pending)
+    pending = result
+  if pending is not None:
+    collect(pending)
+  seconds = time.perf_counter() - start
+  reporter.close()
+
+  count = totals["count"]
+  if warm is not None and num_steps > 1 and seconds > warm[0] - start:
+    images_per_sec = (count - warm[1]) / (seconds - (warm[0] - start))
+  else:
+    images_per_sec = count / seconds if seconds > 0 else 0.0
+  return {
+      "model": loaded.name,
+      "checkpoint": loaded.source,
+      "step": loaded.step,
+      "dataset": dataset,
+      "split": split,
+      "image_size": image_size,
+      "eval_preproc": eval_preproc,
+      "batch_size": batch_size,
+      "compute_dtype": jnp.dtype(compute_dtype).name,
+      "num_devices": num_devices,
+      "num_processes": num_processes,
+      "top1": totals["top1"] / max(count, 1.0),
+      "top5": totals["top5"] / max(count, 1.0),
+      "loss": totals["loss"] / max(count, 1.0),
+      "num_examples": int(count),
+      "skipped_files": len(batches.skipped_files),
+      "seconds": seconds,
+      "images_per_sec": images_per_sec,
+  }
+
+
+def check_batch_size(batch_size: int) -> None:
+  """A clear error unless `batch_size` splits evenly over every device of the job."""
+  import jax
+
+  num_devices = jax.device_count()
+  if not isinstance(batch_size, int) or batch_size < 1 or batch_size % num_devices:
+    raise inference.UsageError(
+        f"--batch_size={batch_size} must be a positive multiple of the number of devices "
+        f"({num_devices}: {jax.local_device_count()} per process x {jax.process_count()} "
+        f"processes), e.g. {DEFAULT_PER_DEVICE_BATCH * num_devices}.")
+
+
+class _Progress:
+  """A tqdm bar on a terminal, else a line every ~10% of the batches (stderr)."""
+
+  def __init__(self, num_steps: int, batch_size: int, mode: str, enabled: bool):
+    self._num_steps = num_steps
+    self._done = 0
+    self._next_line = 1
+    self._bar = None
+    self._lines = False
+    if not enabled or mode == "none":
+      return
+    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+      from tqdm import tqdm
+      self._bar = tqdm(total=num_steps, unit="batch", file=sys.stderr, dynamic_ncols=True,
+                       desc="evaluating")
+    else:
+      self._lines = True
+      print(f"evaluating: {num_steps} batches of {batch_size}", file=sys.stderr, flush=True)
+
+  def update(self, examples: float, rate: float) -> None:
+    """One more batch done: `examples` real examples so far, at `rate` images/s."""
+    self._done += 1
+    if self._bar is not None:
+      self._bar.update(1)
+      self._bar.set_postfix_str(f"{rate:.1f} img/s", refresh=False)
+    elif self._lines and (self._done >= self._next_line or self._done == self._num_steps):
+      print(f"evaluating: batch {self._done}/{self._num_steps} "
+            f"({100 * self._done / max(self._num_steps, 1):.0f}%), {int(examples)} examples, "
+            f"{rate:.1f} img/s", file=sys.stderr, flush=True)
+      self._next_line = self._done + max(1, math.ceil(self._num_steps / 10))
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _define_flags():
+  """A private flag set, so this tool can share a process with other CLIs."""
+  from absl import flags
+
+  fv = flags.FlagValues()
+  inference.define_model_flags(fv)
+  flags.DEFINE_string("dataset", "imagenet2012",
+                      "Dataset: 'imagenet2012', 'digits' (embedded), 'folder:<path>' or any "
+                      "TFDS image classification dataset.", flag_values=fv)
+  flags.DEFINE_string("split", "validation", "Split to score, e.g. 'validation', "
+                      "'train[:10000]'.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", None,
+                       f"Global batch size, a multiple of the number of devices. Default: "
+                       f"{DEFAULT_PER_DEVICE_BATCH} per device.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's).",
+                      flag_values=fv)
+  flags.DEFINE_string("manual_dir", None, "Where the ImageNet archives are, if not prepared "
+                      "yet (default <data_dir>/downloads/manual).", flag_values=fv)
+  flags.DEFINE_enum("progress", "auto", ["auto", "bar", "lines", "none"],
+                    "Progress on stderr (process 0): a tqdm bar, a line per ~10%, or nothing; "
+                    "'auto': a bar on a terminal, else lines.", flag_values=fv)
+  runtime_flags = runtime.define_flags(fv)
+  return fv, runtime_flags
+
+
+def _summary(results: dict[str, Any]) -> str:
+  return (f"{results['model']} on {results['dataset']}:{results['split']} at "
+          f"{results['image_size']}px ({results['eval_preproc']}): top-1 {results['top1']:.4f}, "
+          f"top-5 {results['top5']:.4f}, loss {results['loss']:.4f} over "
+          f"{results['num_examples']} examples, {results['images_per_sec']:.1f} images/s")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the evaluation on `argv` (program name first, as in `sys.argv`); returns the exit code."""
+  from absl import flags
+
+  argv = list(sys.argv if argv is None else argv)
+  fv, runtime_flags = _define_flags()
+  if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
+    print((__doc__ or "").rstrip() + "\n")
+    print(fv.get_help())
+    return 0
+  try:
+    extra = fv(argv)
+    if len(extra) > 1:
+      raise inference.UsageError(f"Unexpected positional arguments: {' '.join(extra[1:])}.")
+    runtime.setup(runtime_flags)
+    import jax  # After setup: jax.distributed must initialise before devices are used.
+
+    if fv.batch_size is not None:
+      check_batch_size(fv.batch_size)
+    loaded = inference.load_model_from_flags(fv)
+    image_size, eval_preproc = inference.image_settings_from_flags(fv, loaded.name)
+    results = evaluate_params(
+        loaded, fv.dataset, fv.split, batch_size=fv.batch_size, image_size=image_size,
+        eval_preproc=eval_preproc, data_dir=fv.data_dir, manual_dir=fv.manual_dir,
+        compute_dtype=fv.compute_dtype, progress=fv.progress)
+    results["ema"] = fv.ema
+    if jax.process_index() == 0:
+      print(_summary(results))
+      print(json.dumps(results), flush=True)
+    return 0
+  except (flags.Error, inference.UsageError) as e:
+    print(f"usage error: {e}\nRun with --help for the flags.", file=sys.stderr)
+    return 2
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,225 @@
+"""A trained network ready for inference, from whatever the user points at.
+
+The evaluation and classification tools both start from "a checkpoint and
+maybe a model name": this module turns that into the parameters, the model
+name, its number of classes and constructor arguments, and the published test
+resolution, with the same precedence everywhere:
+
+* an explicit value (a flag) always wins;
+* then the `meta` item a training workdir stores with each step;
+* then what the weights themselves say (the classifier's width; for NFNets the
+  variant, from stage depths and widths);
+* then the ImageNet default of 1000 classes.
+
+`define_model_flags(fv)` registers the matching flags on a tool's own
+`absl.flags.FlagValues`, and `load_model_from_flags(fv)` reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any, Mapping, Optional
+
+from nfnets_jax import checkpoint
+
+#: The published evaluation preprocessing (resize to test size + 32, centre-crop).
+DEFAULT_EVAL_PREPROC = "resize_crop_32"
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+  """Bad command-line input (exit status 2), as opposed to a failure while running."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """Parameters and everything needed to rebuild their network.
+
+  `source` says where the weights came from (for reports), `step` the training
+  step when a workdir recorded it.
+  """
+  name: str
+  num_classes: int
+  model_kwargs: dict[str, Any]
+  params: checkpoint.Params
+  source: str
+  step: Optional[int] = None
+
+  def transform(self):
+    """`hk.transform` of the network; a clear ValueError if the arguments do not fit."""
+    from nfnets_jax import models
+
+    if models.is_stateful(self.name):
+      raise ValueError(
+          f"{self.name} keeps BatchNorm running statistics (Haiku state), which parameter "
+          "checkpoints do not carry; the inference tools run the normalizer-free families "
+          "(nfnet, nf_resnet, nf_regnet).")
+    try:
+      return models.transform(self.name, self.num_classes, **self.model_kwargs)
+    except TypeError as err:
+      raise ValueError(f"Model arguments {self.model_kwargs} do not fit {self.name}: {err}") from None
+
+
+def default_image_size(model: str) -> int:
+  """The resolution `model` was published to be tested at (its variant's `test_imsize`).
+
+  Families whose variants share one size (NF-ResNets) keep it as the module
+  constant `TEST_IMSIZE` rather than in each row.
+  """
+  from nfnets_jax import models
+
+  family, variant = models.parse_model_name(model)
+  spec = models.FAMILIES[family]
+  row = spec.variants[variant]
+  if "test_imsize" in row:
+    return int(row["test_imsize"])
+  size = getattr(sys.modules[spec.model_class.__module__], "TEST_IMSIZE", None)
+  if size is None:
+    raise ValueError(f"Model {model!r} has no published test resolution; pass an image size.")
+  return int(size)
+
+
+def parse_model_kwargs(text: Optional[str]) -> Optional[dict[str, Any]]:
+  """'{"width": 2}' -> {'width': 2}; None or '' -> None (not given)."""
+  if not text:
+    return None
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as err:
+    raise UsageError(f"--model_kwargs must be a JSON object such as '{{\"width\": 2}}', got "
+                     f"{text!r} ({err}).") from None
+  if not isinstance(value, dict):
+    raise UsageError(f"--model_kwargs must be a JSON object such as '{{\"width\": 2}}', got "
+                     f"{text!r}.")
+  return value
+
+
+def load_model(path: checkpoint.PathLike, *, model: Optional[str] = None,
+               num_classes: Optional[int] = None,
+               model_kwargs: Optional[Mapping[str, Any]] = None, ema: bool = False,
+               step: Optional[int] = None, trust_pickle: bool = False) -> LoadedModel:
+  """Loads `path` (anything `checkpoint.load_params` reads) and works out its network.
+
+  Args:
+    path: a parameter file, orbax directory or training workdir.
+    model, num_classes, model_kwargs: override what the checkpoint records or
+      implies (see the module docstring for the order).
+    ema, step, trust_pickle: as for `checkpoint.load_params`.
+
+  Raises:
+    ValueError: an unknown model name, or a model that cannot be inferred.
+    checkpoint.ParameterMismatchError: the weights do not fit the model.
+    FileNotFoundError: nothing at `path`.
+  """
+  from nfnets_jax import models
+
+  if model is not None:
+    models.parse_model_name(model)  # Fail on a typo before reading gigabytes.
+  if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  meta = checkpoint.load_meta(path, step=step) or {}
+  params = checkpoint.load_params(path, trust_pickle=trust_pickle, ema=ema, step=step)
+
+  name = model or meta.get("model")
+  if name is None:
+    from nfnets_jax import convert  # Only NFNets can be recognised from their weights.
+    try:
+      name = convert.infer_model(params)
+    except ValueError:
+      raise ValueError(
+          f"Cannot tell which model {str(path)!r} holds: it records no model name and its "
+          "weights are not a recognisable NFNet. Name it, e.g. --model=nfnet:F0 (one of "
+          f"{', '.join(models.list_models())}).") from None
+  if model_kwargs is not None:
+    kwargs = dict(model_kwargs)
+  elif meta.get("model") == name:
+    kwargs = dict(meta.get("model_kwargs") or {})
+  else:
+    kwargs = {}
+  if num_classes is None:
+    num_classes = meta.get("num_classes") or checkpoint.infer_num_classes(params) or 1000
+  source = str(path)
+  if meta.get("step") is not None:
+    source += f" (step {meta['step']}{', EMA' if ema else ''})"
+  elif ema:
+    source += " (EMA)"
+  checkpoint.validate_params(params, name, num_classes=num_classes, model_kwargs=kwargs,
+                             source=str(path))
+  return LoadedModel(name=name, num_classes=int(num_classes), model_kwargs=kwargs,
+                     params=params, source=source, step=meta.get("step"))
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def define_model_flags(fv) -> None:
+  """Registers the checkpoint/model/preprocessing flags both inference tools share on `fv`."""
+  from absl import flags
+
+  flags.DEFINE_string(
+      "checkpoint", None,
+      "The weights: this project's .npz, a published *_haiku.npz (with --trust_pickle), an "
+      "orbax directory or a training workdir.", flag_values=fv)
+  flags.DEFINE_string(
+      "model", None,
+      "Model name, e.g. nfnet:F0. Default: the one a training workdir records, else inferred "
+      "from NFNet weights.", flag_values=fv)
+  flags.DEFINE_integer(
+      "num_classes", None,
+      "Classifier size. Default: recorded by the workdir, else read from the weights.",
+      flag_values=fv)
+  flags.DEFINE_string(
+      "model_kwargs", None,
+      "Model constructor arguments as a JSON object, e.g. '{\"width\": 2}'. Default: recorded "
+      "by the workdir, else none.", flag_values=fv)
+  flags.DEFINE_bool("ema", False, "From a training workdir: use the EMA of the weights.",
+                    flag_values=fv)
+  flags.DEFINE_integer("step", None, "From a training workdir: this step instead of the latest.",
+                       flag_values=fv)
+  flags.DEFINE_bool(
+      "trust_pickle", False,
+      "Allow unpickling the checkpoint (the published *_haiku.npz files). Unpickling runs code "
+      "named inside the file: only for files from a source you trust.", flag_values=fv)
+  flags.DEFINE_integer(
+      "image_size", None, "Side of the network input. Default: the model's published test "
+      "resolution (e.g. 256 for nfnet:F0).", flag_values=fv)
+  flags.DEFINE_string(
+      "eval_preproc", DEFAULT_EVAL_PREPROC,
+      "Evaluation preprocessing: 'resize_crop_<pct>' (resize to image_size + pct px, or "
+      "image_size / pct for pct <= 1, then centre-crop) or 'crop_resize'.", flag_values=fv)
+  flags.DEFINE_enum("compute_dtype", "float32", list(COMPUTE_DTYPES),
+                    "Precision of the forward pass (weights stay float32).", flag_values=fv)
+
+
+def load_model_from_flags(fv) -> LoadedModel:
+  """`load_model` with the values of the flags `define_model_flags` registered."""
+  if not fv.checkpoint:
+    raise UsageError("--checkpoint is required (a .npz file, orbax directory or training "
+                     "workdir).")
+  if fv.num_classes is not None and fv.num_classes < 1:
+    raise UsageError(f"--num_classes must be >= 1, got {fv.num_classes}.")
+  if fv.model is not None:
+    from nfnets_jax import models
+    try:
+      models.parse_model_name(fv.model)
+    except ValueError as err:
+      raise UsageError(f"--model: {err}") from None
+  kwargs = parse_model_kwargs(fv.model_kwargs)
+  return load_model(fv.checkpoint, model=fv.model, num_classes=fv.num_classes,
+                    model_kwargs=kwargs, ema=fv.ema, step=fv.step, trust_pickle=fv.trust_pickle)
+
+
+def image_settings_from_flags(fv, model: str) -> tuple[int, str]:
+  """(image_size, eval_preproc) from the flags, defaulting to `model`'s test size; validated."""
+  from nfnets_jax.data import preprocess  # Validation lives with the preprocessing itself.
+
+  size = default_image_size(model) if fv.image_size is None else fv.image_size
+  if not 1 <= size <= preprocess.MAX_IMAGE_SIDE:
+    raise UsageError(f"--image_size must be in [1, {preprocess.MAX_IMAGE_SIDE}], got {size}.")
+  try:
+    preprocess.parse_eval_preproc(fv.eval_preproc)
+  except ValueError as err:
+    raise UsageError(f"--eval_preproc: {err}") from None
+  return size, fv.eval_preproc

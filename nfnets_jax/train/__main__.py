@@ -1,0 +1,59 @@
+"""Train and/or evaluate an NFNet experiment.
+
+  python -m nfnets_jax.train --config=experiments/demo.py --workdir=/tmp/demo
+  python -m nfnets_jax.train --config=experiments/nfnet.py:F0 --workdir=gs://... \
+      --config.train_batch_size=1024 --mode=train_eval
+
+Any config field can be overridden with --config.<field>=<value>; a field that
+does not exist is an error. The run resumes from the latest checkpoint in
+--workdir. Multi-host jobs run this same command on every host (see launch/).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from nfnets_jax import runtime
+from nfnets_jax.train import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/nfnet.py:F0.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
+_MODE = flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval"],
+                          "train: train only; eval: evaluate the latest checkpoint; "
+                          "train_eval: train, then evaluate.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.setup()
+  config = config_lib.validate(_CONFIG.value)
+  from nfnets_jax.train.experiment import Experiment, NonFiniteLossError  # pylint: disable=import-outside-toplevel
+  experiment = Experiment(config, _WORKDIR.value)
+  try:
+    if _MODE.value == "eval":
+      results = experiment.evaluate()
+    else:
+      results = experiment.train(evaluate=_MODE.value == "train_eval")
+  except NonFiniteLossError as err:
+    logging.error("%s", err)
+    experiment.close()
+    sys.exit(3)
+  experiment.close()
+  workdir = os.path.abspath(_WORKDIR.value)
+  print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
+  print(f"tensorboard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+  if "top1" in results:
+    print(f"eval top-1 {results['top1']:.4f} (EMA {results['ema_top1']:.4f}), "
+          f"top-5 {results['top5']:.4f} on {results['num_examples']} examples at step "
+          f"{results['step']}")
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  app.run(main)

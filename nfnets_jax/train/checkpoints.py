@@ -1,0 +1,79 @@
+"""Training checkpoints with orbax: asynchronous, atomic, keep the last N.
+
+Layout: the workdir contract of `nfnets_jax.checkpoint` (which the evaluate and
+convert tools read), `<workdir>/checkpoints/<step>/` with items `params` and
+`ema_params` (Haiku trees), plus `opt_state` (the optax state) and `meta`
+(JSON: step, EMA update count, model name and kwargs).
+
+Orbax writes each checkpoint into a temporary directory and renames it when
+complete, so a run killed at any moment (SIGKILL, preemption) leaves only
+complete checkpoints behind; `latest_step` never sees a partial one.
+"""
+
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from nfnets_jax import checkpoint
+from nfnets_jax.optim import EmaState
+from nfnets_jax.train.state import TrainState
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINTS_SUBDIR)
+
+
+def _scalar(value: int, sharding: jax.sharding.Sharding) -> jax.Array:
+  """An int32 scalar placed like `sharding` (works across processes too)."""
+  return jax.make_array_from_callback((), sharding, lambda _: np.asarray(value, np.int32))
+
+
+class Checkpointer:
+  """Saves and restores `TrainState`s under `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+    self._manager = checkpoint.checkpoint_manager(
+        workdir, max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, state: TrainState, meta: dict[str, Any]) -> None:
+    """Starts saving `state` (returns before the write finishes when async)."""
+    step = int(jax.device_get(state.step))
+    meta = {**meta, "step": step, "ema_count": int(jax.device_get(state.ema.count))}
+    self._manager.save(step, args=ocp.args.Composite(**{
+        checkpoint.PARAMS_ITEM: ocp.args.StandardSave(state.params),
+        checkpoint.EMA_PARAMS_ITEM: ocp.args.StandardSave(state.ema.ema),
+        "opt_state": ocp.args.StandardSave(state.opt_state),
+        checkpoint.META_ITEM: ocp.args.JsonSave(meta)}))
+
+  def restore(self, target: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
+    """Restores step `step` (default: the latest) into the shapes/shardings of `target`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError("No complete checkpoint to restore.")
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        checkpoint.PARAMS_ITEM: ocp.args.StandardRestore(target.params),
+        checkpoint.EMA_PARAMS_ITEM: ocp.args.StandardRestore(target.ema.ema),
+        "opt_state": ocp.args.StandardRestore(target.opt_state),
+        checkpoint.META_ITEM: ocp.args.JsonRestore()}))
+    meta = dict(restored[checkpoint.META_ITEM])
+    state = TrainState(
+        step=_scalar(meta["step"], target.step.sharding),
+        params=restored[checkpoint.PARAMS_ITEM],
+        opt_state=restored["opt_state"],
+        ema=EmaState(count=_scalar(meta["ema_count"], target.step.sharding),
+                     ema=restored[checkpoint.EMA_PARAMS_ITEM]))
+    return state, meta
+
+  def wait(self) -> None:
+    """Blocks until any asynchronous save has been committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,235 @@
+"""The NFNet experiment: config -> data -> model -> optimizer -> step -> checkpoints/metrics.
+
+`Experiment(config, workdir)` builds everything up front (so a bad config
+fails before any compilation), then `train()` runs the loop: restore the
+latest complete checkpoint or initialise, stream batches from where that step
+left off, step, log, evaluate, checkpoint. `evaluate()` scores the raw and the
+EMA weights on the eval split, every example exactly once.
+"""
+
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from nfnets_jax import models, optim
+from nfnets_jax.train import steps
+from nfnets_jax.train.checkpoints import Checkpointer, checkpoint_dir
+from nfnets_jax.train.reporting import Reporter
+from nfnets_jax.train.state import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/inf loss or gradient; the run stops without saving it."""
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The model constructor's keyword arguments (unset placeholders dropped)."""
+  return {key: value for key, value in config.model_kwargs.items() if value is not None}
+
+
+def params_fingerprint(params: Any) -> str:
+  """A short hash of the parameter values (this process's replica).
+
+  Printed at the end of a run, so that processes of one job, or a resumed and
+  an uninterrupted run, can be checked for bitwise agreement.
+  """
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.asarray(leaf.addressable_data(0)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+class Experiment:
+  """One training/evaluation run of a config in a workdir."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    from nfnets_jax import data  # pylint: disable=import-outside-toplevel  (TF stays lazy)
+    self._data = data
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.mesh = steps.make_mesh()
+    num_devices, num_processes = jax.device_count(), jax.process_count()
+    for field in ("train_batch_size", "eval_batch_size"):
+      if config[field] % num_devices:
+        raise ValueError(
+            f"config.{field} = {config[field]} must be divisible by the number of devices "
+            f"({num_devices}: {jax.local_device_count()} per process x {num_processes} "
+            "processes).")
+    self.local_train_batch = config.train_batch_size // num_processes
+    self.local_eval_batch = config.eval_batch_size // num_processes
+    self.image_shape = (config.dataset.image_size, config.dataset.image_size)
+    self.compute_dtype = jnp.dtype(config.compute_dtype)
+
+    try:
+      self.model = models.transform(config.model, config.num_classes, **model_kwargs(config))
+    except TypeError as err:
+      raise ValueError(f"config.model_kwargs {model_kwargs(config)} do not fit "
+                       f"{config.model}: {err}") from None
+
+    from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
+    num_train = open_source(config.dataset.name, config.dataset.train_split,
+                            data_dir=config.dataset.data_dir).num_examples(
+                                config.dataset.train_split)
+    self.steps_per_epoch = max(1, num_train // config.train_batch_size)
+    if config.num_train_steps > 0:
+      self.total_steps = config.num_train_steps
+    else:
+      self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
+    warmup = min(int(config.warmup_epochs * self.steps_per_epoch), self.total_steps - 1)
+    self.schedule = optim.nfnet_lr_schedule(
+        config.optimizer.base_lr, batch_size=config.train_batch_size,
+        total_steps=self.total_steps, warmup_steps=warmup, min_lr=config.optimizer.min_lr)
+    clipping = config.optimizer.clipping or None
+    self.optimizer = optim.nfnet_optimizer(
+        self.schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
+        weight_decay=config.optimizer.weight_decay, clipping=clipping, eps=config.optimizer.eps,
+        exclude_classifier_from_agc=config.optimizer.exclude_classifier_from_agc,
+        record_clip_fraction=clipping is not None)
+    self.ema = optim.params_ema(config.ema_decay)
+    step_config = steps.StepConfig(
+        num_classes=config.num_classes, label_smoothing=config.label_smoothing,
+        compute_dtype=self.compute_dtype, sam_rho=config.sam.rho,
+        sam_ascent_fraction=config.sam.ascent_fraction, record_clip_fraction=clipping is not None)
+    self.train_step = steps.make_train_step(
+        self.model, self.optimizer, self.ema, self.schedule, step_config, self.mesh,
+        jax.random.key(config.seed + 1))
+    self.eval_step = steps.make_eval_step(self.model, config.num_classes, self.compute_dtype,
+                                          self.mesh)
+    self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints,
+                                     config.async_checkpoints)
+    self.reporter = Reporter(self.workdir, self.total_steps, config.train_batch_size)
+
+  # -- state -----------------------------------------------------------------
+
+  def _abstract_state(self) -> TrainState:
+    return steps.abstract_state(self.model, self.optimizer, self.ema, self.image_shape,
+                                self.mesh)
+
+  def restore_or_init(self) -> TrainState:
+    """The latest complete checkpoint in the workdir, or a freshly initialised state."""
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      logging.info("No checkpoint in %s; initialising %s.", checkpoint_dir(self.workdir),
+                   self.config.model)
+      return steps.init_state(self.model, self.optimizer, self.ema,
+                              jax.random.key(self.config.seed), self.image_shape, self.mesh)
+    state, _ = self.checkpointer.restore(self._abstract_state(), latest)
+    logging.info("Resumed from step %d (%s).", latest, checkpoint_dir(self.workdir))
+    return state
+
+  def _meta(self) -> dict[str, Any]:
+    return {"model": self.config.model, "num_classes": self.config.num_classes,
+            "model_kwargs": model_kwargs(self.config)}
+
+  # -- data ------------------------------------------------------------------
+
+  def _train_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    ds = self.config.dataset
+    return self._data.load(
+        ds.name, ds.train_split, is_training=True, batch_dims=(self.local_train_batch,),
+        image_size=ds.image_size, augment_name=ds.augment_name, data_dir=ds.data_dir,
+        train_preproc=ds.train_preproc,
+        seed=self.config.seed if ds.deterministic else None, deterministic=ds.deterministic,
+        start_step=start_step)
+
+  def _eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    ds = self.config.dataset
+    return self._data.load(
+        ds.name, ds.eval_split, is_training=False, batch_dims=(self.local_eval_batch,),
+        image_size=ds.eval_image_size, eval_preproc=ds.eval_preproc, data_dir=ds.data_dir)
+
+  # -- loop ------------------------------------------------------------------
+
+  def _check_finite(self, metrics: dict[str, jax.Array], step: int) -> None:
+    values = {key: float(metrics[key]) for key in ("loss", "grad_norm")}
+    if not all(math.isfinite(v) for v in values.values()):
+      self.checkpointer.wait()
+      latest = self.checkpointer.latest_step()
+      kept = (f"the last good checkpoint (step {latest}) in {checkpoint_dir(self.workdir)} is "
+              "kept" if latest is not None else "no checkpoint had been saved yet")
+      raise NonFiniteLossError(
+          f"Non-finite training metrics at step {step}: {values}. Stopping; the state of this "
+          f"step is not saved and {kept}. Lower config.optimizer.base_lr, check "
+          "config.optimizer.clipping (AGC) and the input data, then resume.")
+
+  def train(self, evaluate: bool = True) -> dict[str, Any]:
+    """Trains to `total_steps` (resuming if possible).
+
+    Returns the final step, a fingerprint of the parameters and, if
+    `evaluate`, the eval metrics of the final weights.
+    """
+    config = self.config
+    state = self.restore_or_init()
+    step = int(jax.device_get(state.step))
+    logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices "
+                 "(%d processes).", config.model, self.total_steps, self.steps_per_epoch,
+                 config.train_batch_size, jax.device_count(), jax.process_count())
+    batches = self._train_batches(step)
+    previous = None
+    try:
+      while step < self.total_steps:
+        batch = steps.global_batch(self.mesh, next(batches))
+        state, metrics = self.train_step(state, batch)
+        # Checking the previous step's loss costs no time: the device is busy
+        # with this step by now.
+        if previous is not None:
+          self._check_finite(previous, step)
+        previous = metrics
+        step += 1
+        if step % config.log_every_steps == 0 or step == self.total_steps:
+          self._check_finite(metrics, step)
+          self.reporter.train_progress(step, jax.device_get(metrics))
+        if step % config.checkpoint_every_steps == 0 or step == self.total_steps:
+          self._check_finite(metrics, step)
+          self.checkpointer.save(state, self._meta())
+        if evaluate and config.eval_every_steps and step % config.eval_every_steps == 0 \
+            and step != self.total_steps:
+          self.evaluate(state)
+    finally:
+      self.checkpointer.wait()
+    results = self.evaluate(state) if evaluate else {"step": step}
+    results["params_fingerprint"] = params_fingerprint(state.params)
+    return results
+
+  def evaluate(self, state: Optional[TrainState] = None) -> dict[str, float]:
+    """Top-1, top-5 and loss of the raw and the EMA weights over the whole eval split."""
+    if state is None:
+      latest = self.checkpointer.latest_step()
+      if latest is None:
+        raise FileNotFoundError(
+            f"No checkpoint in {checkpoint_dir(self.workdir)} to evaluate; train first "
+            "(--mode=train or train_eval).")
+      state, _ = self.checkpointer.restore(self._abstract_state(), latest)
+    step = int(jax.device_get(state.step))
+    start = time.perf_counter()
+    named = {"": state.params, "ema_": state.ema.ema}
+    totals = None
+    for batch in self._eval_batches():
+      sums = jax.device_get(self.eval_step(named, steps.global_batch(self.mesh, batch)))
+      totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+    results = {"step": step}
+    for prefix, sums in totals.items():
+      count = max(float(sums["count"]), 1.0)
+      results[f"{prefix}top1"] = float(sums["top1"]) / count
+      results[f"{prefix}top5"] = float(sums["top5"]) / count
+      results[f"{prefix}loss"] = float(sums["loss"]) / count
+    results["num_examples"] = int(totals[""]["count"])
+    results["seconds"] = time.perf_counter() - start
+    self.reporter.scalars("eval", step, {k: v for k, v in results.items() if k != "step"})
+    logging.info("eval at step %d: %s", step, json.dumps(results))
+    return results
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.reporter.close()

@@ -1,0 +1,170 @@
+"""Data-parallel train and eval steps: `jax.shard_map` over a 1-D device mesh.
+
+Each device runs the per-device program on its slice of the global batch
+(pmap's semantics: a named axis, gradients `pmean`-ed, metrics averaged), with
+parameters replicated. The same code runs on one CPU, on every device of one
+host, and on every device of every host: the mesh spans `jax.devices()`, and
+each process contributes its own slice of the batch
+(`jax.make_array_from_process_local_data`).
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nfnets_jax.optim import ParamsEma, agc_clip_fraction, sam_grad
+from nfnets_jax.train.losses import cross_entropy, mixed_targets, topk_correct
+from nfnets_jax.train.state import TrainState
+
+DATA_AXIS = "data"
+Batch = Mapping[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+def make_mesh(devices: Optional[list] = None) -> Mesh:
+  """A 1-D mesh over every device of every process, axis `DATA_AXIS`."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(mesh: Mesh, local_batch: Batch) -> dict[str, jax.Array]:
+  """Assembles each process's host batch into one batch sharded over the mesh.
+
+  `local_batch` leaves have this process's examples on their leading axis;
+  every process passes the same number of examples.
+  """
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for key, value in local_batch.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the train step needs to know beyond the model and the optimizer."""
+  num_classes: int
+  label_smoothing: float = 0.1
+  compute_dtype: Any = jnp.float32
+  sam_rho: float = 0.0
+  sam_ascent_fraction: float = 0.2
+  record_clip_fraction: bool = True  # the optimizer keeps AGC's clip-fraction record
+
+
+def _init_state(model, optimizer, ema, rng, image_shape) -> TrainState:
+  images = jnp.zeros((1, *image_shape, 3), jnp.float32)
+  params = model.init(rng, images, is_training=True)
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                    opt_state=optimizer.init(params), ema=ema.init(params))
+
+
+def init_state(model: hk.Transformed, optimizer: optax.GradientTransformation, ema: ParamsEma,
+               rng: jax.Array, image_shape: tuple[int, int], mesh: Mesh) -> TrainState:
+  """Initialises parameters, optimizer and EMA state, replicated on every device.
+
+  Built inside `jit` from the same seed on every process, so all processes
+  start from identical parameters without any transfer.
+  """
+  return jax.jit(lambda r: _init_state(model, optimizer, ema, r, image_shape),
+                 out_shardings=replicated(mesh))(rng)
+
+
+def abstract_state(model: hk.Transformed, optimizer: optax.GradientTransformation,
+                   ema: ParamsEma, image_shape: tuple[int, int], mesh: Mesh) -> TrainState:
+  """Shapes, dtypes and shardings of `init_state`'s result, computing nothing
+  (the target a checkpoint is restored into)."""
+  shapes = jax.eval_shape(lambda r: _init_state(model, optimizer, ema, r, image_shape),
+                          jax.random.key(0))
+  sharding = replicated(mesh)
+  return jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
+
+
+def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformation,
+                    ema: ParamsEma, schedule: Callable[[jax.Array], jax.Array],
+                    config: StepConfig, mesh: Mesh,
+                    base_key: jax.Array) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Builds the jitted, state-donating data-parallel train step.
+
+  Per device: forward/backward on its slice in `config.compute_dtype` (the
+  float32 master weights are standardised in float32 and cast per layer),
+  optionally SAM with a per-device ascent batch; then gradients are averaged
+  across devices, the optimizer (AGC, weight decay, momentum) and the EMA are
+  applied identically everywhere. Randomness is `fold_in(base_key, step,
+  device index)`, reproducible on resume.
+  """
+  def loss_fn(params, batch, rng):
+    images = batch["images"].astype(config.compute_dtype)
+    logits = model.apply(params, rng, images, is_training=True)["logits"]
+    targets = mixed_targets(batch["labels"], config.num_classes, config.label_smoothing,
+                            batch.get("mix_labels"), batch.get("ratio"))
+    loss = jnp.mean(cross_entropy(logits, targets))
+    return loss, {"loss": loss, "top1": jnp.mean(topk_correct(logits, batch["labels"], 1))}
+
+  if config.sam_rho > 0:
+    grad_fn = sam_grad(loss_fn, rho=config.sam_rho, ascent_fraction=config.sam_ascent_fraction)
+  else:
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def per_device(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(jax.random.fold_in(base_key, state.step),
+                             jax.lax.axis_index(DATA_AXIS))
+    grads, aux = grad_fn(state.params, batch, rng)
+    grads = jax.lax.pmean(grads, DATA_AXIS)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = jax.lax.pmean(aux, DATA_AXIS)
+    metrics.update(grad_norm=optax.global_norm(grads),
+                   learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
+    if config.record_clip_fraction:
+      metrics["agc_clip_fraction"] = agc_clip_fraction(opt_state)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           ema=ema.update(params, state.ema))
+    return new_state, metrics
+
+  # check_vma=False gives pmap's semantics: each device's gradient is its own
+  # (not implicitly summed over the replicated parameters' axis), and the
+  # explicit pmean above averages it.
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                       out_specs=(P(), P()), check_vma=False)
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(model: hk.Transformed, num_classes: int, compute_dtype: Any,
+                   mesh: Mesh) -> Callable[[Mapping[str, Any], Batch], dict[str, Metrics]]:
+  """Builds the jitted eval step for several parameter trees at once.
+
+  `eval_step({name: params, ...}, batch)` returns, per name, the summed loss,
+  top-1, top-5 and count over the batch's real examples: one pass over the
+  data scores both the raw and the EMA weights. Padding examples (mask 0),
+  which fill every process's last batch, add nothing; sums (not means) let
+  the caller add batches up.
+  """
+  k = min(5, num_classes)
+
+  def scores(params, batch):
+    logits = model.apply(params, None, batch["images"].astype(compute_dtype),
+                         is_training=False)["logits"]
+    mask = batch["mask"].astype(jnp.float32)
+    targets = jax.nn.one_hot(batch["labels"], num_classes, dtype=jnp.float32)
+    return {
+        "loss": jnp.sum(cross_entropy(logits, targets) * mask),
+        "top1": jnp.sum(topk_correct(logits, batch["labels"], 1) * mask),
+        "top5": jnp.sum(topk_correct(logits, batch["labels"], k) * mask),
+        "count": jnp.sum(mask),
+    }
+
+  def per_device(named_params, batch):
+    return jax.lax.psum({name: scores(params, batch) for name, params in named_params.items()},
+                        DATA_AXIS)
+
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                               out_specs=P()))

@@ -1,0 +1,179 @@
+"""The training job end to end, as a user runs it: `python -m nfnets_jax.train ...`.
+
+Every run is a real subprocess on the embedded digits dataset with real orbax
+checkpoints. Runs share a persistent compilation cache, so identical programs
+compile once per test session.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A few steps of the demo at 16 px: the whole training path, compiled quickly.
+DEMO = "--config=experiments/demo.py"
+FAST = [
+    "--config.dataset.image_size=16",
+    "--config.dataset.eval_image_size=16",
+    "--config.train_batch_size=16",
+    "--config.eval_batch_size=64",
+    "--config.num_train_steps=8",
+    "--config.log_every_steps=4",
+    "--config.checkpoint_every_steps=4",
+]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+  """A data dir and a compilation cache shared by this module's runs."""
+  root = tmp_path_factory.mktemp("train_shared")
+  return {"data_dir": str(root / "tfds"), "cache": str(root / "xla_cache")}
+
+
+def trainer_args(shared, workdir, *extra, config=DEMO):
+  """--config first: absl applies --config.<field> overrides to an already loaded config."""
+  return [config, f"--workdir={workdir}", f"--config.dataset.data_dir={shared['data_dir']}",
+          f"--compilation_cache_dir={shared['cache']}", *FAST, *extra]
+
+
+def run_trainer(shared, workdir, *extra, config=DEMO, devices=1, timeout=600, check=True):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  argv = [sys.executable, "-m", "nfnets_jax.train",
+          *trainer_args(shared, workdir, *extra, config=config)]
+  proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def final_json(proc) -> dict:
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  ckpt = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+
+def test_train_eval_reports_metrics_and_writes_checkpoints_and_tensorboard(shared, tmp_path):
+  proc = run_trainer(shared, tmp_path, "--config.keep_checkpoints=1")
+  results = final_json(proc)
+  assert results["step"] == 8
+  assert results["num_examples"] == 355  # the whole digits test split, each example once
+  for key in ("top1", "top5", "ema_top1", "loss"):
+    assert 0.0 <= results[key] and np.isfinite(results[key])
+  assert "eval top-1" in proc.stdout
+  assert checkpoint_steps(tmp_path) == [8]  # keep_checkpoints=1 removed step 4
+  events = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+  assert {p.parent.name for p in events} == {"train", "eval"}
+  # Training progress lines carry the per-step metrics.
+  for metric in ("loss", "learning_rate", "grad_norm", "agc_clip_fraction", "images_per_sec"):
+    assert metric in proc.stderr
+
+
+def test_killed_run_resumes_bitwise_equal_to_uninterrupted(shared, tmp_path):
+  """SIGKILL after the first checkpoint, rerun the same command: same final weights."""
+  steps = ["--config.num_train_steps=12", "--mode=train"]
+  reference = final_json(run_trainer(shared, tmp_path / "reference", *steps))
+
+  workdir = tmp_path / "killed"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_PLATFORMS": "cpu"}
+  argv = [sys.executable, "-m", "nfnets_jax.train", *trainer_args(shared, workdir, *steps)]
+  victim = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while not checkpoint_steps(workdir) and time.time() < deadline and victim.poll() is None:
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  saved = checkpoint_steps(workdir)
+  assert saved and saved[-1] < 12, f"the run was not interrupted mid-way: {saved}"
+
+  resumed = run_trainer(shared, workdir, *steps)
+  assert f"Resumed from step {saved[-1]}" in resumed.stderr
+  assert final_json(resumed) == reference
+
+
+def test_four_devices_one_process(shared, tmp_path):
+  results = final_json(run_trainer(shared, tmp_path, devices=4))
+  assert results["step"] == 8 and results["num_examples"] == 355
+
+
+def test_two_processes_two_devices_each_agree(shared, tmp_path):
+  """A real multi-host job on localhost: jax.distributed + gloo, via launch/local.py."""
+  argv = [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+          "--", *trainer_args(shared, tmp_path)]
+  proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert len(lines) == 2, proc.stdout
+  for line in lines:
+    del line["seconds"]  # wall time of each process's evaluation
+  assert lines[0] == lines[1]  # same metrics and bitwise-identical parameters everywhere
+  assert lines[0]["num_examples"] == 355
+  assert checkpoint_steps(tmp_path) == [4, 8]
+
+
+def test_published_f0_config_runs_one_step_at_tiny_resolution(shared, tmp_path):
+  """The paper's full recipe (bf16, mixup+CutMix+RandAugment, SAM off, EMA) on real data."""
+  proc = run_trainer(
+      shared, tmp_path, "--config.dataset.name=digits",
+      "--config.dataset.train_split=train", "--config.dataset.eval_split=test",
+      "--config.num_classes=10", "--config.dataset.image_size=32",
+      "--config.dataset.eval_image_size=32", "--config.train_batch_size=4",
+      "--config.num_train_steps=1", "--config.log_every_steps=1",
+      "--config.checkpoint_every_steps=1", "--mode=train",
+      config="--config=experiments/nfnet.py:F0", timeout=900)
+  assert final_json(proc)["step"] == 1
+  assert "loss" in proc.stderr and checkpoint_steps(tmp_path) == [1]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path):
+  proc = run_trainer(shared, tmp_path, "--config.optimizer.base_lr=1e30",
+                     "--config.optimizer.clipping=0", "--config.checkpoint_every_steps=1",
+                     "--config.num_train_steps=50", "--mode=train", check=False)
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert "Non-finite training metrics at step" in proc.stderr
+  assert "last good checkpoint (step" in proc.stderr
+  steps = checkpoint_steps(tmp_path)
+  assert steps and steps[-1] < 50
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.train_batch_szie=8", "train_batch_szie"),
+    ("--config.compute_dtype=float64", "config.compute_dtype = 'float64' is invalid"),
+    ("--config.train_batch_size=6", "must be divisible by the number of devices (4"),
+    ("--config.model=nfnet:F9", "Unknown model 'nfnet:F9'"),
+    ("--config.dataset.augment_name=mixup_bogus", "mixup_bogus"),
+    ("--mode=fit", "--mode"),
+])
+def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
+  proc = run_trainer(shared, tmp_path, flag, devices=4, check=False, timeout=300)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-3000:]
+  assert not checkpoint_steps(tmp_path)
+
+
+def test_data_parallel_step_equals_single_device_step():
+  """Averaged per-device gradients on 4 devices == the full-batch gradient on 1
+  (a gradient summed instead of averaged would be 4x too large)."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(REPO / "tests" / "train_step_script.py")],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  max_diff, grad_norm_1, grad_norm_4 = map(float, proc.stdout.split())
+  assert grad_norm_4 == pytest.approx(grad_norm_1, rel=1e-4)
+  assert max_diff < 1e-4
