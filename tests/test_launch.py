@@ -1,0 +1,72 @@
+"""The launchers: argument handling and the exact commands they would run."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = ["--config=experiments/nfnet.py:F0", "--workdir=gs://bucket/f0"]
+
+
+def run(argv, env=None):
+  return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60,
+                        env={**os.environ, **(env or {})})
+
+
+def test_tpu_pod_dry_run_creates_vm_and_runs_trainer_on_every_worker():
+  proc = run(["bash", "launch/tpu_pod.sh", "--name=nf", "--zone=us-central2-b",
+              "--accelerator=v4-64", "--repo=https://example.com/nfnets-jax.git", "--dry_run",
+              "--", *TRAIN])
+  assert proc.returncode == 0, proc.stderr
+  create, ssh = proc.stdout.strip().splitlines()
+  assert create.split() == ["gcloud", "compute", "tpus", "tpu-vm", "create", "nf",
+                            "--zone=us-central2-b", "--accelerator-type=v4-64",
+                            "--version=tpu-ubuntu2204-base"]
+  assert ssh.startswith("gcloud compute tpus tpu-vm ssh nf --zone=us-central2-b --worker=all")
+  for piece in ("git\\ clone", "python3\\ -m\\ nfnets_jax.train", "--config=experiments/nfnet.py:F0",
+                "--workdir=gs://bucket/f0", "--distributed=on"):
+    assert piece in ssh
+
+
+def test_tpu_pod_requires_name_zone_repo_and_trainer_flags():
+  for missing in ("--name=nf", "--zone=z", "--repo=r"):
+    args = [a for a in ("--name=nf", "--zone=z", "--repo=r") if a != missing]
+    proc = run(["bash", "launch/tpu_pod.sh", *args, "--dry_run", "--", *TRAIN])
+    assert proc.returncode == 2 and missing.split("=")[0] + " is required" in proc.stderr
+  proc = run(["bash", "launch/tpu_pod.sh", "--name=nf", "--zone=z", "--repo=r", "--dry_run"])
+  assert proc.returncode == 2 and "after --" in proc.stderr
+  proc = run(["bash", "launch/tpu_pod.sh", "--nmae=nf"])
+  assert proc.returncode == 2 and "unknown option '--nmae=nf'" in proc.stderr
+
+
+def test_slurm_script_runs_the_trainer_through_srun():
+  proc = run(["bash", "launch/slurm.sbatch", *TRAIN, "--config.train_batch_size=1024"],
+             env={"SRUN": "echo srun", "PYTHON": "python3"})
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ["srun", "--kill-on-bad-exit=1", "python3", "-m",
+                                 "nfnets_jax.train", *TRAIN, "--config.train_batch_size=1024"]
+
+
+def test_slurm_script_rejects_missing_flags():
+  assert run(["bash", "launch/slurm.sbatch"]).returncode == 2
+  proc = run(["bash", "launch/slurm.sbatch", "--config=experiments/demo.py"],
+             env={"SRUN": "echo"})
+  assert proc.returncode == 2 and "--workdir" in proc.stderr
+
+
+def test_local_launcher_gives_each_process_its_coordinates():
+  proc = run([sys.executable, "launch/local.py", "--num_processes=3", "--devices_per_process=2",
+              "--dry_run", "--", "--config=experiments/demo.py", "--workdir=/tmp/w"])
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    assert "--xla_force_host_platform_device_count=2" in line
+    assert "-m nfnets_jax.train --config=experiments/demo.py --workdir=/tmp/w" in line
+    assert f"--num_processes=3 --process_id={i}" in line
+    assert "--coordinator_address=127.0.0.1:" in line
+  bad = run([sys.executable, "launch/local.py", "--num_processes=0", "--", "--config=x", "--workdir=y"])
+  assert bad.returncode == 2 and "--num_processes must be >= 1" in bad.stderr
+  bad = run([sys.executable, "launch/local.py", "--", "--workdir=y"])
+  assert bad.returncode == 2 and "--config" in bad.stderr
