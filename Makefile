@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 # The whole suite, on every core (pytest-xdist), JAX deprecations as errors (pytest.ini).
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache workdirs

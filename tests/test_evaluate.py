@@ -8,6 +8,7 @@ one device suffices, and as subprocesses where the device count differs (two
 processes of two devices each: a multi-host job on localhost).
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -166,7 +167,11 @@ def test_load_meta_reads_the_trainers_record(trained, tmp_path):
   meta = checkpoint.load_meta(trained["workdir"])
   assert meta["model"] == "nfnet:nano" and meta["num_classes"] == 10
   assert meta["step"] == trained["reported"]["step"]
-  assert meta["model_kwargs"] == {"drop_rate": 0.0, "stochdepth_rate": 0.0}
+  # The demo config's model arguments, as the trainer recorded them.
+  spec = importlib.util.spec_from_file_location("demo_config", REPO / "experiments" / "demo.py")
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  assert meta["model_kwargs"] == dict(demo.get_config().model_kwargs)
   step_dir = pathlib.Path(trained["workdir"]) / "checkpoints" / str(meta["step"])
   assert checkpoint.load_meta(step_dir) == meta
   # A bare parameter file records nothing.

@@ -1,0 +1,14 @@
+"""Test-session set-up.
+
+Import order matters for one native-library clash: importing timm (which loads
+triton) after TensorFlow crashes the interpreter with a segmentation fault
+(TF 2.21, torch 2.14.1, reproduced outside pytest with `import tensorflow;
+import timm`); the other order works. A pytest-xdist worker may run a data test
+(TensorFlow) before an interop test (timm), so when the optional PyTorch peers
+are installed they are imported here, first. Without them nothing is imported.
+"""
+
+import importlib.util
+
+if importlib.util.find_spec("timm") is not None:
+  import timm  # noqa: F401  pylint: disable=unused-import
