@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from nfnets_jax import inference, runtime
+from nfnets_jax import cli, inference, runtime
 
 #: Synset ID -> WordNet lemma of the 1000 ImageNet-1k classes, in TFDS label order.
 CLASS_NAMES_RESOURCE = "resources/imagenet_class_names.json"
@@ -232,9 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   argv = list(sys.argv if argv is None else argv)
   fv, runtime_flags = _define_flags()
-  if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
-    print((__doc__ or "").rstrip() + "\n")
-    print(fv.get_help())
+  if cli.print_help_if_asked(argv, fv, (__doc__ or "")):
     return 0
   try:
     paths = fv(argv)[1:]

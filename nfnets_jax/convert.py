@@ -48,7 +48,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from nfnets_jax import checkpoint
+from nfnets_jax import checkpoint, cli
 
 #: timm's `NfCfg.std_conv_eps`: added to the weight variance before the square root.
 TIMM_EPS = 1e-5
@@ -438,9 +438,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   argv = list(sys.argv if argv is None else argv)
   fv = _define_flags()
-  if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
-    print((__doc__ or "").split("Which timm models map exactly")[0].rstrip() + "\n")
-    print(fv.get_help())
+  if cli.print_help_if_asked(argv, fv, (__doc__ or "").split("Which timm models map exactly")[0]):
     return 0
   try:
     extra = fv(argv)

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from nfnets_jax import inference, runtime
+from nfnets_jax import cli, inference, runtime
 
 #: Examples per device when --batch_size is not given.
 DEFAULT_PER_DEVICE_BATCH = 32
@@ -243,9 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   argv = list(sys.argv if argv is None else argv)
   fv, runtime_flags = _define_flags()
-  if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
-    print((__doc__ or "").rstrip() + "\n")
-    print(fv.get_help())
+  if cli.print_help_if_asked(argv, fv, (__doc__ or "")):
     return 0
   try:
     extra = fv(argv)

@@ -20,6 +20,7 @@ import json
 import sys
 from typing import Any, Optional, Sequence
 
+from nfnets_jax import cli
 from nfnets_jax.models import registry
 
 #: Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without
@@ -174,9 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   argv = list(sys.argv if argv is None else argv)
   fv = _define_flags()
-  if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
-    print((__doc__ or "").rstrip() + "\n")
-    print(fv.get_help())
+  if cli.print_help_if_asked(argv, fv, (__doc__ or "")):
     return 0
   try:
     extra = fv(argv)

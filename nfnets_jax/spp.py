@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets_jax import cli
 from nfnets_jax.models import activations, registry
 
 METRICS = ("avg_sq_mean", "avg_var", "res_avg_var")
@@ -276,9 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   argv = list(sys.argv if argv is None else argv)
   fv = _define_flags()
-  if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
-    print((__doc__ or "").rstrip() + "\n")
-    print(fv.get_help())
+  if cli.print_help_if_asked(argv, fv, (__doc__ or "")):
     return 0
   try:
     extra = fv(argv)
