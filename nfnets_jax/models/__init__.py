@@ -6,14 +6,20 @@ published checkpoints load unchanged. Look models up by name with
 `count_params` and `count_flops`. `BNResNet` ('bn_resnet:ResNet50') is the
 batch-normalised baseline for signal-propagation comparisons; it has state,
 so build it with `transform_with_state`.
+
+How a model is lowered (never what it computes) can be chosen while tracing:
+`conv_impl('xla'|'decomposed'|'auto')` for convolutions (see `conv.py`) and
+`block_loop('scan'|'unroll'|'auto')` for runs of identical blocks (see
+`network.py`).
 """
 
 from nfnets_jax.models.activations import ACTIVATION_NAMES, GAMMAS, get_activation
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec
 from nfnets_jax.models.bn_resnet import BNResNet
+from nfnets_jax.models.conv import conv_impl
 from nfnets_jax.models.layers import (SqueezeExcite, StochDepth, WSConv2D, signal_metrics,
                                       standardize_weight)
-from nfnets_jax.models.network import NFBlock, NormFreeNet
+from nfnets_jax.models.network import NFBlock, NormFreeNet, block_loop
 from nfnets_jax.models.nf_regnet import NFRegNet
 from nfnets_jax.models.nf_resnet import NFResNet
 from nfnets_jax.models.nfnet import NFNet
@@ -25,6 +31,7 @@ __all__ = [
     "ACTIVATION_NAMES", "GAMMAS", "get_activation",
     "BlockSpec", "ConvSpec", "NetworkPlan", "StemSpec",
     "SqueezeExcite", "StochDepth", "WSConv2D", "signal_metrics", "standardize_weight",
+    "conv_impl", "block_loop",
     "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet",
     "FAMILIES", "count_flops", "count_params", "create_model", "is_stateful", "list_models",
     "model_plan", "param_shapes", "parse_model_name", "transform", "transform_with_state",

@@ -139,6 +139,29 @@ class NetworkPlan:
   def feature_dim(self) -> int:
     return self.final_conv.out_ch if self.final_conv else self.blocks[-1].out_ch
 
+  def block_runs(self) -> list[range]:
+    """The blocks split into maximal runs of interchangeable blocks.
+
+    Blocks in one run have the same shapes and structure, differing only in
+    `beta` and `stochdepth_rate`, and none changes its input's shape, so a
+    run can execute as one loop over stacked parameters. A stage typically
+    gives a run of one (its first, shape-changing block) and a run of the rest.
+    """
+    def key(block: BlockSpec):
+      return dataclasses.replace(block, beta=0.0, stochdepth_rate=0.0)
+
+    runs: list[range] = []
+    for i, block in enumerate(self.blocks):
+      same = (runs and not block.use_projection
+              and key(block) == key(self.blocks[runs[-1].start])
+              and not self.blocks[runs[-1].start].use_projection
+              and (block.stochdepth_rate > 0) == (self.blocks[runs[-1].start].stochdepth_rate > 0))
+      if same:
+        runs[-1] = range(runs[-1].start, i + 1)
+      else:
+        runs.append(range(i, i + 1))
+    return runs
+
   def count_flops(self, h: int, w: int) -> tuple[list[int], int]:
     """Per-layer multiply-adds (stem convs, blocks, final conv, classifier) and total."""
     flops = []

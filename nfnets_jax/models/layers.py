@@ -4,12 +4,14 @@ Parameter names (`w`, `gain`, `bias`; `squeeze_excite/~/linear{,_1}` with `w`,
 `b`) are those of the published checkpoints and must not change.
 """
 
-from typing import Optional
+from typing import Optional, Union
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nfnets_jax.models.conv import conv2d
 
 # Variance floor of scaled weight standardisation (published value): keeps
 # all-zero or constant filters from dividing by zero.
@@ -23,12 +25,35 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = WS_EPS) -> ja
   over (H, W, I). Dividing by sqrt(fan_in) makes the layer variance preserving
   (like He init) for any weights, which is what lets NF networks drop
   BatchNorm. Written as `w * scale - mean * scale` so XLA fuses it into one pass.
+
+  The statistics are taken over the rows of the kernel viewed as a
+  (fan_in, O) matrix: XLA:CPU (jax 0.10) lowers the gradient of a reduction
+  over axes (0, 1, 2) of a 1x1 kernel as a middle-axis reduction that is
+  60x slower than the same column sum of the 2-D view (0.4 s of a 1.1 s
+  NFNet-F0 train step; benchmarks/bench_conv.py times both).
   """
-  mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
-  var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
-  fan_in = np.prod(w.shape[:-1])
-  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
-  return w * scale - mean * scale
+  shape = w.shape
+  rows = w.reshape(-1, shape[-1])
+  mean = jnp.mean(rows, axis=0)
+  var = jnp.var(rows, axis=0)
+  scale = jax.lax.rsqrt(jnp.maximum(var * rows.shape[0], eps)) * gain
+  return (rows * scale - mean * scale).reshape(shape)
+
+
+ConvParams = dict[str, jax.Array]  # {"w": HWIO kernel, "gain": (O,), "bias": (O,)}
+
+
+def ws_conv2d(params: ConvParams, x: jax.Array, stride: int = 1, padding: str = "SAME",
+              groups: int = 1) -> jax.Array:
+  """The pure function `WSConv2D` applies: standardise in float32, convolve in x's dtype.
+
+  Separate from the module so that a stack of identical blocks can run it
+  inside `jax.lax.scan` on stacked parameters (see `network.py`).
+  """
+  kernel = standardize_weight(params["w"].astype(jnp.float32), params["gain"].astype(jnp.float32))
+  # The lowering is chosen per backend (see conv.py).
+  out = conv2d(x, kernel.astype(x.dtype), stride, padding, groups)
+  return out + params["bias"].astype(x.dtype)
 
 
 class WSConv2D(hk.Module):
@@ -54,8 +79,8 @@ class WSConv2D(hk.Module):
     self.feature_group_count = feature_group_count
     self.padding = padding
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    in_ch = x.shape[-1]
+  def parameters(self, in_ch: int) -> ConvParams:
+    """Creates (at init) or fetches (at apply) `w`, `gain` and `bias` for `in_ch` inputs."""
     if in_ch % self.feature_group_count:
       raise ValueError(
           f"{self.module_name}: {in_ch} input channels are not divisible by "
@@ -64,17 +89,44 @@ class WSConv2D(hk.Module):
     w_shape = (k, k, in_ch // self.feature_group_count, self.output_channels)
     # Fan-in init; weight standardisation makes the result largely insensitive to it.
     w_init = hk.initializers.VarianceScaling(1.0, "fan_in", "normal")
-    w = hk.get_parameter("w", w_shape, jnp.float32, init=w_init)
-    gain = hk.get_parameter("gain", (self.output_channels,), jnp.float32, init=jnp.ones)
-    bias = hk.get_parameter("bias", (self.output_channels,), jnp.float32, init=jnp.zeros)
-    kernel = standardize_weight(w.astype(jnp.float32), gain.astype(jnp.float32))
-    out = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype),
-        window_strides=(self.stride, self.stride),
-        padding=self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.feature_group_count)
-    return out + bias.astype(x.dtype)
+    return {
+        "w": hk.get_parameter("w", w_shape, jnp.float32, init=w_init),
+        "gain": hk.get_parameter("gain", (self.output_channels,), jnp.float32, init=jnp.ones),
+        "bias": hk.get_parameter("bias", (self.output_channels,), jnp.float32, init=jnp.zeros),
+    }
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return ws_conv2d(self.parameters(x.shape[-1]), x, self.stride, self.padding,
+                     self.feature_group_count)
+
+
+class LinearParameters(hk.Module):
+  """The `w` and `b` of an `hk.Linear`, created without applying the layer.
+
+  Same names and initialisers as `hk.Linear` (truncated normal with stddev
+  1/sqrt(fan_in), zero bias), and named `linear`, `linear_1`, ... the same way,
+  so a parameter tree built with it is the published one.
+  """
+
+  def __init__(self, output_size: int, name: Optional[str] = "linear"):
+    super().__init__(name=name)
+    self.output_size = output_size
+
+  def __call__(self, input_size: int) -> dict[str, jax.Array]:
+    w_init = hk.initializers.TruncatedNormal(stddev=1.0 / np.sqrt(input_size))
+    return {
+        "w": hk.get_parameter("w", (input_size, self.output_size), jnp.float32, init=w_init),
+        "b": hk.get_parameter("b", (self.output_size,), jnp.float32, init=jnp.zeros),
+    }
+
+
+def squeeze_excite(params: dict[str, dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+  """The pure function `SqueezeExcite` applies, on its parameter dict."""
+  fc0, fc1 = params["linear"], params["linear_1"]
+  h = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+  h = jax.nn.relu(h @ fc0["w"] + fc0["b"])
+  h = jax.nn.sigmoid(h @ fc1["w"] + fc1["b"])
+  return h[:, None, None, :].astype(x.dtype)
 
 
 class SqueezeExcite(hk.Module):
@@ -90,13 +142,18 @@ class SqueezeExcite(hk.Module):
     self.hidden = hidden
     # Built here, not in __call__, so that they are named
     # `squeeze_excite/~/linear{,_1}` like the published checkpoints.
-    self.fc0 = hk.Linear(hidden)
-    self.fc1 = hk.Linear(channels)
+    self.fc0 = LinearParameters(hidden)
+    self.fc1 = LinearParameters(channels)
+
+  def parameters(self) -> dict[str, dict[str, jax.Array]]:
+    """{'linear': fc0's {w, b}, 'linear_1': fc1's}, created at init, fetched at apply."""
+    return {"linear": self.fc0(self.channels), "linear_1": self.fc1(self.hidden)}
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    h = jax.nn.sigmoid(self.fc1(jax.nn.relu(self.fc0(h))))
-    return h[:, None, None, :].astype(x.dtype)
+    if x.shape[-1] != self.channels:
+      raise ValueError(f"{self.module_name} was built for {self.channels} channels, "
+                       f"got an input of shape {tuple(x.shape)}.")
+    return squeeze_excite(self.parameters(), x)
 
 
 def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool) -> jax.Array:
@@ -109,7 +166,13 @@ def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool) -> jax.A
   """
   if not is_training or drop_rate <= 0.0:
     return x
-  keep = jax.random.bernoulli(hk.next_rng_key(), 1.0 - drop_rate, (x.shape[0], 1, 1, 1))
+  return keep_branches(x, 1.0 - drop_rate, hk.next_rng_key())
+
+
+def keep_branches(x: jax.Array, keep_prob: Union[float, jax.Array], key: jax.Array) -> jax.Array:
+  """Zeroes each example's `x` with probability `1 - keep_prob` (the pure part of
+  `stochastic_depth`; `keep_prob` may be traced, e.g. scanned over blocks)."""
+  keep = jax.random.bernoulli(key, keep_prob, (x.shape[0], 1, 1, 1))
   return x * keep.astype(x.dtype)
 
 

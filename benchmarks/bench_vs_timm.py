@@ -1,0 +1,291 @@
+"""NFNet throughput: nfnets-jax vs timm's PyTorch NFNet on the same machine, same run.
+
+Measures, alternating ours and timm's round by round so that drifting machine
+load hits both alike:
+
+* train step images/s: forward + backward + SGD-Nesterov with weight decay +
+  AGC (clipping 0.01), in float32 and bfloat16 (ours: float32 master weights,
+  bfloat16 compute; timm: `torch.autocast(bfloat16)`);
+* inference images/s (`is_training=False` / `model.eval()` under
+  `torch.inference_mode`), float32;
+* ours' compile time per step function, and the first call of timm's;
+* with `--memory`, peak resident memory of one train step of each, each in a
+  fresh child process (a shared process would only show the larger).
+
+Both models are NFNet-F0 (timm `dm_nfnet_f0`, the published architecture)
+with the same dropout (0.2) and stochastic depth (0.1). Ratios are ours/timm
+throughput (>1: we are faster). Needs the `peers` extra (torch, timm).
+
+Usage:
+  python benchmarks/bench_vs_timm.py                      # the README's CPU table
+  python benchmarks/bench_vs_timm.py --variant F1 --train-size 128 --infer-size 256
+  python benchmarks/bench_vs_timm.py --gpu                # F0 batch 32 at 192 px, bf16
+"""
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# timm first: importing torch after TensorFlow/JAX plugins can crash (see tests/conftest.py).
+import timm  # noqa: I001
+import torch
+import torch.nn.functional as F
+from timm.utils import adaptive_clip_grad
+
+import haiku as hk  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from nfnets_jax.models import registry  # noqa: E402
+from nfnets_jax.optim import nfnet_optimizer  # noqa: E402
+
+NUM_CLASSES = 1000
+DROP_RATE, STOCHDEPTH_RATE = 0.2, 0.1
+LR, MOMENTUM, WEIGHT_DECAY, CLIPPING = 0.1, 0.9, 2e-5, 0.01
+PAPER_V100_MS = 56.7  # F0 train step, batch 32/device at 192 px (paper, Table 1 context)
+
+
+def parse_args() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--variant", default="F0", help="F0..F6 (timm has dm_nfnet_f0..f6)")
+  parser.add_argument("--train-batch", type=int, default=8)
+  parser.add_argument("--train-size", type=int, default=128)
+  parser.add_argument("--infer-batch", type=int, default=8)
+  parser.add_argument("--infer-size", type=int, default=256)
+  parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement")
+  parser.add_argument("--only", default="train32,train16,infer",
+                      help="comma-separated subset of train32, train16, infer")
+  parser.add_argument("--memory", action="store_true",
+                      help="also measure peak RSS of one float32 train step per framework")
+  parser.add_argument("--gpu", action="store_true",
+                      help="GPU mode: batch 32 at 192 px bf16 train step on cuda, timm eager "
+                           "and torch.compile, vs the paper's V100 figure")
+  parser.add_argument("--child", choices=("ours", "timm"), help=argparse.SUPPRESS)
+  return parser.parse_args()
+
+
+class Ours:
+  """Our train/inference steps, jitted, with donated state."""
+
+  def __init__(self, variant: str, dtype):
+    self.dtype = dtype
+    self.model = registry.transform(f"nfnet:{variant}", NUM_CLASSES, drop_rate=DROP_RATE,
+                                    stochdepth_rate=STOCHDEPTH_RATE)
+    self.opt = nfnet_optimizer(LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                               clipping=CLIPPING)
+    self.compile_s = {}
+
+  def init(self, size: int):
+    key = jax.random.key(0)
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    params = jax.jit(self.model.init, static_argnames="is_training")(key, x, is_training=True)
+    return params, self.opt.init(params)
+
+  def train_step(self):
+    def loss_fn(params, images, labels, key):
+      logits = self.model.apply(params, key, images.astype(self.dtype), is_training=True)["logits"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def step(params, opt_state, images, labels, key):
+      grads = jax.grad(loss_fn)(params, images, labels, key)
+      updates, opt_state = self.opt.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  def infer_step(self):
+    return jax.jit(lambda params, images: self.model.apply(params, None, images,
+                                                           is_training=False)["logits"])
+
+
+def timm_model(variant: str, device: str):
+  model = timm.create_model(f"dm_nfnet_{variant.lower()}", pretrained=False,
+                            drop_rate=DROP_RATE, drop_path_rate=STOCHDEPTH_RATE)
+  return model.to(device)
+
+
+def timm_train_step(model, device: str, bf16: bool, compiled: bool = False):
+  opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                        weight_decay=WEIGHT_DECAY)
+  forward = torch.compile(model) if compiled else model
+  model.train()
+
+  def step(images, labels):
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+      loss = F.cross_entropy(forward(images), labels)
+    loss.backward()
+    adaptive_clip_grad(model.parameters(), clip_factor=CLIPPING)
+    opt.step()
+    return loss
+
+  return step
+
+
+def sync(device: str):
+  if device == "cuda":
+    torch.cuda.synchronize()
+
+
+def run_child(args: argparse.Namespace) -> None:
+  """One float32 train step of one framework; prints its peak RSS in MiB."""
+  size, batch = args.train_size, args.train_batch
+  if args.child == "ours":
+    ours = Ours(args.variant, jnp.float32)
+    params, opt_state = ours.init(size)
+    step = ours.train_step()
+    images = jnp.zeros((batch, size, size, 3))
+    labels = jnp.zeros((batch,), jnp.int32)
+    for i in range(2):
+      params, opt_state = step(params, opt_state, images, labels, jax.random.key(i))
+    jax.block_until_ready(params)
+  else:
+    torch.set_num_threads(os.cpu_count())
+    model = timm_model(args.variant, "cpu")
+    step = timm_train_step(model, "cpu", bf16=False)
+    images = torch.zeros(batch, 3, size, size)
+    labels = torch.zeros(batch, dtype=torch.long)
+    for _ in range(2):
+      step(images, labels)
+  print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def peak_memory(args: argparse.Namespace) -> dict[str, float]:
+  result = {}
+  for who in ("ours", "timm"):
+    cmd = [sys.executable, __file__, "--child", who, "--variant", args.variant,
+           "--train-batch", str(args.train_batch), "--train-size", str(args.train_size)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result[who] = float(out.strip().splitlines()[-1])
+  return result
+
+
+def alternate(fns: dict, repeats: int) -> dict[str, float]:
+  """Median seconds per call of each zero-argument fn, rounds interleaved."""
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_train(args, dtype_name: str, device: str, timm_variants=("eager",)) -> None:
+  bf16 = dtype_name == "bfloat16"
+  size, batch = args.train_size, args.train_batch
+  ours = Ours(args.variant, jnp.bfloat16 if bf16 else jnp.float32)
+  state = list(ours.init(size))
+  step = ours.train_step()
+  key = jax.random.key(1)
+  images = jax.random.normal(key, (batch, size, size, 3))
+  labels = jnp.arange(batch) % NUM_CLASSES
+  counter = [0]
+
+  def run_ours():
+    counter[0] += 1
+    state[:] = step(*state, images, labels, jax.random.fold_in(key, counter[0]))
+    jax.block_until_ready(state)
+
+  start = time.perf_counter()
+  run_ours()
+  compile_s = time.perf_counter() - start
+
+  t_images = torch.randn(batch, 3, size, size, device=device)
+  t_labels = torch.arange(batch, device=device) % NUM_CLASSES
+  fns = {"ours": run_ours}
+  first_call = {}
+  for kind in timm_variants:
+    t_step = timm_train_step(timm_model(args.variant, device), device, bf16, kind == "compile")
+
+    def run_timm(t_step=t_step):
+      t_step(t_images, t_labels)
+      sync(device)
+
+    start = time.perf_counter()
+    run_timm()
+    first_call[kind] = time.perf_counter() - start
+    fns[f"timm {kind}"] = run_timm
+  med = alternate(fns, args.repeats)
+  print(f"train step {args.variant} {dtype_name}, batch {batch} at {size}px "
+        f"(fwd+bwd+SGD-Nesterov+wd+AGC):")
+  print(f"  ours      {1e3 * med['ours']:9.1f} ms/step {batch / med['ours']:8.2f} img/s "
+        f"(compile {compile_s:.1f} s)")
+  for kind in timm_variants:
+    name = f"timm {kind}"
+    print(f"  {name:<9} {1e3 * med[name]:9.1f} ms/step {batch / med[name]:8.2f} img/s "
+          f"(first call {first_call[kind]:.1f} s)   ratio ours/timm {med[name] / med['ours']:.2f}")
+  if args.gpu:
+    print(f"  paper V100 (TPU-style recipe, batch 32 at 192 px): {PAPER_V100_MS} ms/step; "
+          f"ours/paper speed ratio {PAPER_V100_MS / (1e3 * med['ours']):.2f}")
+
+
+def bench_infer(args, device: str) -> None:
+  size, batch = args.infer_size, args.infer_batch
+  ours = Ours(args.variant, jnp.float32)
+  params, _ = ours.init(size)
+  step = ours.infer_step()
+  images = jax.random.normal(jax.random.key(2), (batch, size, size, 3))
+  start = time.perf_counter()
+  jax.block_until_ready(step(params, images))
+  compile_s = time.perf_counter() - start
+  model = timm_model(args.variant, device).eval()
+  t_images = torch.randn(batch, 3, size, size, device=device)
+
+  def run_timm():
+    with torch.inference_mode():
+      model(t_images)
+    sync(device)
+
+  run_timm()
+  med = alternate({"ours": lambda: jax.block_until_ready(step(params, images)),
+                   "timm": run_timm}, args.repeats)
+  print(f"inference {args.variant} float32, batch {batch} at {size}px:")
+  print(f"  ours      {1e3 * med['ours']:9.1f} ms/batch {batch / med['ours']:8.2f} img/s "
+        f"(compile {compile_s:.1f} s)")
+  print(f"  timm      {1e3 * med['timm']:9.1f} ms/batch {batch / med['timm']:8.2f} img/s"
+        f"   ratio ours/timm {med['timm'] / med['ours']:.2f}")
+
+
+def main() -> None:
+  args = parse_args()
+  if args.child:
+    run_child(args)
+    return
+  sys.stdout.reconfigure(line_buffering=True)
+  device = "cuda" if args.gpu else "cpu"
+  if args.gpu:
+    if not torch.cuda.is_available() or jax.default_backend() != "gpu":
+      sys.exit("--gpu needs a CUDA GPU visible to both torch and JAX (jax[cuda]).")
+    args.train_batch, args.train_size, args.only = 32, 192, "train16"
+  else:
+    torch.set_num_threads(os.cpu_count())
+  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), timm {timm.__version__}")
+  wanted = set(args.only.split(","))
+  unknown = wanted - {"train32", "train16", "infer"}
+  if unknown:
+    sys.exit(f"--only: unknown {sorted(unknown)}; choose from train32, train16, infer.")
+  timm_kinds = ("eager", "compile") if args.gpu else ("eager",)
+  if "train32" in wanted:
+    bench_train(args, "float32", device, timm_kinds)
+  if "train16" in wanted:
+    bench_train(args, "bfloat16", device, timm_kinds)
+  if "infer" in wanted:
+    bench_infer(args, device)
+  if args.memory:
+    mem = peak_memory(args)
+    print(f"peak RSS, one float32 train step in a fresh process: ours {mem['ours']:.0f} MiB, "
+          f"timm {mem['timm']:.0f} MiB (ratio timm/ours {mem['timm'] / mem['ours']:.2f})")
+  print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,205 @@
+"""2-D convolution with a lowering chosen per backend.
+
+XLA:CPU is slow on two things NF networks do in every block (measured in
+benchmarks/bench_conv.py, NFNet-F0 shapes, 2-core x86 CPU):
+
+* grouped convolutions (`feature_group_count > 1`): 3.5-5.6x slower forward
+  than the same work as one dense convolution per group;
+* weight gradients: autodiff turns dL/dW into a convolution whose "batch" is
+  the input channels and whose window is the whole image, after transposing
+  both operands; for a 1x1 conv that is 5-10x slower than the matrix product
+  it really is, and 1.5-2x for a 3x3.
+
+So `conv2d` has two lowerings with the same parameters and the same sums:
+
+* `"xla"`: one `lax.conv_general_dilated` with `feature_group_count`, plain
+  autodiff. The reference, and the fast path on GPU and TPU.
+* `"decomposed"`: forward and input gradient as one dense convolution per
+  group (a matrix product for 1x1 kernels); weight gradient, via a custom
+  VJP, as one matrix product per kernel tap, contracting over batch and
+  space (`sum_nhw x[n, s*h+i, s*w+j, c] * dy[n, h, w, d]`), batched over
+  groups.
+
+`"auto"` (the default) picks `"decomposed"` on CPU and `"xla"` elsewhere.
+Override it for a process with `NFNETS_JAX_CONV_IMPL=auto|xla|decomposed`, or
+for code traced inside a block with `with conv_impl("xla"): ...`. The kernel
+stays one HWIO array either way, so parameters and checkpoints are unchanged.
+"""
+
+import contextlib
+import functools
+import os
+from typing import Iterator, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "decomposed")
+ENV_VAR = "NFNETS_JAX_CONV_IMPL"
+# Forward per-group splitting pays off from groups of 8 channels (NF-RegNet)
+# upwards; narrower groups (depthwise) keep XLA's grouped kernel for the
+# forward pass and input gradient, and still get the matmul weight gradient.
+MIN_SPLIT_GROUP_WIDTH = 8
+
+Padding = Union[str, Sequence[tuple[int, int]]]
+_DIMS = ("NHWC", "HWIO", "NHWC")
+_override: Optional[str] = None
+
+
+def _check_impl(impl: str, source: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown convolution implementation {impl!r} from {source}; "
+                     f"expected one of {', '.join(IMPLS)}.")
+  return impl
+
+
+@contextlib.contextmanager
+def conv_impl(impl: str) -> Iterator[None]:
+  """Forces `impl` for convolutions traced inside the `with` block."""
+  global _override
+  previous = _override
+  _override = _check_impl(impl, "conv_impl()")
+  try:
+    yield
+  finally:
+    _override = previous
+
+
+def current_impl() -> str:
+  """The configured implementation: the context override, else the environment, else 'auto'."""
+  if _override is not None:
+    return _override
+  return _check_impl(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+
+
+def resolve_impl(impl: Optional[str] = None, backend: Optional[str] = None) -> str:
+  """'xla' or 'decomposed': `impl` (default: `current_impl()`), with 'auto' resolved."""
+  impl = current_impl() if impl is None else _check_impl(impl, "the impl argument")
+  if impl != "auto":
+    return impl
+  backend = backend or jax.default_backend()
+  return "decomposed" if backend == "cpu" else "xla"
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = "SAME",
+           groups: int = 1, impl: Optional[str] = None) -> jax.Array:
+  """NHWC x HWIO convolution with `groups` feature groups (kernel I = in_channels / groups)."""
+  if isinstance(padding, str):
+    padding = padding.upper()
+  else:
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if resolve_impl(impl) == "xla":
+    return _xla_conv(x, kernel, stride, padding, groups)
+  return _decomposed_conv(x, kernel, stride, padding, groups)
+
+
+def _xla_conv(x, kernel, stride, padding, groups):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      dimension_numbers=_DIMS, feature_group_count=groups)
+
+
+def _dense_conv(x, kernel, stride, padding, lhs_dilation=1):
+  """One group: a matrix product for 1x1 kernels, else XLA's dense convolution."""
+  if (kernel.shape[:2] == (1, 1) and lhs_dilation == 1
+      and (isinstance(padding, str) or not any(sum(padding, ())))):
+    # A 1x1 kernel never pads under SAME or VALID; striding is subsampling.
+    return jnp.einsum("nhwc,cd->nhwd", x[:, ::stride, ::stride], kernel[0, 0])
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      lhs_dilation=(lhs_dilation, lhs_dilation),
+                                      dimension_numbers=_DIMS)
+
+
+def _split_forward(x, kernel, stride, padding, groups, lhs_dilation=1):
+  in_width, out_width = kernel.shape[2], kernel.shape[3] // groups
+  if groups == 1:
+    return _dense_conv(x, kernel, stride, padding, lhs_dilation)
+  if in_width < MIN_SPLIT_GROUP_WIDTH:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                        lhs_dilation=(lhs_dilation, lhs_dilation),
+                                        dimension_numbers=_DIMS, feature_group_count=groups)
+  return jnp.concatenate([
+      _dense_conv(x[..., g * in_width:(g + 1) * in_width],
+                  kernel[..., g * out_width:(g + 1) * out_width], stride, padding, lhs_dilation)
+      for g in range(groups)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _decomposed_conv(x, kernel, stride, padding, groups):
+  return _split_forward(x, kernel, stride, padding, groups)
+
+
+def _decomposed_fwd(x, kernel, stride, padding, groups):
+  return _split_forward(x, kernel, stride, padding, groups), (x, kernel)
+
+
+def _decomposed_bwd(stride, padding, groups, residuals, dy):
+  x, kernel = residuals
+  if kernel.shape[:2] == (1, 1):
+    # Matrix products (and a strided scatter): autodiff's own transpose is optimal.
+    _, x_vjp = jax.vjp(lambda x: _split_forward(x, kernel, stride, padding, groups), x)
+    (dx,) = x_vjp(dy)
+  else:
+    dx = input_gradient(dy, kernel, x.shape, stride, padding, groups)
+  return dx, kernel_gradient(x, dy, kernel.shape, stride, padding, groups).astype(kernel.dtype)
+
+
+def _transposed_kernel(kernel: jax.Array, groups: int) -> jax.Array:
+  """The kernel of the input gradient: taps reversed, each group's I and O swapped.
+
+  Materialised behind an optimisation barrier: otherwise XLA folds the swap
+  into the convolution's dimension labels ('01oi'), a form XLA:CPU's fast
+  convolution path does not take inside a `lax.scan` body (2x slower there).
+  """
+  kh, kw, in_width, out_ch = kernel.shape
+  k = kernel[::-1, ::-1].reshape(kh, kw, in_width, groups, out_ch // groups)
+  k = jnp.transpose(k, (0, 1, 4, 3, 2)).reshape(kh, kw, out_ch // groups, groups * in_width)
+  return jax.lax.optimization_barrier(k)
+
+
+def input_gradient(dy: jax.Array, kernel: jax.Array, x_shape: Sequence[int], stride: int,
+                   padding: Padding, groups: int) -> jax.Array:
+  """dL/dx of a grouped NHWC x HWIO convolution, as a (per-group) convolution of dy.
+
+  The classic transposed convolution: dy dilated by the stride, padded so the
+  result has x's size, convolved with `_transposed_kernel`.
+  """
+  kh, kw = kernel.shape[:2]
+  in_hw, out_hw = x_shape[1:3], dy.shape[1:3]
+  pads = (jax.lax.padtype_to_pads(in_hw, (kh, kw), (stride, stride), padding)
+          if isinstance(padding, str) else padding)
+  grad_pads = []
+  for size_in, size_out, k, (lo, _) in zip(in_hw, out_hw, (kh, kw), pads):
+    before = k - 1 - lo
+    grad_pads.append((before, size_in + k - 1 - ((size_out - 1) * stride + 1) - before))
+  return _split_forward(dy, _transposed_kernel(kernel, groups), 1, tuple(grad_pads), groups,
+                        lhs_dilation=stride)
+
+
+_decomposed_conv.defvjp(_decomposed_fwd, _decomposed_bwd)
+
+
+def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], stride: int,
+                    padding: Padding, groups: int) -> jax.Array:
+  """dL/dW of a grouped NHWC x HWIO convolution, as one matmul per kernel tap.
+
+  Tap (i, j) of the kernel only ever multiplies the input window that starts
+  at (i, j) of the padded input, taken every `stride` pixels, so its gradient
+  is that window contracted with `dy` over batch and space. Accumulates in
+  float32 whatever the input dtype.
+  """
+  kh, kw, in_width, out_ch = kernel_shape
+  n, oh, ow, _ = dy.shape
+  pads = (jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (stride, stride), padding)
+          if isinstance(padding, str) else padding)
+  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  dyg = dy.reshape(n, oh, ow, groups, out_ch // groups)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      window = jax.lax.slice(xp, (0, i, j, 0),
+                             (n, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1,
+                              xp.shape[3]), (1, stride, stride, 1))
+      window = window.reshape(n, oh, ow, groups, in_width)
+      taps.append(jnp.einsum("nhwgc,nhwgd->cgd", window, dyg,
+                             preferred_element_type=jnp.float32).reshape(in_width, out_ch))
+  return jnp.stack(taps).reshape(kh, kw, in_width, out_ch)
