@@ -157,6 +157,14 @@ def test_seeded_training_is_reproducible_and_seed_dependent(digits_data_dir):
   assert not np.array_equal(a[0]["images"], c[0]["images"])
 
 
+def test_autotune_off_gives_the_same_batches(digits_data_dir):
+  """`autotune=False` only changes how tf.data schedules work, not what it yields."""
+  tuned, fixed = _train(digits_data_dir, "mixup"), _train(digits_data_dir, "mixup", autotune=False)
+  assert tuned.dataset.options().autotune.enabled is True
+  assert fixed.dataset.options().autotune.enabled is False
+  _assert_same(_take(tuned, 3), _take(fixed, 3))
+
+
 @pytest.mark.parametrize("augment_before_mix", [True, False])
 def test_resume_at_a_step_continues_exactly(digits_data_dir, augment_before_mix):
   name = "cutmix_mixup_randaugment_405"

@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Deterministic: seeded, ordered input, so a resumed run replays exactly the
   # batches it would have seen. Fast mode (False) trades that for throughput.
   c.dataset.deterministic = False
+  # tf.data's autotuner; off only for runs of a minute or so (see data.load).
+  c.dataset.autotune = True
 
   c.train_batch_size = 4096  # global, across all devices and hosts
   c.eval_batch_size = 1024

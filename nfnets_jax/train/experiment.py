@@ -141,13 +141,14 @@ class Experiment:
         image_size=ds.image_size, augment_name=ds.augment_name, data_dir=ds.data_dir,
         train_preproc=ds.train_preproc,
         seed=self.config.seed if ds.deterministic else None, deterministic=ds.deterministic,
-        start_step=start_step)
+        start_step=start_step, autotune=ds.autotune)
 
   def _eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     ds = self.config.dataset
     return self._data.load(
         ds.name, ds.eval_split, is_training=False, batch_dims=(self.local_eval_batch,),
-        image_size=ds.eval_image_size, eval_preproc=ds.eval_preproc, data_dir=ds.data_dir)
+        image_size=ds.eval_image_size, eval_preproc=ds.eval_preproc, data_dir=ds.data_dir,
+        autotune=ds.autotune)
 
   # -- loop ------------------------------------------------------------------
 

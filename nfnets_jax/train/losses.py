@@ -37,3 +37,21 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """Per-example 1.0 if `labels` is among the `k` largest logits, else 0.0."""
   _, top = jax.lax.top_k(logits, k)
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def mixed_topk_correct(logits: jax.Array, labels: jax.Array, k: int,
+                       mix_labels: Optional[jax.Array] = None,
+                       ratio: Optional[jax.Array] = None) -> jax.Array:
+  """Per-example top-k credit on a mixed batch: `ratio` for hitting `labels`,
+  `1 - ratio` for hitting `mix_labels` (plain `topk_correct` without mixing).
+
+  Scoring a mixed image against its first label alone would report ~50% for
+  a perfect model under mixup; weighting by the mix matches the targets.
+  """
+  correct = topk_correct(logits, labels, k)
+  if mix_labels is None:
+    return correct
+  if ratio is None:
+    raise ValueError("mixed_topk_correct: mix_labels needs ratio (the share of `labels`).")
+  r = jnp.asarray(ratio, jnp.float32)
+  return r * correct + (1.0 - r) * topk_correct(logits, mix_labels, k)

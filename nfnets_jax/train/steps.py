@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nfnets_jax.optim import ParamsEma, agc_clip_fraction, sam_grad
-from nfnets_jax.train.losses import cross_entropy, mixed_targets, topk_correct
+from nfnets_jax.train.losses import cross_entropy, mixed_targets, mixed_topk_correct, topk_correct
 from nfnets_jax.train.state import TrainState
 
 DATA_AXIS = "data"
@@ -107,7 +107,9 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
     targets = mixed_targets(batch["labels"], config.num_classes, config.label_smoothing,
                             batch.get("mix_labels"), batch.get("ratio"))
     loss = jnp.mean(cross_entropy(logits, targets))
-    return loss, {"loss": loss, "top1": jnp.mean(topk_correct(logits, batch["labels"], 1))}
+    top1 = mixed_topk_correct(logits, batch["labels"], 1, batch.get("mix_labels"),
+                              batch.get("ratio"))
+    return loss, {"loss": loss, "top1": jnp.mean(top1)}
 
   if config.sam_rho > 0:
     grad_fn = sam_grad(loss_fn, rho=config.sam_rho, ascent_fraction=config.sam_ascent_fraction)
