@@ -3,7 +3,7 @@
 For each variant, traces and compiles (nothing is executed, no weights are
 allocated: the step is lowered on abstract shapes) the full train step,
 forward + backward + `nfnet_optimizer` (AGC, weight decay, Nesterov), with
-the default block loop ('auto': runs of 8 or more identical blocks as one
+the default block loop ('auto': runs of 6 or more identical blocks as one
 `jax.lax.scan`, see `nfnets_jax.models.network.block_loop`), optionally with
 every run scanned ('scan'), and with every block inlined as the published code
 did ('unroll'). Prints trace and compile seconds and the unrolled/default ratio. Optionally also times the steps' execution (`--run`), to show that the
