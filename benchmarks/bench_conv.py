@@ -21,9 +21,7 @@ Usage: python benchmarks/bench_conv.py [--batch 8] [--repeats 5] [--dtype bfloat
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ import numpy as np
 
 from nfnets_jax.models import registry
 from nfnets_jax.models.layers import standardize_weight
+from timing import alternate  # benchmarks/timing.py
 from nfnets_jax.models.conv import conv2d, conv_impl
 
 # (name, spatial size, in channels, out channels, kernel, stride, groups) of
@@ -59,21 +58,12 @@ def parse_args() -> argparse.Namespace:
   return parser.parse_args()
 
 
-def timed(fn, *args) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
-def alternate(fns: dict, args_: tuple, repeats: int) -> dict:
-  """Median milliseconds per call of each fn (compiled first), rounds interleaved."""
-  for fn in fns.values():
-    timed(fn, *args_)
-  times = {key: [] for key in fns}
-  for _ in range(repeats):
-    for key, fn in fns.items():
-      times[key].append(timed(fn, *args_))
-  return {key: statistics.median(t) * 1e3 for key, t in times.items()}
+def alternate_ms(fns: dict, args_: tuple, repeats: int) -> dict:
+  """Median milliseconds per call of each fn on `args_` (compiled first), rounds interleaved."""
+  calls = {key: (lambda fn=fn: jax.block_until_ready(fn(*args_))) for key, fn in fns.items()}
+  for call in calls.values():
+    call()
+  return {key: seconds * 1e3 for key, seconds in alternate(calls, repeats).items()}
 
 
 def bench_model(args, dtype) -> None:
@@ -93,7 +83,7 @@ def bench_model(args, dtype) -> None:
 
     fns["fwd", impl] = jax.jit(logits)
     fns["train", impl] = jax.jit(jax.value_and_grad(loss))
-  med = alternate(fns, (params, images), args.repeats)
+  med = alternate_ms(fns, (params, images), args.repeats)
   label = f"NFNet-{args.variant} {args.size}px (model)"
   print(f"{label:<26} {med['fwd', 'xla']:7.0f}ms {med['fwd', 'decomposed']:7.0f}ms "
         f"{med['fwd', 'xla'] / med['fwd', 'decomposed']:5.2f}x "
@@ -119,7 +109,7 @@ def bench_standardize(args) -> None:
     gain = jnp.ones(shape[-1])
     fns = {name: jax.jit(jax.grad(lambda w, g, fn=fn: jnp.sum(fn(w, g) * cot), (0, 1)))
            for name, fn in (("4d", _standardize_4d), ("2d", standardize_weight))}
-    med = alternate(fns, (w, gain), args.repeats)
+    med = alternate_ms(fns, (w, gain), args.repeats)
     print(f"{str(shape):<32} {med['4d']:7.2f}ms {med['2d']:7.2f}ms {med['4d'] / med['2d']:5.2f}x")
 
 
@@ -149,7 +139,7 @@ def main() -> None:
 
       fns["fwd", impl] = jax.jit(fwd)
       fns["train", impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    med = alternate(fns, (x, w), args.repeats)
+    med = alternate_ms(fns, (x, w), args.repeats)
     for kind in totals:
       totals[kind][0] += med[kind, "xla"]
       totals[kind][1] += med[kind, "decomposed"]

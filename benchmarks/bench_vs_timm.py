@@ -26,7 +26,6 @@ Usage:
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ import optax  # noqa: E402
 
 from nfnets_jax.models import registry  # noqa: E402
 from nfnets_jax.optim import nfnet_optimizer  # noqa: E402
+from timing import alternate  # noqa: E402  (benchmarks/timing.py)
 
 NUM_CLASSES = 1000
 DROP_RATE, STOCHDEPTH_RATE = 0.2, 0.1
@@ -178,17 +178,6 @@ def peak_memory(args: argparse.Namespace) -> dict[str, float]:
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result[who] = float(out.strip().splitlines()[-1])
   return result
-
-
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-  """Median seconds per call of each zero-argument fn, rounds interleaved."""
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_train(args, dtype_name: str, device: str, timm_variants=("eager",)) -> None:

@@ -152,10 +152,11 @@ class NetworkPlan:
 
     runs: list[range] = []
     for i, block in enumerate(self.blocks):
-      same = (runs and not block.use_projection
-              and key(block) == key(self.blocks[runs[-1].start])
-              and not self.blocks[runs[-1].start].use_projection
-              and (block.stochdepth_rate > 0) == (self.blocks[runs[-1].start].stochdepth_rate > 0))
+      # Equal keys mean equal channels and strides, so the run's first block
+      # keeps its input's shape too.
+      first = self.blocks[runs[-1].start] if runs else None
+      same = (first is not None and not block.use_projection and key(block) == key(first)
+              and (block.stochdepth_rate > 0) == (first.stochdepth_rate > 0))
       if same:
         runs[-1] = range(runs[-1].start, i + 1)
       else:

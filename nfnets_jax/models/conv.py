@@ -93,9 +93,17 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = 
   return _decomposed_conv(x, kernel, stride, padding, groups)
 
 
-def _xla_conv(x, kernel, stride, padding, groups):
+def _xla_conv(x, kernel, stride, padding, groups, lhs_dilation=1):
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      lhs_dilation=(lhs_dilation, lhs_dilation),
                                       dimension_numbers=_DIMS, feature_group_count=groups)
+
+
+def _explicit_pads(in_hw, kernel_hw, stride, padding):
+  """((lo, hi), (lo, hi)) for the height and width of `padding` (a name or explicit)."""
+  if isinstance(padding, str):
+    return jax.lax.padtype_to_pads(in_hw, kernel_hw, (stride, stride), padding)
+  return padding
 
 
 def _dense_conv(x, kernel, stride, padding, lhs_dilation=1):
@@ -104,9 +112,7 @@ def _dense_conv(x, kernel, stride, padding, lhs_dilation=1):
       and (isinstance(padding, str) or not any(sum(padding, ())))):
     # A 1x1 kernel never pads under SAME or VALID; striding is subsampling.
     return jnp.einsum("nhwc,cd->nhwd", x[:, ::stride, ::stride], kernel[0, 0])
-  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                      lhs_dilation=(lhs_dilation, lhs_dilation),
-                                      dimension_numbers=_DIMS)
+  return _xla_conv(x, kernel, stride, padding, 1, lhs_dilation)
 
 
 def _split_forward(x, kernel, stride, padding, groups, lhs_dilation=1):
@@ -114,9 +120,7 @@ def _split_forward(x, kernel, stride, padding, groups, lhs_dilation=1):
   if groups == 1:
     return _dense_conv(x, kernel, stride, padding, lhs_dilation)
   if in_width < MIN_SPLIT_GROUP_WIDTH:
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                        lhs_dilation=(lhs_dilation, lhs_dilation),
-                                        dimension_numbers=_DIMS, feature_group_count=groups)
+    return _xla_conv(x, kernel, stride, padding, groups, lhs_dilation)
   return jnp.concatenate([
       _dense_conv(x[..., g * in_width:(g + 1) * in_width],
                   kernel[..., g * out_width:(g + 1) * out_width], stride, padding, lhs_dilation)
@@ -165,8 +169,7 @@ def input_gradient(dy: jax.Array, kernel: jax.Array, x_shape: Sequence[int], str
   """
   kh, kw = kernel.shape[:2]
   in_hw, out_hw = x_shape[1:3], dy.shape[1:3]
-  pads = (jax.lax.padtype_to_pads(in_hw, (kh, kw), (stride, stride), padding)
-          if isinstance(padding, str) else padding)
+  pads = _explicit_pads(in_hw, (kh, kw), stride, padding)
   grad_pads = []
   for size_in, size_out, k, (lo, _) in zip(in_hw, out_hw, (kh, kw), pads):
     before = k - 1 - lo
@@ -189,8 +192,7 @@ def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], st
   """
   kh, kw, in_width, out_ch = kernel_shape
   n, oh, ow, _ = dy.shape
-  pads = (jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (stride, stride), padding)
-          if isinstance(padding, str) else padding)
+  pads = _explicit_pads(x.shape[1:3], (kh, kw), stride, padding)
   xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
   dyg = dy.reshape(n, oh, ow, groups, out_ch // groups)
   taps = []

@@ -42,8 +42,10 @@ def block_forward(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
   zero drop rate). Returns the block's output and its residual branch's
   average channel variance.
   """
+  conv_specs = {c.name: c for c in spec.convs}
+
   def conv(name, inputs):
-    c = next(c for c in spec.convs if c.name == name)
+    c = conv_specs[name]
     return ws_conv2d(params[name], inputs, c.stride, "SAME", c.groups)
 
   def excite(out):
@@ -92,28 +94,34 @@ class NFBlock(hk.Module):
     """Creates (at init) or fetches (at apply) every parameter of the block."""
     # Created in the order the published forward pass first used them, so that
     # a seed gives the same initial weights (each initialiser draws the next key).
-    order = [c.name for c in self.spec.convs]
+    conv_specs = {c.name: c for c in self.spec.convs}
+    order = list(conv_specs)
     if "conv_shortcut" in order:
       order.insert(0, order.pop(order.index("conv_shortcut")))
     params = {}
     for name in order:
       if name == "conv2" and self.spec.se_position == "bottleneck":
         params["squeeze_excite"] = self.se.parameters()
-      params[name] = self.convs[name].parameters(
-          next(c.in_ch for c in self.spec.convs if c.name == name))
+      params[name] = self.convs[name].parameters(conv_specs[name].in_ch)
     if self.spec.se_position == "output":
       params["squeeze_excite"] = self.se.parameters()
     params["skip_gain"] = hk.get_parameter("skip_gain", (), jnp.float32, init=jnp.zeros)
     return params
 
-  def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
+  def prepare(self, x: jax.Array, is_training: bool) -> tuple[BlockParams, Optional[jax.Array]]:
+    """Checks the input, then the block's parameters and its stochastic-depth key
+    (None when nothing is dropped), drawn in the published order."""
     spec = self.spec
     if x.shape[-1] != spec.in_ch:
       raise ValueError(f"{self.module_name} expects {spec.in_ch} input channels, "
                        f"got shape {tuple(x.shape)}.")
     params = self.parameters()
     drops = is_training and spec.stochdepth_rate > 0.0
-    key = hk.next_rng_key() if drops else None
+    return params, hk.next_rng_key() if drops else None
+
+  def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
+    spec = self.spec
+    params, key = self.prepare(x, is_training)
     return block_forward(spec, self.activation, params, x, spec.beta,
                          1.0 - spec.stochdepth_rate, key)
 
@@ -233,21 +241,14 @@ class NormFreeNet(hk.Module):
     """Runs blocks `run` (same shapes, see `NetworkPlan.block_runs`) as one scan."""
     blocks = [self.blocks[i] for i in run]
     specs = [block.spec for block in blocks]
-    if x.shape[-1] != specs[0].in_ch:
-      raise ValueError(f"{blocks[0].module_name} expects {specs[0].in_ch} input channels, "
-                       f"got shape {tuple(x.shape)}.")
     # Per-block parameters keep their published names; only the scan sees them
     # stacked. Parameters and stochastic-depth keys are drawn block by block,
     # interleaved as the unrolled blocks draw them, so a seed gives the same
-    # initial weights and the same dropped branches either way.
-    drops = is_training and specs[0].stochdepth_rate > 0.0
-    params, keys = [], []
-    for block in blocks:
-      params.append(block.parameters())
-      if drops:
-        keys.append(hk.next_rng_key())
-    params = _stack(params)
-    keys = jnp.stack(keys) if drops else None
+    # initial weights and the same dropped branches either way. (Every block
+    # of a run keeps its input's shape, so checking x against each is exact.)
+    params, keys = zip(*(block.prepare(x, is_training) for block in blocks))
+    params = _stack(list(params))
+    keys = None if keys[0] is None else jnp.stack(keys)
     betas = jnp.asarray(np.array([spec.beta for spec in specs], np.float32))
     keep = jnp.asarray(np.array([1.0 - spec.stochdepth_rate for spec in specs], np.float32))
     activation, template = self.activation, specs[0]
