@@ -166,14 +166,21 @@ def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
   assert not checkpoint_steps(tmp_path)
 
 
-def test_data_parallel_step_equals_single_device_step():
+def test_data_parallel_step_equals_single_device_step_and_one_program():
   """Averaged per-device gradients on 4 devices == the full-batch gradient on 1
-  (a gradient summed instead of averaged would be 4x too large)."""
+  (a gradient summed instead of averaged would be 4x too large); the step's two
+  programs (gradients, then update) == one program of the same pieces; and the
+  update writes the new state into the old one's buffers (never two copies)."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, str(REPO / "tests" / "train_step_script.py")],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  max_diff, grad_norm_1, grad_norm_4 = map(float, proc.stdout.split())
-  assert grad_norm_4 == pytest.approx(grad_norm_1, rel=1e-4)
-  assert max_diff < 1e-4
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["step"] == 3
+  assert out["grad_norm_4"] == pytest.approx(out["grad_norm_1"], rel=1e-4)
+  assert out["devices_rel_diff"] < 1e-4
+  assert out["one_program_rel_diff"] < 1e-5
+  assert out["metrics_rel_diff"] < 1e-5
+  assert out["moved"] > 1e-3  # the comparisons are between states that trained
+  assert out["donated"]
