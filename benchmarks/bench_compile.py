@@ -3,8 +3,8 @@
 For each variant, traces and compiles (nothing is executed, no weights are
 allocated: the step is lowered on abstract shapes) the full train step,
 forward + backward + `nfnet_optimizer` (AGC, weight decay, Nesterov), as
-training compiles it: one gradient program and one update program (see
-`nfnets_jax.train.steps.make_train_step`). Block loops compared: the default
+training compiles large models: one gradient program and one update program
+(see `nfnets_jax.train.steps.SEPARATE_UPDATE_MIN_LEAVES`). Block loops compared: the default
 ('auto': runs of 6 or more identical blocks as one `jax.lax.scan`, see
 `nfnets_jax.models.network.block_loop`), optionally every run scanned
 ('scan'), and every block inlined as the published code did ('unroll').
@@ -51,8 +51,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_step(variant: str, dtype):
-  """The train step as `nfnets_jax.train.steps` compiles it: a gradient program
-  and an update program (see `make_train_step`); and `one`, both as one program."""
+  """The train step as `nfnets_jax.train.steps` compiles large models: a gradient
+  program and an update program; and `one`, both as one program."""
   model = registry.transform(f"nfnet:{variant}", 1000)
   optimizer = nfnet_optimizer(0.1)
 

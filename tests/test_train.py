@@ -168,9 +168,9 @@ def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
 
 def test_data_parallel_step_equals_single_device_step_and_one_program():
   """Averaged per-device gradients on 4 devices == the full-batch gradient on 1
-  (a gradient summed instead of averaged would be 4x too large); the step's two
-  programs (gradients, then update) == one program of the same pieces; and the
-  update writes the new state into the old one's buffers (never two copies)."""
+  (a gradient summed instead of averaged would be 4x too large); the step as
+  two programs (gradients, then update) == one program of the same pieces; and
+  either form writes the new state into the old one's buffers (never two copies)."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, str(REPO / "tests" / "train_step_script.py")],

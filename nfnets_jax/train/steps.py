@@ -57,6 +57,16 @@ class StepConfig:
   sam_rho: float = 0.0
   sam_ascent_fraction: float = 0.2
   record_clip_fraction: bool = True  # the optimizer keeps AGC's clip-fraction record
+  # Gradients and update as two programs (True), one (False), or by model size
+  # (None: two from SEPARATE_UPDATE_MIN_LEAVES parameter arrays); see make_train_step.
+  separate_update: Optional[bool] = None
+
+
+#: From this many parameter arrays the update compiles as its own program.
+#: Measured on a 2-core CPU (benchmarks/bench_compile.py --one-program): NFNet-F7
+#: (1,661 arrays) compiles in 97 s instead of 121 s; for F0 neither compile nor
+#: step time changes; nfnet:nano's small step runs 10% slower as two programs.
+SEPARATE_UPDATE_MIN_LEAVES = 1000
 
 
 def _init_state(model, optimizer, ema, rng, image_shape) -> TrainState:
@@ -92,15 +102,15 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
                     ema: ParamsEma, schedule: Callable[[jax.Array], jax.Array],
                     config: StepConfig, mesh: Mesh,
                     base_key: jax.Array) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Builds the data-parallel train step: two jitted programs, state donated.
+  """Builds the jitted, state-donating data-parallel train step.
 
   Per device: forward/backward on its slice in `config.compute_dtype` (the
   float32 master weights are standardised in float32 and cast per layer),
   optionally SAM with a per-device ascent batch; then gradients are averaged
   across devices, the optimizer (AGC, weight decay, momentum) and the EMA are
   applied identically everywhere. Randomness is `fold_in(base_key, step,
-  device index)`, reproducible on resume. The gradient and the update are
-  separate programs (see `update` below); `step(state, batch)` runs both.
+  device index)`, reproducible on resume. Large models compile the gradient
+  and the update as separate programs (`StepConfig.separate_update`).
   """
   def loss_fn(params, batch, rng):
     images = batch["images"].astype(config.compute_dtype)
@@ -138,15 +148,23 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
   # check_vma=False gives pmap's semantics: each device's gradient is its own
   # (not implicitly summed over the replicated parameters' axis), and the
   # explicit pmean above averages it.
-  gradients = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                                    out_specs=(P(), P()), check_vma=False))
-  # The update is a second program on the replicated gradients (the same
-  # values as one program, tests/test_train_step.py): XLA compiles a large
-  # model's two halves faster than the whole (NFNet-F7: 97 s against 121 s on
-  # a 2-core CPU, benchmarks/bench_compile.py) at no measurable cost per step.
+  def data_parallel(fn):
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
+                         check_vma=False)
+
+  one_program = jax.jit(data_parallel(lambda state, batch: apply_gradients(
+      state, *per_device(state, batch))), donate_argnums=0)
+  # Two programs give the same values (tests/train_step_script.py): XLA compiles
+  # a large model's two halves faster than the whole (SEPARATE_UPDATE_MIN_LEAVES).
+  gradients = jax.jit(data_parallel(per_device))
   update = jax.jit(apply_gradients, donate_argnums=0)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    separate = config.separate_update
+    if separate is None:
+      separate = len(jax.tree_util.tree_leaves(state.params)) >= SEPARATE_UPDATE_MIN_LEAVES
+    if not separate:
+      return one_program(state, batch)
     grads, metrics = gradients(state, batch)
     return update(state, grads, metrics)
 
