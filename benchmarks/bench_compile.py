@@ -1,20 +1,29 @@
-"""Compile time of the NFNet train step: blocks scanned vs unrolled, same run.
+"""Compile time of the NFNet train step: parameter layouts and block loops, same run.
 
 For each variant, traces and compiles (nothing is executed, no weights are
 allocated: the step is lowered on abstract shapes) the full train step,
-forward + backward + `nfnet_optimizer` (AGC, weight decay, Nesterov), as
-training compiles large models: one gradient program and one update program
-(see `nfnets_jax.train.steps.SEPARATE_UPDATE_MIN_LEAVES`). Block loops compared: the default
-('auto': runs of 6 or more identical blocks as one `jax.lax.scan`, see
-`nfnets_jax.models.network.block_loop`), optionally every run scanned
-('scan'), and every block inlined as the published code did ('unroll').
-Prints trace and compile seconds and the unrolled/default ratio. With
-`--one-program`, also compiles gradient and update as a single program and
-prints its time over the two programs'. With `--run`, also times the steps'
-execution, to show that the scan costs no throughput.
+forward + backward + `nfnet_optimizer` (AGC, weight decay, Nesterov), in the
+form training compiles it: one program, or a gradient program and an update
+program from `nfnets_jax.train.steps.SEPARATE_UPDATE_MIN_LEAVES` parameter
+arrays. Compared:
+
+* parameter layouts (`--layouts`): 'stacked', the train state training uses
+  (each scanned run's parameters stacked, see `nfnets_jax.models.stacking`),
+  and 'published', the per-block tree (every scanned gradient unstacked and
+  every block's leaves updated separately);
+* block loops (`--modes`): the default ('auto': runs of 6 or more identical
+  blocks as one `jax.lax.scan`, see `nfnets_jax.models.network.block_loop`),
+  every run scanned ('scan'), and every block inlined as the published code
+  did ('unroll').
+
+Prints trace and compile seconds and the published/stacked and unroll/auto
+ratios. `--both-forms` also compiles the other form (one program where
+training uses two, or two where it uses one) and prints its time over the
+trained form's. `--run` also times the steps' execution.
 
 Usage: python benchmarks/bench_compile.py [--variants F0,F3,F7] [--batch 8] [--size 128]
-                                          [--modes auto,scan,unroll] [--one-program] [--run]
+                                          [--layouts stacked,published] [--modes auto,unroll]
+                                          [--both-forms] [--run]
 """
 
 import argparse
@@ -30,7 +39,11 @@ import optax
 
 from nfnets_jax.models import registry
 from nfnets_jax.models.network import BLOCK_LOOPS, block_loop
+from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.optim import nfnet_optimizer
+from nfnets_jax.train.steps import SEPARATE_UPDATE_MIN_LEAVES
+
+LAYOUTS = ("stacked", "published")
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,26 +51,29 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--variants", default="F0,F3,F7")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--size", type=int, default=128)
-  parser.add_argument("--modes", default="auto,unroll",
+  parser.add_argument("--layouts", default="stacked,published",
+                      help=f"comma-separated subset of {', '.join(LAYOUTS)}")
+  parser.add_argument("--modes", default="auto",
                       help=f"comma-separated subset of {', '.join(BLOCK_LOOPS)}")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--run", action="store_true",
                       help="also execute each compiled step and report ms/step (allocates weights)")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--one-program", action="store_true",
-                      help="also compile gradient and update as one program (the published "
-                           "form) and print its time over the two programs'")
+  parser.add_argument("--both-forms", action="store_true",
+                      help="also compile the step in the form training does not use (one "
+                           "program or two) and print its time over the trained form's")
   return parser.parse_args()
 
 
-def build_step(variant: str, dtype):
-  """The train step as `nfnets_jax.train.steps` compiles large models: a gradient
-  program and an update program; and `one`, both as one program."""
+def build_step(variant: str, dtype, layout: StackedLayout):
+  """The train step's pieces on parameters in `layout`: the gradient program,
+  the update program, both as one program, and the initialiser."""
   model = registry.transform(f"nfnet:{variant}", 1000)
-  optimizer = nfnet_optimizer(0.1)
+  optimizer = nfnet_optimizer(0.1, stacked_axes=layout.stacked_axes)
 
   def loss_fn(params, images, labels, key):
-    logits = model.apply(params, key, images.astype(dtype), is_training=True)["logits"]
+    logits = model.apply(layout.unstack(params), key, images.astype(dtype),
+                         is_training=True)["logits"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   def update(grads, params, opt_state):
@@ -68,7 +84,7 @@ def build_step(variant: str, dtype):
     return update(jax.grad(loss_fn)(params, images, labels, key), params, opt_state)
 
   def init(key, images):
-    params = model.init(key, images, is_training=True)
+    params = layout.stack(model.init(key, images, is_training=True))
     return params, optimizer.init(params)
 
   return {"grad": jax.jit(jax.grad(loss_fn)), "update": jax.jit(update, donate_argnums=(1, 2)),
@@ -81,24 +97,44 @@ def _timed(fn, *args):
   return out, time.perf_counter() - start
 
 
-def measure(variant: str, mode: str, args, dtype) -> dict:
-  """Trace and compile seconds of the two-program step ('trace', 'compile') and,
-  with --one-program, of the single program ('one_trace', 'one_compile')."""
+def _compile_two(fns, params, opt_state, images, labels, key):
+  grad_low, grad_trace = _timed(fns["grad"].lower, params, images, labels, key)
+  update_low, update_trace = _timed(fns["update"].lower, params, params, opt_state)
+  grad_step, grad_compile = _timed(grad_low.compile)
+  update_step, update_compile = _timed(update_low.compile)
+
+  def step(params, opt_state, x, y, key):
+    return update_step(grad_step(params, x, y, key), params, opt_state)
+
+  return step, grad_trace + update_trace, grad_compile + update_compile
+
+
+def _compile_one(fns, params, opt_state, images, labels, key):
+  low, trace = _timed(fns["one"].lower, params, opt_state, images, labels, key)
+  compiled, compile_s = _timed(low.compile)
+  return compiled, trace, compile_s
+
+
+def measure(variant: str, mode: str, layout_name: str, args, dtype) -> dict:
+  """Trace and compile seconds of the step as trained ('trace', 'compile',
+  'programs'), and with --both-forms of the other form ('other_trace',
+  'other_compile')."""
   with block_loop(mode):  # applies while tracing
-    fns, init = build_step(variant, dtype)
+    layout = (registry.stacked_layout(f"nfnet:{variant}") if layout_name == "stacked"
+              else StackedLayout([]))
+    fns, init = build_step(variant, dtype, layout)
     images = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     params, opt_state = jax.eval_shape(init, key, images)
-    grad_low, grad_trace = _timed(fns["grad"].lower, params, images, labels, key)
-    update_low, update_trace = _timed(fns["update"].lower, params, params, opt_state)
-    grad_step, grad_compile = _timed(grad_low.compile)
-    update_step, update_compile = _timed(update_low.compile)
-    result = {"trace": grad_trace + update_trace, "compile": grad_compile + update_compile}
-    if args.one_program:
-      one_low, result["one_trace"] = _timed(fns["one"].lower, params, opt_state, images, labels,
-                                            key)
-      _, result["one_compile"] = _timed(one_low.compile)
+    two = len(jax.tree_util.tree_leaves(params)) >= SEPARATE_UPDATE_MIN_LEAVES
+    forms = [_compile_two, _compile_one] if two else [_compile_one, _compile_two]
+    step, trace, compile_s = forms[0](fns, params, opt_state, images, labels, key)
+    result = {"trace": trace, "compile": compile_s, "programs": 2 if two else 1,
+              "leaves": len(jax.tree_util.tree_leaves(params))}
+    if args.both_forms:
+      _, result["other_trace"], result["other_compile"] = forms[1](
+          fns, params, opt_state, images, labels, key)
   if args.run:
     params, opt_state = jax.jit(init)(jax.random.key(0), jnp.zeros(images.shape))
     x = jax.random.normal(jax.random.key(1), images.shape)
@@ -106,8 +142,7 @@ def measure(variant: str, mode: str, args, dtype) -> dict:
     times = []
     for i in range(args.repeats + 1):
       begin = time.perf_counter()
-      grads = grad_step(params, x, y, jax.random.key(i))
-      params, opt_state = update_step(grads, params, opt_state)
+      params, opt_state = step(params, opt_state, x, y, jax.random.key(i))
       jax.block_until_ready(params)
       times.append(time.perf_counter() - begin)
     result["step_ms"] = 1e3 * statistics.median(times[1:])
@@ -118,37 +153,44 @@ def measure(variant: str, mode: str, args, dtype) -> dict:
 def main() -> None:
   args = parse_args()
   sys.stdout.reconfigure(line_buffering=True)
-  modes = args.modes.split(",")
-  unknown = set(modes) - set(BLOCK_LOOPS)
-  if unknown:
-    sys.exit(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(BLOCK_LOOPS)}.")
+  modes, layouts = args.modes.split(","), args.layouts.split(",")
+  for given, valid, flag in ((modes, BLOCK_LOOPS, "--modes"), (layouts, LAYOUTS, "--layouts")):
+    unknown = set(given) - set(valid)
+    if unknown:
+      sys.exit(f"{flag}: unknown {sorted(unknown)}; choose from {', '.join(valid)}.")
   dtype = jnp.dtype(args.dtype)
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; train step "
         f"batch {args.batch} at {args.size}px, {args.dtype}; persistent cache off")
   for variant in args.variants.split(","):
-    results = {mode: measure(variant, mode, args, dtype) for mode in modes}
-    for mode, r in results.items():
-      line = (f"{variant:<4} {mode:<7} trace {r['trace']:6.1f} s  compile {r['compile']:6.1f} s  "
-              f"total {r['trace'] + r['compile']:6.1f} s")
+    results = {(mode, layout): measure(variant, mode, layout, args, dtype)
+               for mode in modes for layout in layouts}
+    total = {key: r["trace"] + r["compile"] for key, r in results.items()}
+    for (mode, layout), r in results.items():
+      line = (f"{variant:<4} {mode:<7} {layout:<9} {r['leaves']:5d} arrays, "
+              f"{r['programs']} program(s): trace {r['trace']:6.1f} s  compile "
+              f"{r['compile']:6.1f} s  total {total[mode, layout]:6.1f} s")
       if "step_ms" in r:
         line += f"  step {r['step_ms']:8.1f} ms"
       print(line)
-      if "one_compile" in r:
-        one = r["one_trace"] + r["one_compile"]
-        print(f"{variant:<4} {mode:<7} one program: trace {r['one_trace']:6.1f} s  compile "
-              f"{r['one_compile']:6.1f} s  total {one:6.1f} s; one/two-program ratio "
-              f"{one / (r['trace'] + r['compile']):.2f}")
+      if "other_compile" in r:
+        other = r["other_trace"] + r["other_compile"]
+        print(f"{variant:<4} {mode:<7} {layout:<9} as {3 - r['programs']} program(s): trace "
+              f"{r['other_trace']:6.1f} s  compile {r['other_compile']:6.1f} s  total "
+              f"{other:6.1f} s; ratio to the trained form {other / total[mode, layout]:.2f}")
+    for mode in modes:
+      if {(mode, "stacked"), (mode, "published")} <= set(results):
+        print(f"{variant:<4} {mode:<7} published/stacked compile-time ratio "
+              f"{total[mode, 'published'] / total[mode, 'stacked']:.2f}")
     for fast in ("auto", "scan"):
-      if not {fast, "unroll"} <= set(results):
-        continue
-      total = {m: results[m]["trace"] + results[m]["compile"] for m in (fast, "unroll")}
-      line = (f"{variant:<4} unroll/{fast} compile-time ratio "
-              f"{total['unroll'] / total[fast]:.2f}")
-      if args.run:
-        line += (f", step-time ratio {results['unroll']['step_ms'] / results[fast]['step_ms']:.2f}"
-                 f" (>1: {fast} is faster)")
-      print(line)
+      for layout in layouts:
+        if {(fast, layout), ("unroll", layout)} <= set(results):
+          line = (f"{variant:<4} {layout:<9} unroll/{fast} compile-time ratio "
+                  f"{total['unroll', layout] / total[fast, layout]:.2f}")
+          if args.run:
+            ratio = results["unroll", layout]["step_ms"] / results[fast, layout]["step_ms"]
+            line += f", step-time ratio {ratio:.2f} (>1: {fast} is faster)"
+          print(line)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--config.train_batch_szie=8", "train_batch_szie"),
+    ("--config.train_batch_szie=8", "FATAL Flags parsing error: --config.train_batch_szie: the "
+     "config has no field 'train_batch_szie'. Did you mean \"train_batch_size\""),
     ("--config.compute_dtype=float64", "config.compute_dtype = 'float64' is invalid"),
     ("--config.train_batch_size=6", "must be divisible by the number of devices (4"),
     ("--config.model=nfnet:F9", "Unknown model 'nfnet:F9'"),

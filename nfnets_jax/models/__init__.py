@@ -10,7 +10,8 @@ so build it with `transform_with_state`.
 How a model is lowered (never what it computes) can be chosen while tracing:
 `conv_impl('xla'|'decomposed'|'auto')` for convolutions (see `conv.py`) and
 `block_loop('scan'|'unroll'|'auto')` for runs of identical blocks (see
-`network.py`).
+`network.py`). Training keeps scanned runs' parameters stacked
+(`stacked_layout`, see `stacking.py`) and converts at checkpoints.
 """
 
 from nfnets_jax.models.activations import ACTIVATION_NAMES, GAMMAS, get_activation
@@ -25,7 +26,9 @@ from nfnets_jax.models.nf_resnet import NFResNet
 from nfnets_jax.models.nfnet import NFNet
 from nfnets_jax.models.registry import (FAMILIES, count_flops, count_params, create_model,
                                         is_stateful, list_models, model_plan, param_shapes,
-                                        parse_model_name, transform, transform_with_state)
+                                        parse_model_name, stacked_layout, transform,
+                                        transform_with_state)
+from nfnets_jax.models.stacking import StackedLayout
 
 __all__ = [
     "ACTIVATION_NAMES", "GAMMAS", "get_activation",
@@ -35,4 +38,5 @@ __all__ = [
     "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet",
     "FAMILIES", "count_flops", "count_params", "create_model", "is_stateful", "list_models",
     "model_plan", "param_shapes", "parse_model_name", "transform", "transform_with_state",
+    "StackedLayout", "stacked_layout",
 ]

@@ -268,6 +268,12 @@ class NormFreeNet(hk.Module):
         outputs[f"res_avg_var_{i}"] = metrics["res_avg_var"][j]
     return x
 
+  def scanned_block_names(self) -> list[list[str]]:
+    """The module names of the blocks of each run this network scans under the
+    current `block_loop` (what `stacking.StackedLayout` stacks)."""
+    return [[self.blocks[i].module_name for i in run]
+            for run in self.plan.block_runs() if _scanned(run)]
+
   def count_flops(self, h: int, w: int) -> tuple[list[int], int]:
     """Multiply-adds per layer (stem convs, blocks, final conv, classifier) and in total."""
     return self.plan.count_flops(h, w)

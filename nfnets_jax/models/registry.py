@@ -20,6 +20,8 @@ import numpy as np
 
 from nfnets_jax.models import bn_resnet, nf_regnet, nf_resnet, nfnet
 from nfnets_jax.models.architecture import NetworkPlan
+from nfnets_jax.models.network import NormFreeNet
+from nfnets_jax.models.stacking import StackedLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,19 @@ def transform_with_state(name: str, num_classes: int = 1000,
   `apply(params, state, rng, images, is_training=..., return_metrics=...) -> (outputs, state)`.
   """
   return hk.transform_with_state(_forward(name, num_classes, kwargs))
+
+
+def stacked_layout(name: str, num_classes: int = 1000, **kwargs: Any) -> StackedLayout:
+  """The stacked parameter layout of `name` (see `stacking.py`): its runs of
+  blocks that are scanned under the current `block_loop` (by default the runs
+  of 6 or more blocks: none for NFNet-F0, 4 runs for F7), one module each.
+  The identity for models without scanned runs.
+  """
+  def scanned_runs():
+    net = create_model(name, num_classes, **kwargs)
+    return net.scanned_block_names() if isinstance(net, NormFreeNet) else []
+
+  return StackedLayout(hk.transform(scanned_runs).apply({}, None))
 
 
 def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,

@@ -18,7 +18,7 @@ adds what the optax transform lacks:
 * an error naming the offending parameter when a rank has no unit rule.
 """
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,9 @@ def _check_positive(name: str, value: Any) -> None:
 
 
 def adaptive_grad_clip(clipping: float, eps: float = 1e-3, *,
-                       record_clip_fraction: bool = False) -> optax.GradientTransformation:
+                       record_clip_fraction: bool = False,
+                       stacked_axes: Optional[Callable[[str, str], int]] = None
+                       ) -> optax.GradientTransformation:
   """Unit-wise adaptive gradient clipping (Brock et al. 2021, arXiv:2102.06171).
 
   For each output unit (see `unit_axes`) with parameters `w` and gradient `g`:
@@ -101,6 +103,11 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3, *,
     record_clip_fraction: keep in the state the fraction of units clipped by
       the last update (`agc_clip_fraction(opt_state)` reads it). Costs one
       boolean reduction per unit, nothing per element beyond the clip itself.
+    stacked_axes: for parameters that stack several layers' copies on leading
+      axes (a scanned layer stack, e.g. `models.stacked_layout(...).stacked_axes`),
+      `stacked_axes(module_path, name)` gives how many leading axes index the
+      copies; each copy's units are then found and clipped on their own, as if
+      unstacked. None: no parameter is stacked.
 
   Returns:
     An `optax.GradientTransformation`; its `update` needs `params`.
@@ -126,8 +133,13 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3, *,
         raise ValueError(
             f"adaptive_grad_clip: gradient {_path_str(path)!r} has shape {g.shape} but its "
             f"parameter has shape {p.shape}; they must match.")
+      lead = stacked_axes(*split_path(path)) if stacked_axes is not None else 0
+      if not 0 <= lead <= p.ndim:
+        raise ValueError(
+            f"adaptive_grad_clip: stacked_axes gave {lead!r} for {_path_str(path)!r} of shape "
+            f"{p.shape}; expected an int from 0 to {p.ndim}.")
       try:
-        axes = unit_axes(p.shape)
+        axes = tuple(lead + a for a in unit_axes(p.shape[lead:]))
       except ValueError as e:
         raise ValueError(f"Parameter {_path_str(path)!r}: {e}") from None
       g32 = jnp.asarray(g, jnp.float32)

@@ -11,7 +11,7 @@ Each piece is an optax transform (AGC and weight decay masked by group,
 `optax.GradientTransformation` that composes with any other.
 """
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import optax
 
@@ -38,6 +38,7 @@ def nfnet_optimizer(
     exclude_classifier_from_agc: bool = False,
     record_clip_fraction: bool = False,
     accumulator_dtype: Optional[Any] = None,
+    stacked_axes: Optional[Callable[[str, str], int]] = None,
 ) -> optax.GradientTransformation:
   """SGD + (Nesterov) momentum + weight decay + AGC, grouped as published.
 
@@ -70,6 +71,11 @@ def nfnet_optimizer(
     record_clip_fraction: keep the fraction of AGC units clipped at each step in
       the state; read it with `agc_clip_fraction(opt_state)`.
     accumulator_dtype: dtype of the momentum buffer (default: the parameters').
+    stacked_axes: for parameter trees holding stacked layers, the number of
+      leading axes of each parameter that index its copies, as a function of
+      `(module_path, name)` (see `adaptive_grad_clip`; for a model's stacked
+      train state, `models.stacked_layout(name).stacked_axes`). Under
+      `optax.inject_hyperparams`, list it in `static_args`.
 
   Returns:
     An `optax.GradientTransformation`; its `update` needs `params`.
@@ -106,7 +112,8 @@ def nfnet_optimizer(
   steps = []
   if clipping is not None:
     steps.append(optax.masked(
-        adaptive_grad_clip(clipping, eps, record_clip_fraction=record_clip_fraction), agc_mask))
+        adaptive_grad_clip(clipping, eps, record_clip_fraction=record_clip_fraction,
+                           stacked_axes=stacked_axes), agc_mask))
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
     steps.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
   if not (isinstance(momentum, (int, float)) and momentum == 0):

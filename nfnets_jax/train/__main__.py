@@ -9,6 +9,7 @@ does not exist is an error. The run resumes from the latest checkpoint in
 --workdir. Multi-host jobs run this same command on every host (see launch/).
 """
 
+import ast
 import json
 import os
 import sys
@@ -26,6 +27,29 @@ _MODE = flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval"],
                           "train: train only; eval: evaluate the latest checkpoint; "
                           "train_eval: train, then evaluate.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an override of a config field that does not
+  exist reported as one line naming the flag (ml_collections raises it as a
+  chained AttributeError traceback from inside the parser)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as err:
+    detail = str(err.args[0]) if err.args else str(err)
+    while detail[:1] in ("'", '"'):  # the message arrives quoted, once or twice
+      try:
+        detail = str(ast.literal_eval(detail))
+      except (ValueError, SyntaxError):
+        break
+    name, _, hint = detail.partition("\n")
+    name = name.strip("'\"")
+    given = [arg.split("=", 1)[0] for arg in argv[1:]
+             if arg.startswith("--config.") and name in arg.split("=", 1)[0]]
+    where = f"{given[0]}: " if given else ""
+    sys.stderr.write(f"FATAL Flags parsing error: {where}the config has no field {name!r}. "
+                     f"{hint or 'See the experiment file for the fields it defines.'}\n")
+    sys.exit(1)
 
 
 def main(argv):
@@ -56,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -5,6 +5,10 @@ convert tools read), `<workdir>/checkpoints/<step>/` with items `params` and
 `ema_params` (Haiku trees), plus `opt_state` (the optax state) and `meta`
 (JSON: step, EMA update count, model name and kwargs).
 
+Checkpoints hold the published parameter layout whatever layout the train
+state uses (`models.stacking`): a checkpoint resumes under any block loop,
+and the evaluate, convert and export tools read it as it is.
+
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a run killed at any moment (SIGKILL, preemption) leaves only
 complete checkpoints behind; `latest_step` never sees a partial one.
@@ -18,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nfnets_jax import checkpoint
+from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.optim import EmaState
 from nfnets_jax.train.state import TrainState
 
@@ -32,17 +37,28 @@ def _scalar(value: int, sharding: jax.sharding.Sharding) -> jax.Array:
 
 
 class Checkpointer:
-  """Saves and restores `TrainState`s under `<workdir>/checkpoints`."""
+  """Saves and restores `TrainState`s under `<workdir>/checkpoints`.
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+  `layout`: the layout of the states passed to `save` and returned by
+  `restore` (default: the published one); files are always published.
+  """
+
+  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True,
+               layout: Optional[StackedLayout] = None):
     self._manager = checkpoint.checkpoint_manager(
         workdir, max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
+    self._layout = layout if layout is not None and not layout.is_identity else None
+    if self._layout is not None:
+      self._to_published = jax.jit(self._layout.unstack_all)
+      self._to_stacked = jax.jit(self._layout.stack_all)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
   def save(self, state: TrainState, meta: dict[str, Any]) -> None:
     """Starts saving `state` (returns before the write finishes when async)."""
+    if self._layout is not None:
+      state = self._to_published(state)
     step = int(jax.device_get(state.step))
     meta = {**meta, "step": step, "ema_count": int(jax.device_get(state.ema.count))}
     self._manager.save(step, args=ocp.args.Composite(**{
@@ -56,6 +72,11 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError("No complete checkpoint to restore.")
+    if self._layout is not None:
+      sharding = target.step.sharding
+      target = jax.tree_util.tree_map(
+          lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+          jax.eval_shape(self._layout.unstack_all, target))
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
         checkpoint.PARAMS_ITEM: ocp.args.StandardRestore(target.params),
         checkpoint.EMA_PARAMS_ITEM: ocp.args.StandardRestore(target.ema.ema),
@@ -68,6 +89,8 @@ class Checkpointer:
         opt_state=restored["opt_state"],
         ema=EmaState(count=_scalar(meta["ema_count"], target.step.sharding),
                      ema=restored[checkpoint.EMA_PARAMS_ITEM]))
+    if self._layout is not None:
+      state = self._to_stacked(state)
     return state, meta
 
   def wait(self) -> None:
@@ -77,3 +100,4 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+

@@ -76,6 +76,10 @@ class Experiment:
     except TypeError as err:
       raise ValueError(f"config.model_kwargs {model_kwargs(config)} do not fit "
                        f"{config.model}: {err}") from None
+    # The train state keeps scanned runs' parameters stacked (see
+    # models/stacking.py); checkpoints and results use the published tree.
+    self.layout = models.stacked_layout(config.model, config.num_classes,
+                                        **model_kwargs(config))
 
     from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
     num_train = open_source(config.dataset.name, config.dataset.train_split,
@@ -95,7 +99,7 @@ class Experiment:
         self.schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
         weight_decay=config.optimizer.weight_decay, clipping=clipping, eps=config.optimizer.eps,
         exclude_classifier_from_agc=config.optimizer.exclude_classifier_from_agc,
-        record_clip_fraction=clipping is not None)
+        record_clip_fraction=clipping is not None, stacked_axes=self.layout.stacked_axes)
     self.ema = optim.params_ema(config.ema_decay)
     step_config = steps.StepConfig(
         num_classes=config.num_classes, label_smoothing=config.label_smoothing,
@@ -103,18 +107,18 @@ class Experiment:
         sam_ascent_fraction=config.sam.ascent_fraction, record_clip_fraction=clipping is not None)
     self.train_step = steps.make_train_step(
         self.model, self.optimizer, self.ema, self.schedule, step_config, self.mesh,
-        jax.random.key(config.seed + 1))
+        jax.random.key(config.seed + 1), self.layout)
     self.eval_step = steps.make_eval_step(self.model, config.num_classes, self.compute_dtype,
-                                          self.mesh)
+                                          self.mesh, self.layout)
     self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints,
-                                     config.async_checkpoints)
+                                     config.async_checkpoints, self.layout)
     self.reporter = Reporter(self.workdir, self.total_steps, config.train_batch_size)
 
   # -- state -----------------------------------------------------------------
 
   def _abstract_state(self) -> TrainState:
     return steps.abstract_state(self.model, self.optimizer, self.ema, self.image_shape,
-                                self.mesh)
+                                self.mesh, self.layout)
 
   def restore_or_init(self) -> TrainState:
     """The latest complete checkpoint in the workdir, or a freshly initialised state."""
@@ -123,7 +127,8 @@ class Experiment:
       logging.info("No checkpoint in %s; initialising %s.", checkpoint_dir(self.workdir),
                    self.config.model)
       return steps.init_state(self.model, self.optimizer, self.ema,
-                              jax.random.key(self.config.seed), self.image_shape, self.mesh)
+                              jax.random.key(self.config.seed), self.image_shape, self.mesh,
+                              self.layout)
     state, _ = self.checkpointer.restore(self._abstract_state(), latest)
     logging.info("Resumed from step %d (%s).", latest, checkpoint_dir(self.workdir))
     return state
@@ -200,7 +205,8 @@ class Experiment:
     finally:
       self.checkpointer.wait()
     results = self.evaluate(state) if evaluate else {"step": step}
-    results["params_fingerprint"] = params_fingerprint(state.params)
+    results["params_fingerprint"] = params_fingerprint(
+        jax.jit(self.layout.unstack_all)(state.params))
     return results
 
   def evaluate(self, state: Optional[TrainState] = None) -> dict[str, float]:
