@@ -6,8 +6,8 @@ tree. Training in the published layout pays for that stacking at every step:
 the gradient program unstacks every scanned gradient back into per-block
 leaves, and the optimizer then updates each block's leaves separately
 (NFNet-F7 has 1,661 parameter arrays; stacked, 165). Keeping the train state
-stacked removes both, so F7's train step compiles in 36 s instead of 87 s on
-a 2-core CPU (`benchmarks/bench_compile.py --layouts`).
+stacked removes both, so F7's train step compiles in 40.5 s instead of 75.2 s
+on a 2-core CPU (`benchmarks/bench_compile.py --layouts`).
 
 In the stacked tree, the modules of a run's blocks (`NFNet/~/nf_block_3`,
 `NFNet/~/nf_block_3/~/conv0`, ..., `NFNet/~/nf_block_8/...`) become one module

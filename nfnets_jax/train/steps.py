@@ -179,9 +179,11 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
   gradients = jax.jit(data_parallel(per_device))
   update = jax.jit(apply_gradients, donate_argnums=0)
 
+  separate = config.separate_update
+
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    separate = config.separate_update
-    if separate is None:
+    nonlocal separate
+    if separate is None:  # decided once: the state's tree is the same at every step
       separate = len(jax.tree_util.tree_leaves(state.params)) >= SEPARATE_UPDATE_MIN_LEAVES
     if not separate:
       return one_program(state, batch)
