@@ -21,8 +21,15 @@ ratios. `--both-forms` also compiles the other form (one program where
 training uses two, or two where it uses one) and prints its time over the
 trained form's. `--run` also times the steps' execution.
 
+`--transforms fast,haiku` compares the model built as training builds it
+(`registry.transform`, built with `nfnets_jax.models.fast_init`) with plain
+`hk.transform` of the same network; `--init` also compiles each one's jitted
+initialisation (model init, stacking, optimizer init), which is where they
+differ: `fast_init` batches the random draws.
+
 Usage: python benchmarks/bench_compile.py [--variants F0,F3,F7] [--batch 8] [--size 128]
                                           [--layouts stacked,published] [--modes auto,unroll]
+                                          [--transforms fast,haiku] [--init]
                                           [--both-forms] [--run]
 """
 
@@ -44,6 +51,7 @@ from nfnets_jax.optim import nfnet_optimizer
 from nfnets_jax.train.steps import SEPARATE_UPDATE_MIN_LEAVES
 
 LAYOUTS = ("stacked", "published")
+TRANSFORMS = ("fast", "haiku")
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,6 +63,10 @@ def parse_args() -> argparse.Namespace:
                       help=f"comma-separated subset of {', '.join(LAYOUTS)}")
   parser.add_argument("--modes", default="auto",
                       help=f"comma-separated subset of {', '.join(BLOCK_LOOPS)}")
+  parser.add_argument("--transforms", default="fast",
+                      help=f"comma-separated subset of {', '.join(TRANSFORMS)}")
+  parser.add_argument("--init", action="store_true",
+                      help="also compile the jitted initialisation (model and optimizer)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--run", action="store_true",
                       help="also execute each compiled step and report ms/step (allocates weights)")
@@ -65,10 +77,10 @@ def parse_args() -> argparse.Namespace:
   return parser.parse_args()
 
 
-def build_step(variant: str, dtype, layout: StackedLayout):
+def build_step(variant: str, dtype, layout: StackedLayout, transform: str):
   """The train step's pieces on parameters in `layout`: the gradient program,
   the update program, both as one program, and the initialiser."""
-  model = registry.transform(f"nfnet:{variant}", 1000)
+  model = registry.transform(f"nfnet:{variant}", 1000, fast_init=transform == "fast")
   optimizer = nfnet_optimizer(0.1, stacked_axes=layout.stacked_axes)
 
   def loss_fn(params, images, labels, key):
@@ -115,23 +127,27 @@ def _compile_one(fns, params, opt_state, images, labels, key):
   return compiled, trace, compile_s
 
 
-def measure(variant: str, mode: str, layout_name: str, args, dtype) -> dict:
+def measure(variant: str, mode: str, layout_name: str, transform: str, args, dtype) -> dict:
   """Trace and compile seconds of the step as trained ('trace', 'compile',
-  'programs'), and with --both-forms of the other form ('other_trace',
-  'other_compile')."""
+  'programs'), with --both-forms of the other form ('other_trace',
+  'other_compile'), with --init of the initialisation ('init_trace', 'init_compile')."""
   with block_loop(mode):  # applies while tracing
     layout = (registry.stacked_layout(f"nfnet:{variant}") if layout_name == "stacked"
               else StackedLayout([]))
-    fns, init = build_step(variant, dtype, layout)
+    fns, init = build_step(variant, dtype, layout, transform)
     images = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     params, opt_state = jax.eval_shape(init, key, images)
+    result = {}
+    if args.init:
+      low, result["init_trace"] = _timed(jax.jit(init).lower, key, images)
+      _, result["init_compile"] = _timed(low.compile)
     two = len(jax.tree_util.tree_leaves(params)) >= SEPARATE_UPDATE_MIN_LEAVES
     forms = [_compile_two, _compile_one] if two else [_compile_one, _compile_two]
     step, trace, compile_s = forms[0](fns, params, opt_state, images, labels, key)
-    result = {"trace": trace, "compile": compile_s, "programs": 2 if two else 1,
-              "leaves": len(jax.tree_util.tree_leaves(params))}
+    result.update(trace=trace, compile=compile_s, programs=2 if two else 1,
+                  leaves=len(jax.tree_util.tree_leaves(params)))
     if args.both_forms:
       _, result["other_trace"], result["other_compile"] = forms[1](
           fns, params, opt_state, images, labels, key)
@@ -154,7 +170,9 @@ def main() -> None:
   args = parse_args()
   sys.stdout.reconfigure(line_buffering=True)
   modes, layouts = args.modes.split(","), args.layouts.split(",")
-  for given, valid, flag in ((modes, BLOCK_LOOPS, "--modes"), (layouts, LAYOUTS, "--layouts")):
+  transforms = args.transforms.split(",")
+  for given, valid, flag in ((modes, BLOCK_LOOPS, "--modes"), (layouts, LAYOUTS, "--layouts"),
+                             (transforms, TRANSFORMS, "--transforms")):
     unknown = set(given) - set(valid)
     if unknown:
       sys.exit(f"{flag}: unknown {sorted(unknown)}; choose from {', '.join(valid)}.")
@@ -163,35 +181,49 @@ def main() -> None:
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; train step "
         f"batch {args.batch} at {args.size}px, {args.dtype}; persistent cache off")
   for variant in args.variants.split(","):
-    results = {(mode, layout): measure(variant, mode, layout, args, dtype)
-               for mode in modes for layout in layouts}
+    results = {(mode, layout, tf): measure(variant, mode, layout, tf, args, dtype)
+               for mode in modes for layout in layouts for tf in transforms}
     total = {key: r["trace"] + r["compile"] for key, r in results.items()}
-    for (mode, layout), r in results.items():
-      line = (f"{variant:<4} {mode:<7} {layout:<9} {r['leaves']:5d} arrays, "
-              f"{r['programs']} program(s): trace {r['trace']:6.1f} s  compile "
-              f"{r['compile']:6.1f} s  total {total[mode, layout]:6.1f} s")
+    for (mode, layout, tf), r in results.items():
+      name = f"{variant:<4} {mode:<7} {layout:<9} {tf:<5}"
+      line = (f"{name} {r['leaves']:5d} arrays, {r['programs']} program(s): trace "
+              f"{r['trace']:6.1f} s  compile {r['compile']:6.1f} s  total "
+              f"{total[mode, layout, tf]:6.1f} s")
       if "step_ms" in r:
         line += f"  step {r['step_ms']:8.1f} ms"
       print(line)
       if "other_compile" in r:
         other = r["other_trace"] + r["other_compile"]
-        print(f"{variant:<4} {mode:<7} {layout:<9} as {3 - r['programs']} program(s): trace "
-              f"{r['other_trace']:6.1f} s  compile {r['other_compile']:6.1f} s  total "
-              f"{other:6.1f} s; ratio to the trained form {other / total[mode, layout]:.2f}")
+        print(f"{name} as {3 - r['programs']} program(s): trace {r['other_trace']:6.1f} s  "
+              f"compile {r['other_compile']:6.1f} s  total {other:6.1f} s; ratio to the "
+              f"trained form {other / total[mode, layout, tf]:.2f}")
+      if "init_compile" in r:
+        print(f"{name} init: trace {r['init_trace']:6.1f} s  compile "
+              f"{r['init_compile']:6.1f} s  total {r['init_trace'] + r['init_compile']:6.1f} s")
     for mode in modes:
-      if {(mode, "stacked"), (mode, "published")} <= set(results):
-        print(f"{variant:<4} {mode:<7} published/stacked compile-time ratio "
-              f"{total[mode, 'published'] / total[mode, 'stacked']:.2f}")
+      for tf in transforms:
+        if {(mode, "stacked", tf), (mode, "published", tf)} <= set(results):
+          print(f"{variant:<4} {mode:<7} {tf:<5} published/stacked compile-time ratio "
+                f"{total[mode, 'published', tf] / total[mode, 'stacked', tf]:.2f}")
+      for layout in layouts:
+        if {(mode, layout, "fast"), (mode, layout, "haiku")} <= set(results):
+          fast, haiku = results[mode, layout, "fast"], results[mode, layout, "haiku"]
+          line = (f"{variant:<4} {mode:<7} {layout:<9} haiku/fast train-step compile-time "
+                  f"ratio {total[mode, layout, 'haiku'] / total[mode, layout, 'fast']:.2f}")
+          if args.init:
+            line += (f", init {(haiku['init_trace'] + haiku['init_compile']) / (fast['init_trace'] + fast['init_compile']):.2f}")
+          print(line)
     for fast in ("auto", "scan"):
       for layout in layouts:
-        if {(fast, layout), ("unroll", layout)} <= set(results):
-          line = (f"{variant:<4} {layout:<9} unroll/{fast} compile-time ratio "
-                  f"{total['unroll', layout] / total[fast, layout]:.2f}")
-          if args.run:
-            ratio = results["unroll", layout]["step_ms"] / results[fast, layout]["step_ms"]
-            line += f", step-time ratio {ratio:.2f} (>1: {fast} is faster)"
-          print(line)
-
+        for tf in transforms:
+          if {(fast, layout, tf), ("unroll", layout, tf)} <= set(results):
+            line = (f"{variant:<4} {layout:<9} {tf:<5} unroll/{fast} compile-time ratio "
+                    f"{total['unroll', layout, tf] / total[fast, layout, tf]:.2f}")
+            if args.run:
+              ratio = (results["unroll", layout, tf]["step_ms"]
+                       / results[fast, layout, tf]["step_ms"])
+              line += f", step-time ratio {ratio:.2f} (>1: {fast} is faster)"
+            print(line)
 
 if __name__ == "__main__":
   # The benchmark measures compilation itself: never read it from a cache.

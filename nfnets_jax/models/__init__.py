@@ -12,10 +12,13 @@ How a model is lowered (never what it computes) can be chosen while tracing:
 `block_loop('scan'|'unroll'|'auto')` for runs of identical blocks (see
 `network.py`). Training keeps scanned runs' parameters stacked
 (`stacked_layout`, see `stacking.py`) and converts at checkpoints.
+`transform` builds models with `fast_init.transform`, whose init gives Haiku's
+weights for a seed but compiles in seconds for deep variants.
 """
 
 from nfnets_jax.models.activations import ACTIVATION_NAMES, GAMMAS, get_activation
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec
+from nfnets_jax.models import fast_init
 from nfnets_jax.models.bn_resnet import BNResNet
 from nfnets_jax.models.conv import conv_impl
 from nfnets_jax.models.layers import (SqueezeExcite, StochDepth, WSConv2D, signal_metrics,
@@ -38,5 +41,5 @@ __all__ = [
     "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet",
     "FAMILIES", "count_flops", "count_params", "create_model", "is_stateful", "list_models",
     "model_plan", "param_shapes", "parse_model_name", "transform", "transform_with_state",
-    "StackedLayout", "stacked_layout",
+    "StackedLayout", "stacked_layout", "fast_init",
 ]
