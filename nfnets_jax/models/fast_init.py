@@ -21,7 +21,8 @@ on a 2-core CPU, over five times its train step; with this module, 22 s
   key and each element's flat index, so a `(3, 3, 64, 128)` draw equals a
   flat draw of 73,728 numbers from the same key, reshaped: F7's 586 random
   arrays come from 20 draws (`tests/test_fast_init.py` checks bit equality
-  with plain `hk.transform` for every model family).
+  with plain `hk.transform` for NFNets and NF-ResNets; NF-RegNets are built
+  from the same layers).
 
 Anything else (other initialisers, complex dtypes, array-valued bounds, a
 changed `rng_reserve_size`) is created the usual way. `apply` is Haiku's:
