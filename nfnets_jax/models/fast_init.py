@@ -25,7 +25,9 @@ on a 2-core CPU, over five times its train step; with this module, 22 s
   from the same layers).
 
 Anything else (other initialisers, complex dtypes, array-valued bounds, a
-changed `rng_reserve_size`) is created the usual way. `apply` is Haiku's:
+changed `rng_reserve_size`) is created the usual way. `fn` must create its
+parameters outside JAX transformations (`hk.vmap`, `hk.scan`, ...), as every
+model here does: the recorded keys are used after `fn` returns. `apply` is Haiku's:
 precomputing its few keys (stochastic depth, dropout) the same way was
 measured to make no difference to the train step's compile time.
 """
