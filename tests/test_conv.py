@@ -66,12 +66,14 @@ def test_decomposed_matches_native_in_bfloat16():
     assert _relative(a, b) < 2e-2
 
 
-def test_kernel_gradient_is_the_weight_vjp():
+@pytest.mark.parametrize("groups", [1, 2])  # a plain 2-D product per tap, a batched one
+def test_kernel_gradient_is_the_weight_vjp(groups):
   """`kernel_gradient` on its own equals autodiff of the native convolution."""
-  x, w = _inputs(2, 10, 64, 96, 3, 2)
+  x, w = _inputs(2, 10, 64, 96, 3, groups)
   dy = jax.random.normal(jax.random.key(3), (2, 5, 5, 96))
-  native = jax.vjp(lambda w: conv.conv2d(x, w, 2, "SAME", 2, impl="xla"), w)[1](dy)[0]
-  ours = conv.kernel_gradient(x, dy, w.shape, 2, "SAME", 2)
+  native = jax.vjp(lambda w: conv.conv2d(x, w, 2, "SAME", groups, impl="xla"), w)[1](dy)[0]
+  ours = conv.kernel_gradient(x, dy, w.shape, 2, "SAME", groups)
+  assert ours.shape == w.shape
   assert _relative(ours, native) < 1e-6
 
 
