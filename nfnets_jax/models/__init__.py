@@ -16,9 +16,9 @@ How a model is lowered (never what it computes) can be chosen while tracing:
 weights for a seed but compiles in seconds for deep variants.
 """
 
+from nfnets_jax.models import fast_init
 from nfnets_jax.models.activations import ACTIVATION_NAMES, GAMMAS, get_activation
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec
-from nfnets_jax.models import fast_init
 from nfnets_jax.models.bn_resnet import BNResNet
 from nfnets_jax.models.conv import conv_impl
 from nfnets_jax.models.layers import (SqueezeExcite, StochDepth, WSConv2D, signal_metrics,
