@@ -27,7 +27,10 @@ on a 2-core CPU, over five times its train step; with this module, 22 s
 Anything else (other initialisers, complex dtypes, array-valued bounds, a
 changed `rng_reserve_size`) is created the usual way. `fn` must create its
 parameters outside JAX transformations (`hk.vmap`, `hk.scan`, ...), as every
-model here does: the recorded keys are used after `fn` returns. `apply` is Haiku's:
+model here does: the recorded keys are used after `fn` returns. While `init`
+traces `fn`, deferred arrays read as zeros (the forward pass's outputs are
+discarded; an initialiser computed from another parameter's value would see
+the zeros, and none of this project's models has one). `apply` is Haiku's:
 precomputing its few keys (stochastic depth, dropout) the same way was
 measured to make no difference to the train step's compile time.
 """
