@@ -184,6 +184,8 @@ def main() -> None:
     results = {(mode, layout, tf): measure(variant, mode, layout, tf, args, dtype)
                for mode in modes for layout in layouts for tf in transforms}
     total = {key: r["trace"] + r["compile"] for key, r in results.items()}
+    init_total = {key: r["init_trace"] + r["init_compile"] for key, r in results.items()
+                  if "init_compile" in r}
     for (mode, layout, tf), r in results.items():
       name = f"{variant:<4} {mode:<7} {layout:<9} {tf:<5}"
       line = (f"{name} {r['leaves']:5d} arrays, {r['programs']} program(s): trace "
@@ -199,7 +201,7 @@ def main() -> None:
               f"trained form {other / total[mode, layout, tf]:.2f}")
       if "init_compile" in r:
         print(f"{name} init: trace {r['init_trace']:6.1f} s  compile "
-              f"{r['init_compile']:6.1f} s  total {r['init_trace'] + r['init_compile']:6.1f} s")
+              f"{r['init_compile']:6.1f} s  total {init_total[mode, layout, tf]:6.1f} s")
     for mode in modes:
       for tf in transforms:
         if {(mode, "stacked", tf), (mode, "published", tf)} <= set(results):
@@ -207,11 +209,11 @@ def main() -> None:
                 f"{total[mode, 'published', tf] / total[mode, 'stacked', tf]:.2f}")
       for layout in layouts:
         if {(mode, layout, "fast"), (mode, layout, "haiku")} <= set(results):
-          fast, haiku = results[mode, layout, "fast"], results[mode, layout, "haiku"]
           line = (f"{variant:<4} {mode:<7} {layout:<9} haiku/fast train-step compile-time "
                   f"ratio {total[mode, layout, 'haiku'] / total[mode, layout, 'fast']:.2f}")
           if args.init:
-            line += (f", init {(haiku['init_trace'] + haiku['init_compile']) / (fast['init_trace'] + fast['init_compile']):.2f}")
+            line += (f", init "
+                     f"{init_total[mode, layout, 'haiku'] / init_total[mode, layout, 'fast']:.2f}")
           print(line)
     for fast in ("auto", "scan"):
       for layout in layouts:
@@ -224,6 +226,7 @@ def main() -> None:
                        / results[fast, layout, tf]["step_ms"])
               line += f", step-time ratio {ratio:.2f} (>1: {fast} is faster)"
             print(line)
+
 
 if __name__ == "__main__":
   # The benchmark measures compilation itself: never read it from a cache.

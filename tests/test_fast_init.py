@@ -16,6 +16,8 @@ import pytest
 
 from nfnets_jax.models import block_loop, fast_init, registry
 
+from jaxpr_helpers import primitive_counts
+
 IMAGES = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
 KEY = jax.random.key(7)
 
@@ -140,19 +142,6 @@ def test_missing_rng_is_haikus_error():
     registry.transform("nfnet:nano", 10).init(None, IMAGES)
 
 
-def _count_primitives(jaxpr, counts):
-  """Adds up each primitive's call sites in `jaxpr` and every jaxpr inside it."""
-  for eqn in jaxpr.eqns:
-    counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          _count_primitives(sub.jaxpr, counts)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          _count_primitives(sub, counts)
-  return counts
-
-
 def test_init_draws_in_a_few_batched_calls():
   """Plain Haiku draws (and splits a key for) each random parameter
   separately, one threefry kernel each under XLA; fast_init draws each group
@@ -167,7 +156,7 @@ def test_init_draws_in_a_few_batched_calls():
   def counts(model):
     images = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
     init = lambda r, x: model.init(r, x, is_training=False)  # no draws in the forward
-    return _count_primitives(jax.make_jaxpr(init)(KEY, images).jaxpr, {})
+    return primitive_counts(jax.make_jaxpr(init)(KEY, images).jaxpr)
   plain_counts, fast_counts = counts(plain), counts(fast)
   assert plain_counts["random_bits"] == len(weights) == 82
   assert plain_counts["random_split"] >= len(weights)

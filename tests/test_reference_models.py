@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from nfnets_jax import models
+
+from jaxpr_helpers import all_eqns
 from reference_data import GOLDEN_SETTINGS, golden_outputs, param_trees, rebuild_params
 
 MODELS = sorted(GOLDEN_SETTINGS)
@@ -19,17 +21,6 @@ def trees():
 @pytest.fixture(scope="module")
 def golden():
   return golden_outputs()
-
-
-def _all_eqns(jaxpr):
-  """Every equation of a jaxpr, those nested in custom_vjp/scan/pjit bodies included."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          yield from _all_eqns(inner)
 
 
 def _normwise_error(actual, expected):
@@ -67,7 +58,7 @@ def test_golden_outputs_float32_and_bfloat16(name, trees, golden):
   params16 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
   images16 = jnp.asarray(golden["input"], jnp.bfloat16)
   jaxpr = jax.make_jaxpr(lambda p, x: model.apply(p, None, x, is_training=False))(params16, images16)
-  conv_dtypes = {eqn.invars[0].aval.dtype for eqn in _all_eqns(jaxpr.jaxpr)
+  conv_dtypes = {eqn.invars[0].aval.dtype for eqn in all_eqns(jaxpr.jaxpr)
                  if eqn.primitive.name == "conv_general_dilated"}
   assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}, "convolutions must run in bfloat16"
   out16 = forward(params16, images16)
