@@ -158,6 +158,8 @@ def test_init_draws_in_a_few_batched_calls():
     init = lambda r, x: model.init(r, x, is_training=False)  # no draws in the forward
     return primitive_counts(jax.make_jaxpr(init)(KEY, images).jaxpr)
   plain_counts, fast_counts = counts(plain), counts(fast)
+  # registry.transform(..., fast_init=False) is plain Haiku.
+  assert counts(registry.transform("nfnet:F0", 10, fast_init=False)) == plain_counts
   assert plain_counts["random_bits"] == len(weights) == 82
   assert plain_counts["random_split"] >= len(weights)
   assert fast_counts["random_bits"] <= len(groups) < 25, (fast_counts["random_bits"], groups)
