@@ -49,6 +49,7 @@ from nfnets_jax.models.network import BLOCK_LOOPS, block_loop
 from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.optim import nfnet_optimizer
 from nfnets_jax.train.steps import SEPARATE_UPDATE_MIN_LEAVES
+from timing import add_cpu_tuning_flag, apply_cpu_tuning  # benchmarks/timing.py
 
 LAYOUTS = ("stacked", "published")
 TRANSFORMS = ("fast", "haiku")
@@ -74,6 +75,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--both-forms", action="store_true",
                       help="also compile the step in the form training does not use (one "
                            "program or two) and print its time over the trained form's")
+  add_cpu_tuning_flag(parser)
   return parser.parse_args()
 
 
@@ -168,6 +170,7 @@ def measure(variant: str, mode: str, layout_name: str, transform: str, args, dty
 
 def main() -> None:
   args = parse_args()
+  tuning = apply_cpu_tuning(args)  # before any JAX work
   sys.stdout.reconfigure(line_buffering=True)
   modes, layouts = args.modes.split(","), args.layouts.split(",")
   transforms = args.transforms.split(",")
@@ -180,6 +183,7 @@ def main() -> None:
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; train step "
         f"batch {args.batch} at {args.size}px, {args.dtype}; persistent cache off")
+  print(tuning)
   for variant in args.variants.split(","):
     results = {(mode, layout, tf): measure(variant, mode, layout, tf, args, dtype)
                for mode in modes for layout in layouts for tf in transforms}

@@ -29,7 +29,7 @@ import numpy as np
 
 from nfnets_jax.models import registry
 from nfnets_jax.models.layers import standardize_weight
-from timing import alternate  # benchmarks/timing.py
+from timing import add_cpu_tuning_flag, alternate, apply_cpu_tuning  # benchmarks/timing.py
 from nfnets_jax.models.conv import conv2d, conv_impl
 
 # (name, spatial size, in channels, out channels, kernel, stride, groups) of
@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--variant", default="F0", help="NFNet variant for the whole-model rows")
   parser.add_argument("--size", type=int, default=128, help="image size for the whole-model rows")
   parser.add_argument("--no-model", action="store_true", help="skip the whole-model rows")
+  add_cpu_tuning_flag(parser)
   return parser.parse_args()
 
 
@@ -115,11 +116,13 @@ def bench_standardize(args) -> None:
 
 def main() -> None:
   args = parse_args()
+  tuning = apply_cpu_tuning(args)  # before any JAX work
   sys.stdout.reconfigure(line_buffering=True)
   dtype = jnp.dtype(args.dtype)
   print(f"backend {jax.default_backend()}: {jax.devices()[0].device_kind} "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
         f"JAX {jax.__version__}, {args.dtype}, batch {args.batch}")
+  print(tuning)
   print(f"{'conv':<26} {'fwd xla':>9} {'fwd dec':>9} {'ratio':>6} "
         f"{'train xla':>10} {'train dec':>10} {'ratio':>6}")
   totals = {"fwd": [0.0, 0.0], "train": [0.0, 0.0]}

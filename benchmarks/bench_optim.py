@@ -37,6 +37,7 @@ import optax
 
 from nfnets_jax.models import NFNet
 from nfnets_jax.optim import adaptive_grad_clip, ascent_batch_size, nfnet_optimizer, sam_grad
+from timing import add_cpu_tuning_flag, apply_cpu_tuning  # benchmarks/timing.py
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,6 +51,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--agc-in-step", action="store_true",
                       help="also time a step without AGC (one more model compile) and report "
                            "the difference; needs a quiet machine to mean anything")
+  add_cpu_tuning_flag(parser)
   return parser.parse_args()
 
 
@@ -59,6 +61,7 @@ def block(tree):
 
 def main() -> None:
   args = parse_args()
+  tuning = apply_cpu_tuning(args)  # before any JAX work
   sys.stdout.reconfigure(line_buffering=True)  # progress shows even when piped
   model = hk.transform(lambda x, is_training: NFNet(
       num_classes=args.num_classes, variant=args.variant)(x, is_training=is_training))
@@ -106,6 +109,7 @@ def main() -> None:
 
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)")
+  print(tuning)
   print(f"model: NFNet-{args.variant}, {n_params / 1e6:.1f}M parameters, batch "
         f"{args.batch_size} at {args.image_size}x{args.image_size}")
   for name in variants:

@@ -13,6 +13,10 @@ load hits both alike:
   fresh child process (a shared process would only show the larger), above
   the child's size once both frameworks are imported.
 
+The process runs with the settings our command-line tools apply on CPU
+(`nfnets_jax.cpu_tuning`), which the timm model in the same process shares;
+`--cpu-tuning=off` measures JAX's and glibc's defaults instead.
+
 Both models are NFNet-F0 (timm `dm_nfnet_f0`, the published architecture)
 with the same dropout (0.2) and stochastic depth (0.1). Ratios are ours/timm
 throughput (>1: we are faster). Needs the `peers` extra (torch, timm).
@@ -20,6 +24,7 @@ throughput (>1: we are faster). Needs the `peers` extra (torch, timm).
 Usage:
   python benchmarks/bench_vs_timm.py                      # the README's CPU table
   python benchmarks/bench_vs_timm.py --variant F1 --train-size 128 --infer-size 256
+  python benchmarks/bench_vs_timm.py --only train32 --cpu-tuning=off   # untuned
   python benchmarks/bench_vs_timm.py --gpu                # F0 batch 32 at 192 px, bf16
 """
 
@@ -43,7 +48,7 @@ import optax  # noqa: E402
 
 from nfnets_jax.models import registry  # noqa: E402
 from nfnets_jax.optim import nfnet_optimizer  # noqa: E402
-from timing import alternate  # noqa: E402  (benchmarks/timing.py)
+from timing import add_cpu_tuning_flag, alternate, apply_cpu_tuning  # noqa: E402  (benchmarks/timing.py)
 
 NUM_CLASSES = 1000
 DROP_RATE, STOCHDEPTH_RATE = 0.2, 0.1
@@ -66,6 +71,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--gpu", action="store_true",
                       help="GPU mode: batch 32 at 192 px bf16 train step on cuda, timm eager "
                            "and torch.compile, vs the paper's V100 figure")
+  add_cpu_tuning_flag(parser)
   parser.add_argument("--child", choices=("ours", "timm"), help=argparse.SUPPRESS)
   return parser.parse_args()
 
@@ -174,7 +180,8 @@ def peak_memory(args: argparse.Namespace) -> dict[str, float]:
   result = {}
   for who in ("ours", "timm"):
     cmd = [sys.executable, __file__, "--child", who, "--variant", args.variant,
-           "--train-batch", str(args.train_batch), "--train-size", str(args.train_size)]
+           "--train-batch", str(args.train_batch), "--train-size", str(args.train_size),
+           "--cpu-tuning", args.cpu_tuning]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result[who] = float(out.strip().splitlines()[-1])
   return result
@@ -258,6 +265,7 @@ def bench_infer(args, device: str) -> None:
 
 def main() -> None:
   args = parse_args()
+  tuning = apply_cpu_tuning(args)  # before any JAX work
   if args.child:
     run_child(args)
     return
@@ -272,6 +280,7 @@ def main() -> None:
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), timm {timm.__version__}")
+  print(tuning)
   wanted = set(args.only.split(","))
   unknown = wanted - {"train32", "train16", "infer"}
   if unknown:

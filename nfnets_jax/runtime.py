@@ -5,9 +5,12 @@
   ...), with gloo collectives so CPU-only multi-process runs work too.
 * JAX's persistent compilation cache, on by default, so a resumed run or an
   evaluation of a model compiled before starts in seconds.
+* On the CPU backend, `cpu_tuning.tune_cpu()` (on by default, `--notune_cpu`
+  turns it off): without it XLA:CPU re-faults its per-step temporary memory
+  from the kernel on every step.
 
 The flags (`--distributed`, `--coordinator_address`, `--num_processes`,
-`--process_id`, `--compilation_cache_dir`) are defined on absl's global
+`--process_id`, `--compilation_cache_dir`, `--tune_cpu`) are defined on absl's global
 `flags.FLAGS` when this module is imported, for `python -m nfnets_jax.train`.
 Tools that parse their own `flags.FlagValues` (so that several of them can
 live in one process) register the same flags there with `define_flags(fv)`
@@ -22,6 +25,8 @@ from typing import Optional
 import jax
 from absl import flags, logging
 
+from nfnets_jax import cpu_tuning
+
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nfnets_jax", "xla")
 
 
@@ -33,6 +38,7 @@ class RuntimeFlags:
   (`define_flags(..., distributed=False)`, for single-process tools).
   """
   compilation_cache_dir: flags.FlagHolder
+  tune_cpu: flags.FlagHolder
   distributed: Optional[flags.FlagHolder] = None
   coordinator_address: Optional[flags.FlagHolder] = None
   num_processes: Optional[flags.FlagHolder] = None
@@ -46,10 +52,18 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
       "compilation_cache_dir", DEFAULT_CACHE_DIR,
       "Directory of JAX's persistent compilation cache ('' disables it).",
       flag_values=flag_values)
+  tune = flags.DEFINE_bool(
+      "tune_cpu", True,
+      "On the CPU backend, run computations on the calling thread and keep freed host memory "
+      "for reuse, so XLA's per-step temporary buffer is not zero-filled by the kernel again "
+      "every step (about 1.4x faster CPU training of F0). --notune_cpu keeps JAX's and "
+      "glibc's defaults. No effect on GPU/TPU.",
+      flag_values=flag_values)
   if not distributed:
-    return RuntimeFlags(compilation_cache_dir=cache)
+    return RuntimeFlags(compilation_cache_dir=cache, tune_cpu=tune)
   return RuntimeFlags(
       compilation_cache_dir=cache,
+      tune_cpu=tune,
       distributed=flags.DEFINE_enum(
           "distributed", "auto", ["auto", "on", "off"],
           "Call jax.distributed.initialize: 'auto' when --num_processes/--coordinator_address "
@@ -117,7 +131,7 @@ def initialize_distributed(mode: str = "auto", coordinator_address: Optional[str
 
 
 def setup(runtime_flags: Optional[RuntimeFlags] = None) -> None:
-  """Initialises multi-host JAX (if needed), the compilation cache and the log. Call first.
+  """Initialises multi-host JAX (if needed), the compilation cache, CPU tuning and the log. Call first.
 
   `runtime_flags` are the holders `define_flags` returned for a tool's own
   flag set; by default the global flags (the trainer's).
@@ -132,3 +146,6 @@ def setup(runtime_flags: Optional[RuntimeFlags] = None) -> None:
                            runtime_flags.coordinator_address.value,
                            runtime_flags.num_processes.value,
                            runtime_flags.process_id.value)
+  if runtime_flags.tune_cpu.value:
+    # After jax.distributed.initialize: tune_cpu creates the JAX backends.
+    logging.info("%s", cpu_tuning.tune_cpu().describe())
