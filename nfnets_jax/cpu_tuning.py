@@ -11,10 +11,10 @@ Zen 4 machine, 30-40% of the step.
 
 `tune_cpu()` removes that cost with two settings, both needed:
 
-* `jax_cpu_enable_async_dispatch=False`: single-device CPU computations run on
-  the calling (main) thread, so their buffers come from glibc's main arena.
-  Multi-device and multi-process computations are unaffected; they still run
-  concurrently per device.
+* `jax_cpu_enable_async_dispatch=False`: computations on one local CPU device
+  run on the calling (main) thread, so their buffers come from glibc's main
+  arena. Computations over several local devices are unaffected (JAX still
+  runs them concurrently, one per device); so is cross-process communication.
 * `mallopt(M_MMAP_MAX, 0)` and a large `M_TRIM_THRESHOLD`: the main arena
   serves large blocks from its heap and keeps freed memory for the next call
   instead of handing it back to the kernel.
@@ -98,22 +98,19 @@ def tune_cpu() -> CpuTuning:
 
   Call before the first JAX computation: the dispatch mode is read when JAX
   creates its CPU client, which this function triggers (after
-  `jax.distributed.initialize`, if the job uses it). On GPU/TPU backends it
-  changes nothing and says so.
+  `jax.distributed.initialize`, if the job uses it). Called later, or on a
+  GPU/TPU backend, it changes nothing and says why.
   """
-  late = _cpu_client_exists()
-  if not late:
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if _cpu_client_exists() and jax.config.read("jax_cpu_enable_async_dispatch"):
+    # Too late for synchronous dispatch; the allocator half alone would only
+    # keep memory (the big buffers come from worker threads' arenas), so skip it.
+    return CpuTuning(False, False, "JAX's CPU client already existed with asynchronous "
+                     "dispatch; call tune_cpu() before the first JAX computation.")
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
   backend = jax.default_backend()  # creates the clients, with the setting above
   if backend != "cpu":
     return CpuTuning(False, False, f"default backend is {backend!r}, not CPU.")
-  sync = not jax.config.read("jax_cpu_enable_async_dispatch")
   retained = retain_freed_memory()
-  reasons = []
-  if late and not sync:
-    reasons.append("JAX's CPU client already existed, so dispatch stays asynchronous; "
-                   "call tune_cpu() before the first JAX computation.")
-  if not retained:
-    reasons.append(f"C library {platform.libc_ver()[0] or 'unknown'!r} is not glibc, so "
-                   "freed memory is returned to the system as usual.")
-  return CpuTuning(sync, retained, " ".join(reasons))
+  return CpuTuning(True, retained,
+                   "" if retained else f"C library {platform.libc_ver()[0] or 'unknown'!r} is "
+                   "not glibc, so freed memory is returned to the system as usual.")
