@@ -93,21 +93,34 @@ def _cpu_client_exists() -> bool:
   return bool(query and query())
 
 
+def request_sync_dispatch() -> bool:
+  """Asks for synchronous CPU dispatch without creating JAX's backends.
+
+  Safe before `jax.distributed.initialize` (which creates them), so that a
+  multi-process job gets the setting too. False when the CPU client already
+  exists with asynchronous dispatch (then it is too late).
+  """
+  if _cpu_client_exists():
+    return not jax.config.read("jax_cpu_enable_async_dispatch")
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True
+
+
 def tune_cpu() -> CpuTuning:
   """Applies the settings of the module docstring when JAX's default backend is the CPU.
 
   Call before the first JAX computation: the dispatch mode is read when JAX
-  creates its CPU client, which this function triggers (after
-  `jax.distributed.initialize`, if the job uses it). Called later, or on a
-  GPU/TPU backend, it changes nothing and says why.
+  creates its CPU client, which this function triggers. A multi-process job
+  calls `request_sync_dispatch()` before `jax.distributed.initialize` and this
+  after it (as `runtime.setup` does). Called too late, or on a GPU/TPU
+  backend, it changes nothing and says why.
   """
-  if _cpu_client_exists() and jax.config.read("jax_cpu_enable_async_dispatch"):
-    # Too late for synchronous dispatch; the allocator half alone would only
-    # keep memory (the big buffers come from worker threads' arenas), so skip it.
+  if not request_sync_dispatch():
+    # The allocator half alone would only keep memory (the big buffers come
+    # from worker threads' arenas), so it is skipped too.
     return CpuTuning(False, False, "JAX's CPU client already existed with asynchronous "
                      "dispatch; call tune_cpu() before the first JAX computation.")
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
-  backend = jax.default_backend()  # creates the clients, with the setting above
+  backend = jax.default_backend()  # creates the clients, with synchronous CPU dispatch
   if backend != "cpu":
     return CpuTuning(False, False, f"default backend is {backend!r}, not CPU.")
   retained = retain_freed_memory()

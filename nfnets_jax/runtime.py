@@ -141,11 +141,12 @@ def setup(runtime_flags: Optional[RuntimeFlags] = None) -> None:
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
   enable_compilation_cache(runtime_flags.compilation_cache_dir.value)
+  if runtime_flags.tune_cpu.value:
+    cpu_tuning.request_sync_dispatch()  # jax.distributed.initialize creates the backends
   if runtime_flags.distributed is not None:
     initialize_distributed(runtime_flags.distributed.value,
                            runtime_flags.coordinator_address.value,
                            runtime_flags.num_processes.value,
                            runtime_flags.process_id.value)
   if runtime_flags.tune_cpu.value:
-    # After jax.distributed.initialize: tune_cpu creates the JAX backends.
     logging.info("%s", cpu_tuning.tune_cpu().describe())
