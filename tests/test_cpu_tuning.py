@@ -22,29 +22,36 @@ from nfnets_jax import runtime
 
 TEMP_BYTES = 4096 * 4096 * 4
 
-_PROBE = r"""
-import json, resource, sys
-mode = sys.argv[1]
+# Defines faults_per_call(): minor page faults per call of a jitted program
+# whose (4096, 4096) product (64 MiB) is a temporary, and the program's value.
+_FAULTS = r"""
+import resource
 import jax, jax.numpy as jnp
+
+@jax.jit
+def _f(a, b):
+  return jnp.tanh(a @ b).sum()      # the (4096, 4096) product is a temporary
+
+def faults_per_call(calls=4):
+  a, b = jnp.ones((4096, 16)), jnp.ones((16, 4096))
+  for _ in range(2):
+    _f(a, b).block_until_ready()
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    value = _f(a, b).block_until_ready()
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls, float(value)
+"""
+
+_PROBE = _FAULTS + r"""
+import json, sys
 from nfnets_jax import cpu_tuning
+mode = sys.argv[1]
 if mode == "late":
   jnp.ones(2).block_until_ready()   # creates the CPU client before tune_cpu
 tuning = None if mode == "default" else cpu_tuning.tune_cpu()
-
-@jax.jit
-def f(a, b):
-  return jnp.tanh(a @ b).sum()      # the (4096, 4096) product is a temporary
-
-a, b = jnp.ones((4096, 16)), jnp.ones((16, 4096))
-for _ in range(2):
-  f(a, b).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-calls = 4
-for _ in range(calls):
-  value = f(a, b).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+faults, value = faults_per_call()
 print(json.dumps({
-    "faults_per_call": faults, "value": float(value),
+    "faults_per_call": faults, "value": value,
     "sync": None if tuning is None else tuning.sync_dispatch,
     "retained": None if tuning is None else tuning.retain_freed_memory,
     "describe": None if tuning is None else tuning.describe()}))
@@ -91,9 +98,8 @@ def test_late_call_changes_nothing_and_says_how_to_fix_it():
   assert late["faults_per_call"] >= default["faults_per_call"] / 2, (late, default)
 
 
-_TWO_PROCESSES = r"""
+_TWO_PROCESSES = _FAULTS + r"""
 import json, sys
-import jax, jax.numpy as jnp
 from absl import flags
 from jax.experimental import multihost_utils
 from nfnets_jax import runtime
@@ -101,32 +107,42 @@ fv = flags.FlagValues()
 held = runtime.define_flags(fv)
 fv(["prog", *sys.argv[1:]])
 runtime.setup(held)   # jax.distributed.initialize, then tune_cpu
-local = jax.jit(lambda x: x * 2)(jnp.arange(3.0) + jax.process_index())  # one-device program
-gathered = multihost_utils.process_allgather(local)   # a cross-process collective
+faults, _ = faults_per_call()   # one-device programs
+gathered = multihost_utils.process_allgather(jnp.arange(3.0) + jax.process_index())  # a collective
 print(json.dumps({"sync": not jax.config.read("jax_cpu_enable_async_dispatch"),
-                  "processes": jax.process_count(), "gathered": gathered.tolist()}))
+                  "processes": jax.process_count(), "gathered": gathered.tolist(),
+                  "faults_per_call": faults}))
 """
 
 
-@pytest.mark.slow
-def test_multi_process_job_gets_synchronous_dispatch_and_its_collectives_still_run():
-  # jax.distributed.initialize creates the backends, so setup must ask for the
-  # dispatch mode before it; the collective shows synchronous dispatch does not deadlock.
+def _two_processes(*flags_: str) -> list[dict]:
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   procs = [subprocess.Popen(
       [sys.executable, "-c", _TWO_PROCESSES, f"--coordinator_address=127.0.0.1:{port}",
-       "--num_processes=2", f"--process_id={i}", "--compilation_cache_dir="],
+       "--num_processes=2", f"--process_id={i}", "--compilation_cache_dir=", *flags_],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
   outs = [proc.communicate(timeout=300) for proc in procs]
   for proc, (_, err) in zip(procs, outs):
     assert proc.returncode == 0, err[-3000:]
-  for out, _ in outs:
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["sync"] is True and result["processes"] == 2, result
-    assert result["gathered"] == [[0.0, 2.0, 4.0], [2.0, 4.0, 6.0]], result
+  return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+@pytest.mark.slow
+def test_multi_process_job_gets_synchronous_dispatch_and_its_collectives_still_run():
+  # jax.distributed.initialize creates the backends, so setup must ask for the
+  # dispatch mode before it; the collective shows synchronous dispatch does not deadlock.
+  tuned, untuned = _two_processes(), _two_processes("--notune_cpu")
+  for result in tuned + untuned:
+    assert result["processes"] == 2, result
+    assert result["gathered"] == [[0.0, 1.0, 2.0], [1.0, 2.0, 3.0]], result
+  assert all(r["sync"] for r in tuned) and not any(r["sync"] for r in untuned), (tuned, untuned)
+  if platform.libc_ver()[0] == "glibc":  # the tuning took effect in the clients themselves
+    for t, u in zip(tuned, untuned):
+      assert u["faults_per_call"] >= TEMP_BYTES / (2 << 20), u
+      assert t["faults_per_call"] * 4 <= u["faults_per_call"], (t, u)
 
 
 def test_tools_tune_by_default_and_notune_cpu_turns_it_off():
