@@ -13,6 +13,8 @@ import pytest
 from nfnets_jax import models
 from nfnets_jax.models import conv
 
+import jaxpr_helpers
+
 
 def _inputs(n, hw, in_ch, out_ch, k, groups, dtype=jnp.float32):
   kx, kw = jax.random.split(jax.random.key(7))
@@ -56,14 +58,44 @@ def test_decomposed_matches_native_values_and_gradients(k, stride, padding, grou
   assert _relative(g_dec[1], g_xla[1]) < 1e-6
 
 
-def test_decomposed_matches_native_in_bfloat16():
-  x, w = _inputs(2, 8, 256, 256, 3, 2, dtype=jnp.bfloat16)
-  y_dec, g_dec = _value_and_grads(x, w, 1, "SAME", 2, "decomposed")
-  y_xla, g_xla = _value_and_grads(x, w, 1, "SAME", 2, "xla")
+@pytest.mark.parametrize("k,stride,groups", [
+    (3, 1, 2),  # grouped 3x3: per-group convolutions
+    (1, 1, 1),  # 1x1: a matrix product accumulated in float32
+    (1, 2, 1),  # strided 1x1: subsample, then that product
+])
+def test_decomposed_matches_native_in_bfloat16(k, stride, groups):
+  x, w = _inputs(2, 8, 256, 256, k, groups, dtype=jnp.bfloat16)
+  y_dec, g_dec = _value_and_grads(x, w, stride, "SAME", groups, "decomposed")
+  y_xla, g_xla = _value_and_grads(x, w, stride, "SAME", groups, "xla")
+  y_f32, g_f32 = _value_and_grads(x.astype(jnp.float32), w.astype(jnp.float32), stride, "SAME",
+                                  groups, "xla")
   assert y_dec.dtype == g_dec[0].dtype == g_dec[1].dtype == jnp.bfloat16
   assert _relative(y_dec, y_xla) < 1e-2
   for a, b in zip(g_dec, g_xla):
     assert _relative(a, b) < 2e-2
+  # Against the float32 computation on the same (bfloat16) numbers: the output
+  # carries one bfloat16 rounding (relative error up to 2^-9), the gradients two
+  # (their bfloat16 cotangent, then their own result).
+  assert _relative(y_dec, y_f32) < 5e-3
+  for a, b in zip(g_dec, g_f32):
+    assert _relative(a, b) < 1e-2
+
+
+def test_bfloat16_matrix_products_accumulate_in_float32():
+  """A bfloat16 1x1 convolution and both its gradients are products of bfloat16
+  operands that ask for float32 results: the form XLA:CPU runs at twice the
+  speed of a bfloat16-returning product (benchmarks/bench_vs_timm.py, bf16)."""
+  x, w = _inputs(2, 8, 64, 96, 1, 1, dtype=jnp.bfloat16)
+
+  def loss(x, w):
+    return jnp.sum(conv.conv2d(x, w, 1, "SAME", 1, impl="decomposed").astype(jnp.float32) ** 2)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w)
+  dots = [e for e in jaxpr_helpers.all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  assert len(dots) >= 3  # forward, input gradient, weight gradient
+  for eqn in dots:
+    assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
+    assert eqn.params["preferred_element_type"] == jnp.float32, eqn
 
 
 @pytest.mark.parametrize("groups", [1, 2])  # a plain 2-D product per tap, a batched one
