@@ -31,14 +31,12 @@ def _run(name, kwargs, mode, images):
     # Skip gains start at zero, which would hide every residual branch.
     params = jax.tree_util.tree_map(lambda p: p + 0.5 if p.ndim == 0 else p, params)
 
-    def forward(params, key):
-      return model.apply(params, key, images, is_training=True, return_metrics=True)
-
     def loss(params, key):
-      return jnp.sum(forward(params, key)["logits"] ** 2)
+      outputs = model.apply(params, key, images, is_training=True, return_metrics=True)
+      return jnp.sum(outputs["logits"] ** 2), outputs
 
-    outputs = jax.jit(forward)(params, jax.random.key(3))
-    grads = jax.jit(jax.grad(loss))(params, jax.random.key(3))
+    # Outputs and gradients from one program: one compilation per loop mode.
+    grads, outputs = jax.jit(jax.grad(loss, has_aux=True))(params, jax.random.key(3))
     jaxpr = str(jax.make_jaxpr(loss)(params, jax.random.key(3)))
   return params, outputs, grads, jaxpr
 
