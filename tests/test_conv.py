@@ -13,7 +13,7 @@ import pytest
 from nfnets_jax import models
 from nfnets_jax.models import conv
 
-import jaxpr_helpers
+from jaxpr_helpers import all_eqns
 
 
 def _inputs(n, hw, in_ch, out_ch, k, groups, dtype=jnp.float32):
@@ -91,7 +91,7 @@ def test_bfloat16_matrix_products_accumulate_in_float32():
     return jnp.sum(conv.conv2d(x, w, 1, "SAME", 1, impl="decomposed").astype(jnp.float32) ** 2)
 
   jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w)
-  dots = [e for e in jaxpr_helpers.all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  dots = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
   assert len(dots) >= 3  # forward, input gradient, weight gradient
   for eqn in dots:
     assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn

@@ -132,6 +132,9 @@ def _low_precision_matmul_fwd(x, w):
 def _low_precision_matmul_bwd(residuals, dy):
   x, w = residuals
   dx = _low_precision_product(dy, w, (((1,), (1,)), ((), ()))).astype(x.dtype)
+  # `_decomposed_conv` uses only dx (its weight gradient is `kernel_gradient`'s)
+  # and jit drops this product there; any other caller that differentiates
+  # `_dense_conv` gets a true dw.
   dw = _low_precision_product(x, dy, (((0,), (0,)), ((), ()))).astype(w.dtype)
   return dx, dw
 
