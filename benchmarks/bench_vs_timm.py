@@ -17,8 +17,11 @@ The process runs with the settings our command-line tools apply on CPU
 (`nfnets_jax.cpu_tuning`), which the timm model in the same process shares;
 `--cpu-tuning=off` measures JAX's and glibc's defaults instead.
 
-Both models are NFNet-F0 (timm `dm_nfnet_f0`, the published architecture)
-with the same dropout (0.2) and stochastic depth (0.1). Ratios are ours/timm
+Both models are NFNet-F0 by default (timm `dm_nfnet_f0`, the published
+architecture; `--variant` for others) with the same dropout (0.2) and stochastic
+depth (0.1). Our train step keeps its state in the stacked layout the trainer
+uses (identical blocks scanned, NFNet-F1 and deeper); inference runs from the
+published parameter tree, as the evaluation and classification tools load it. Ratios are ours/timm
 throughput (>1: we are faster). Needs the `peers` extra (torch, timm).
 
 Usage:
@@ -83,19 +86,28 @@ class Ours:
     self.dtype = dtype
     self.model = registry.transform(f"nfnet:{variant}", NUM_CLASSES, drop_rate=DROP_RATE,
                                     stochdepth_rate=STOCHDEPTH_RATE)
+    # The train state in the stacked layout, as the trainer keeps it (scanned
+    # runs of blocks, NFNet-F1 and deeper; the identity for F0).
+    self.layout = registry.stacked_layout(f"nfnet:{variant}", NUM_CLASSES)
     self.opt = nfnet_optimizer(LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                               clipping=CLIPPING)
+                               clipping=CLIPPING, stacked_axes=self.layout.stacked_axes)
     self.compile_s = {}
 
   def init(self, size: int):
+    """Fresh parameters in the published tree."""
     key = jax.random.key(0)
     x = jnp.zeros((1, size, size, 3), jnp.float32)
-    params = jax.jit(self.model.init, static_argnames="is_training")(key, x, is_training=True)
+    return jax.jit(self.model.init, static_argnames="is_training")(key, x, is_training=True)
+
+  def train_state(self, size: int):
+    """(parameters, optimizer state), both in the stacked layout."""
+    params = self.layout.stack(self.init(size))
     return params, self.opt.init(params)
 
   def train_step(self):
     def loss_fn(params, images, labels, key):
-      logits = self.model.apply(params, key, images.astype(self.dtype), is_training=True)["logits"]
+      logits = self.model.apply(self.layout.unstack(params), key, images.astype(self.dtype),
+                                is_training=True)["logits"]
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     def step(params, opt_state, images, labels, key):
@@ -158,7 +170,7 @@ def run_child(args: argparse.Namespace) -> None:
   baseline = _status_mib("VmRSS")
   if args.child == "ours":
     ours = Ours(args.variant, jnp.float32)
-    params, opt_state = ours.init(size)
+    params, opt_state = ours.train_state(size)
     step = ours.train_step()
     images = jnp.zeros((batch, size, size, 3))
     labels = jnp.zeros((batch,), jnp.int32)
@@ -191,7 +203,7 @@ def bench_train(args, dtype_name: str, device: str, timm_variants=("eager",)) ->
   bf16 = dtype_name == "bfloat16"
   size, batch = args.train_size, args.train_batch
   ours = Ours(args.variant, jnp.bfloat16 if bf16 else jnp.float32)
-  state = list(ours.init(size))
+  state = list(ours.train_state(size))
   step = ours.train_step()
   key = jax.random.key(1)
   images = jax.random.normal(key, (batch, size, size, 3))
@@ -239,7 +251,7 @@ def bench_train(args, dtype_name: str, device: str, timm_variants=("eager",)) ->
 def bench_infer(args, device: str) -> None:
   size, batch = args.infer_size, args.infer_batch
   ours = Ours(args.variant, jnp.float32)
-  params, _ = ours.init(size)
+  params = ours.init(size)  # the published tree, as the inference tools load it
   step = ours.infer_step()
   images = jax.random.normal(jax.random.key(2), (batch, size, size, 3))
   start = time.perf_counter()
