@@ -21,8 +21,8 @@ Both models are NFNet-F0 by default (timm `dm_nfnet_f0`, the published
 architecture; `--variant` for others) with the same dropout (0.2) and stochastic
 depth (0.1). Our train step keeps its state in the stacked layout the trainer
 uses (identical blocks scanned, NFNet-F1 and deeper); inference runs from the
-published parameter tree, as the evaluation and classification tools load it. Ratios are ours/timm
-throughput (>1: we are faster). Needs the `peers` extra (torch, timm).
+published parameter tree, as the evaluation and classification tools load it.
+Ratios are ours/timm throughput (>1: we are faster). Needs the `peers` extra (torch, timm).
 
 Usage:
   python benchmarks/bench_vs_timm.py                      # the README's CPU table

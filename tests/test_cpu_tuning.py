@@ -67,11 +67,16 @@ print(json.dumps({
 """
 
 
-def _probe(mode: str) -> dict:
-  proc = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
+def _run_script(script: str, arg: str) -> dict:
+  """Runs `script` in a fresh interpreter; its last stdout line, parsed as JSON."""
+  proc = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True,
                         env=_cpu_env(), timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe(mode: str) -> dict:
+  return _run_script(_PROBE, mode)
 
 
 needs_glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -121,10 +126,7 @@ def test_freed_blocks_over_two_gib_are_kept_too():
   let a 2.4 GiB train-step temporary (NFNet-F1, scanned, batch 8 at 128 px) be
   faulted in again on every call; the threshold must be "never" (-1)."""
   size = 9 << 28  # 2.25 GiB
-  proc = subprocess.run([sys.executable, "-c", _REALLOC, str(size)], capture_output=True,
-                        text=True, env=_cpu_env(), timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = _run_script(_REALLOC, str(size))
   assert result["retained"], result
   pages = size // 4096
   # Handed back, the second write faults once per page (589,824 times); kept,
