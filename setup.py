@@ -24,6 +24,9 @@ DATA = [
     "importlib-resources",
     "scikit-learn",
     "pillow",
+    # One process prepares a dataset that several share (data/sources.py).
+    "filelock",
+    "absl-py",
 ]
 TRAIN = [
     "absl-py",

@@ -12,3 +12,15 @@ import importlib.util
 
 if importlib.util.find_spec("timm") is not None:
   import timm  # noqa: F401  pylint: disable=unused-import
+
+import pytest  # noqa: E402  (after the optional timm import above)
+
+import demo_run as demo_run_lib  # noqa: E402
+from session_share import once, session_root  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+  """The session's one trained demo workdir (see tests/demo_run.py); read it, never write."""
+  return once(session_root(tmp_path_factory) / "shared_demo_run",
+              demo_run_lib.train_shared_demo)

@@ -1,6 +1,11 @@
 """The embedded `digits` dataset: a real TFDS dataset built from scikit-learn's digits."""
 
 import collections
+import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -79,3 +84,40 @@ def test_load_prepares_digits_on_first_use(tmp_path):
   assert total == batches.num_examples == tfds.builder(
       "digits", data_dir=data_dir).info.splits["test"].num_examples
   assert batches.num_classes == 10
+
+
+# Each process imports TensorFlow, says it is ready, then opens the source as
+# soon as the parent says go: the preparations overlap, as when the processes
+# of a multi-process job start on a fresh data_dir.
+_OPEN_AT_ONCE = """
+import json, os, sys, time
+from nfnets_jax.data.sources import open_source
+data_dir, ready, go = sys.argv[1:4]
+open(ready, "w").close()
+while not os.path.exists(go):
+  time.sleep(0.01)
+source = open_source("digits", "train", data_dir=data_dir)
+print(json.dumps({"train": source.num_examples("train"), "test": source.num_examples("test")}))
+"""
+
+
+@pytest.mark.slow
+def test_processes_preparing_one_data_dir_at_once_all_succeed(tmp_path):
+  """Without the preparation lock (sources.py) all but one fail to rename their copy."""
+  data_dir, count = str(tmp_path / "tfds"), 2
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, data_dir,
+                             str(tmp_path / f"ready{i}"), str(tmp_path / "go")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(count)]
+  deadline = time.time() + 120
+  while (not all((tmp_path / f"ready{i}").exists() for i in range(count))
+         and time.time() < deadline and all(p.poll() is None for p in procs)):
+    time.sleep(0.05)
+  (tmp_path / "go").touch()
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for proc, (_, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  sizes = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  _, labels = digits.load_arrays()
+  assert sizes == [sizes[0]] * count and sum(sizes[0].values()) == len(labels)

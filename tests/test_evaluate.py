@@ -1,6 +1,7 @@
 """`python -m nfnets_jax.evaluate`: a real training run's checkpoint, scored again.
 
-The trainer runs once (a few steps of the demo on the embedded digits, 24 px)
+The trainer runs once per test session (the shared demo run of
+tests/demo_run.py: eight steps on the embedded digits at 24 px, four devices)
 and reports its own evaluation; evaluating its workdir with the same image size
 and preprocessing must give the same accuracy, for the raw and the EMA weights,
 on one device and on four. The CLI runs in-process through `main(argv)` where
@@ -10,7 +11,6 @@ processes of two devices each: a multi-host job on localhost).
 
 import importlib.util
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -18,46 +18,17 @@ import sys
 
 import pytest
 
+from demo_run import IMAGE_SIZE, REPO, trainer_env
 from nfnets_jax import checkpoint, evaluate, inference
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# Not 16: there nano's last stage average-pools a 1x1 map with SAME padding, which
-# XLA:CPU's YNNPACK reduce_window gets wrong for large batches (results would then
-# depend on the batch per device). At 24 px every pooled map is at least 2x2.
-IMAGE_SIZE = 24
-PREPROC = "resize_crop_1"  # the demo config's: the digits are 8x8, no margin to crop
+# The shared run's evaluation resolution and the demo config's eval preprocessing
+# (the digits are 8x8, no margin to crop).
+PREPROC = "resize_crop_1"
 
 
-def _env(devices: int) -> dict:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A workdir trained for a few steps, and the metrics the trainer reported for it."""
-  root = tmp_path_factory.mktemp("evaluate")
-  workdir, data_dir, cache = root / "workdir", root / "tfds", root / "xla_cache"
-  argv = [sys.executable, "-m", "nfnets_jax.train", "--config=experiments/demo.py",
-          f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
-          f"--compilation_cache_dir={cache}",
-          f"--config.dataset.image_size={IMAGE_SIZE}",
-          f"--config.dataset.eval_image_size={IMAGE_SIZE}",
-          f"--config.dataset.eval_preproc={PREPROC}",
-          "--config.train_batch_size=16", "--config.eval_batch_size=64",
-          "--config.num_train_steps=4", "--config.checkpoint_every_steps=4",
-          "--mode=train_eval"]
-  proc = subprocess.run(argv, cwd=REPO, env=_env(1), capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  reported = json.loads(proc.stdout.strip().splitlines()[-1])
-  return {"workdir": str(workdir), "data_dir": str(data_dir), "cache": str(cache),
-          "reported": reported}
-
-
-def eval_args(trained, *extra):
-  return [f"--checkpoint={trained['workdir']}", "--dataset=digits", "--split=test",
-          f"--data_dir={trained['data_dir']}", f"--image_size={IMAGE_SIZE}",
+def eval_args(demo_run, *extra):
+  return [f"--checkpoint={demo_run['workdir']}", "--dataset=digits", "--split=test",
+          f"--data_dir={demo_run['data_dir']}", f"--image_size={IMAGE_SIZE}",
           f"--eval_preproc={PREPROC}", *extra]
 
 
@@ -73,12 +44,12 @@ def last_json(stdout: str) -> dict:
 
 
 @pytest.mark.slow
-def test_workdir_scores_as_the_training_run_reported(trained, capsys):
+def test_workdir_scores_as_the_training_run_reported(demo_run, capsys):
   """Model, classes and arguments all come from the workdir's records: no --model needed."""
-  code, out, err = run_in_process(capsys, *eval_args(trained, "--batch_size=64",
+  code, out, err = run_in_process(capsys, *eval_args(demo_run, "--batch_size=64",
                                                      "--progress=lines"))
   assert code == 0, err
-  results, reported = last_json(out), trained["reported"]
+  results, reported = last_json(out), demo_run["reported"]
   assert results["num_examples"] == reported["num_examples"] == 355
   assert results["top1"] == reported["top1"]
   assert results["top5"] == reported["top5"]
@@ -90,14 +61,14 @@ def test_workdir_scores_as_the_training_run_reported(trained, capsys):
 
 
 @pytest.mark.slow
-def test_ema_weights_score_as_the_training_run_reported(trained, capsys):
-  code, out, err = run_in_process(capsys, *eval_args(trained, "--ema", "--batch_size=32",
+def test_ema_weights_score_as_the_training_run_reported(demo_run, capsys):
+  code, out, err = run_in_process(capsys, *eval_args(demo_run, "--ema", "--batch_size=32",
                                                      "--progress=bar"))
   assert code == 0, err
   results = last_json(out)
   assert results["ema"] is True and results["num_examples"] == 355
-  assert results["top1"] == trained["reported"]["ema_top1"]
-  assert results["top5"] == trained["reported"]["ema_top5"]
+  assert results["top1"] == demo_run["reported"]["ema_top1"]
+  assert results["top5"] == demo_run["reported"]["ema_top5"]
   assert "evaluating: 100%" in err and "12/12" in err  # the tqdm bar, ceil(355 / 32) batches
 
 
@@ -108,14 +79,14 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_of_two_devices_score_the_same(trained):
+def test_two_processes_of_two_devices_score_the_same(demo_run):
   """A multi-host job on localhost: 4 devices, each process reading its half of the split."""
   port = free_port()
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "nfnets_jax.evaluate", *eval_args(trained, "--batch_size=64"),
-       f"--compilation_cache_dir={trained['cache']}", "--progress=lines",
+      [sys.executable, "-m", "nfnets_jax.evaluate", *eval_args(demo_run, "--batch_size=64"),
+       f"--compilation_cache_dir={demo_run['cache']}", "--progress=lines",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, env=trainer_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outputs = [proc.communicate(timeout=600) for proc in procs]
   for proc, (_, err) in zip(procs, outputs):
@@ -126,15 +97,15 @@ def test_two_processes_of_two_devices_score_the_same(trained):
   results = json.loads(json_lines[0][0])
   assert (results["num_devices"], results["num_processes"]) == (4, 2)
   assert results["num_examples"] == 355  # every example once, the padding masked out
-  assert results["top1"] == trained["reported"]["top1"]
-  assert results["top5"] == trained["reported"]["top5"]
+  assert results["top1"] == demo_run["reported"]["top1"]
+  assert results["top5"] == demo_run["reported"]["top5"]
 
 
 @pytest.mark.slow
-def test_batch_size_must_divide_over_devices(trained):
-  proc = subprocess.run([sys.executable, "-m", "nfnets_jax.evaluate", *eval_args(trained),
+def test_batch_size_must_divide_over_devices(demo_run):
+  proc = subprocess.run([sys.executable, "-m", "nfnets_jax.evaluate", *eval_args(demo_run),
                          "--batch_size=33", "--compilation_cache_dir="],
-                        cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=300)
+                        cwd=REPO, env=trainer_env(2), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert "--batch_size=33 must be a positive multiple of the number of devices (2" in proc.stderr
   assert not proc.stdout
@@ -150,8 +121,8 @@ def test_batch_size_must_divide_over_devices(trained):
     ("--dataset=no_such_dataset_xyz", 1, "no_such_dataset_xyz"),
     ("--bogus_flag=1", 2, "bogus_flag"),
 ])
-def test_bad_flags_are_clear_errors(trained, capsys, flag, code, message):
-  got, out, err = run_in_process(capsys, *eval_args(trained, flag, "--progress=none"))
+def test_bad_flags_are_clear_errors(demo_run, capsys, flag, code, message):
+  got, out, err = run_in_process(capsys, *eval_args(demo_run, flag, "--progress=none"))
   assert got == code, err
   assert message in err
   assert not out
@@ -163,19 +134,19 @@ def test_missing_checkpoint_is_named(tmp_path, capsys):
   assert code == 1 and str(missing) in err and not out
 
 
-def test_load_meta_reads_the_trainers_record(trained, tmp_path):
-  meta = checkpoint.load_meta(trained["workdir"])
+def test_load_meta_reads_the_trainers_record(demo_run, tmp_path):
+  meta = checkpoint.load_meta(demo_run["workdir"])
   assert meta["model"] == "nfnet:nano" and meta["num_classes"] == 10
-  assert meta["step"] == trained["reported"]["step"]
+  assert meta["step"] == demo_run["reported"]["step"]
   # The demo config's model arguments, as the trainer recorded them.
   spec = importlib.util.spec_from_file_location("demo_config", REPO / "experiments" / "demo.py")
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
   assert meta["model_kwargs"] == dict(demo.get_config().model_kwargs)
-  step_dir = pathlib.Path(trained["workdir"]) / "checkpoints" / str(meta["step"])
+  step_dir = pathlib.Path(demo_run["workdir"]) / "checkpoints" / str(meta["step"])
   assert checkpoint.load_meta(step_dir) == meta
   # A bare parameter file records nothing.
-  params = checkpoint.load_params(trained["workdir"])
+  params = checkpoint.load_params(demo_run["workdir"])
   npz = checkpoint.save_params_npz(params, tmp_path / "p.npz")
   assert checkpoint.load_meta(npz) is None
   loaded = inference.load_model(npz)  # an NFNet and its classes, told by the weights alone

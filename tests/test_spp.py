@@ -11,22 +11,30 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from session_share import once, session_root
 from nfnets_jax import models, spp
 
 NF, BN = "nf_resnet:ResNet50", "bn_resnet:ResNet50"
 ALPHA = 0.2  # NF-ResNets' default alpha
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-  """The real CLI, NF-ResNet50 against BN-ResNet50 on a small batch of small images."""
-  out = tmp_path_factory.mktemp("spp") / "spp.png"
+def _run_cli(directory: pathlib.Path) -> dict:
+  out = directory / "spp.png"
   argv = ["spp", f"--model={NF}", f"--compare={BN}", "--batch=8", "--image_size=64",
           f"--out={out}", "--seed=0"]
   assert spp.main(argv) == 0
   with open(out.with_suffix(".csv"), newline="") as f:
-    rows = list(csv.DictReader(f))
-  return out, rows
+    return {"out": str(out), "rows": list(csv.DictReader(f))}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  """The real CLI, NF-ResNet50 against BN-ResNet50 on a small batch of small images.
+
+  Its two forward passes compile for ~35 s, so it runs once per session even
+  when xdist spreads this module's tests over several workers."""
+  result = once(session_root(tmp_path_factory) / "spp_cli_run", _run_cli)
+  return pathlib.Path(result["out"]), result["rows"]
 
 
 def _series(rows, model, column):

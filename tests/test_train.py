@@ -16,81 +16,42 @@ import time
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-# A few steps of the demo at 16 px: the whole training path, compiled quickly.
-DEMO = "--config=experiments/demo.py"
-FAST = [
-    "--config.dataset.image_size=16",
-    "--config.dataset.eval_image_size=16",
-    "--config.train_batch_size=16",
-    "--config.eval_batch_size=64",
-    "--config.num_train_steps=8",
-    "--config.log_every_steps=4",
-    "--config.checkpoint_every_steps=4",
-]
+from demo_run import (REPO, SHARED_DEVICES, SHARED_EXTRA, checkpoint_steps, final_json,
+                      run_trainer, trainer_args, trainer_command, trainer_env)
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-  """A data dir and a compilation cache shared by this module's runs."""
+  """A data dir and a compilation cache shared by this module's own runs."""
   root = tmp_path_factory.mktemp("train_shared")
   return {"data_dir": str(root / "tfds"), "cache": str(root / "xla_cache")}
 
 
-def trainer_args(shared, workdir, *extra, config=DEMO):
-  """--config first: absl applies --config.<field> overrides to an already loaded config."""
-  return [config, f"--workdir={workdir}", f"--config.dataset.data_dir={shared['data_dir']}",
-          f"--compilation_cache_dir={shared['cache']}", *FAST, *extra]
-
-
-def run_trainer(shared, workdir, *extra, config=DEMO, devices=1, timeout=600, check=True):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-  argv = [sys.executable, "-m", "nfnets_jax.train",
-          *trainer_args(shared, workdir, *extra, config=config)]
-  proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-  return proc
-
-
-def final_json(proc) -> dict:
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def checkpoint_steps(workdir) -> list[int]:
-  ckpt = pathlib.Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
-
-
-def test_train_eval_reports_metrics_and_writes_checkpoints_and_tensorboard(shared, tmp_path):
-  proc = run_trainer(shared, tmp_path, "--config.keep_checkpoints=1")
-  results = final_json(proc)
+def test_train_eval_on_four_devices_reports_metrics_and_writes_checkpoints_and_tensorboard(
+    demo_run):
+  """The session's shared demo run (tests/demo_run.py): 8 steps on 4 devices, then eval."""
+  results, workdir = demo_run["reported"], pathlib.Path(demo_run["workdir"])
   assert results["step"] == 8
   assert results["num_examples"] == 355  # the whole digits test split, each example once
   for key in ("top1", "top5", "ema_top1", "loss"):
     assert 0.0 <= results[key] and np.isfinite(results[key])
-  assert "eval top-1" in proc.stdout
-  assert checkpoint_steps(tmp_path) == [8]  # keep_checkpoints=1 removed step 4
-  events = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+  assert "eval top-1" in demo_run["stdout"]
+  assert f"global batch 16 on {SHARED_DEVICES} devices (1 processes)" in demo_run["stderr"]
+  assert checkpoint_steps(workdir) == [8]  # keep_checkpoints=1 removed step 4
+  events = list((workdir / "tensorboard").rglob("events.out.tfevents.*"))
   assert {p.parent.name for p in events} == {"train", "eval"}
   # Training progress lines carry the per-step metrics.
   for metric in ("loss", "learning_rate", "grad_norm", "agc_clip_fraction", "images_per_sec"):
-    assert metric in proc.stderr
+    assert metric in demo_run["stderr"]
 
 
-def test_killed_run_resumes_bitwise_equal_to_uninterrupted(shared, tmp_path):
-  """SIGKILL after the first checkpoint, rerun the same command: same final weights."""
-  steps = ["--config.num_train_steps=12", "--mode=train"]
-  reference = final_json(run_trainer(shared, tmp_path / "reference", *steps))
-
+def test_killed_run_resumes_bitwise_equal_to_uninterrupted(demo_run, tmp_path):
+  """SIGKILL a copy of the shared run after its first checkpoint, rerun the same
+  command: the same parameters (fingerprint) and evaluation as the uninterrupted run."""
+  dirs = {"data_dir": demo_run["data_dir"], "cache": demo_run["cache"]}
   workdir = tmp_path / "killed"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-         "JAX_PLATFORMS": "cpu"}
-  argv = [sys.executable, "-m", "nfnets_jax.train", *trainer_args(shared, workdir, *steps)]
-  victim = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+  victim = subprocess.Popen(trainer_command(dirs, workdir, *SHARED_EXTRA), cwd=REPO,
+                            env=trainer_env(SHARED_DEVICES), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   while not checkpoint_steps(workdir) and time.time() < deadline and victim.poll() is None:
@@ -98,16 +59,14 @@ def test_killed_run_resumes_bitwise_equal_to_uninterrupted(shared, tmp_path):
   victim.send_signal(signal.SIGKILL)
   victim.wait()
   saved = checkpoint_steps(workdir)
-  assert saved and saved[-1] < 12, f"the run was not interrupted mid-way: {saved}"
+  assert saved and saved[-1] < 8, f"the run was not interrupted mid-way: {saved}"
 
-  resumed = run_trainer(shared, workdir, *steps)
+  resumed = run_trainer(dirs, workdir, *SHARED_EXTRA, devices=SHARED_DEVICES)
   assert f"Resumed from step {saved[-1]}" in resumed.stderr
-  assert final_json(resumed) == reference
-
-
-def test_four_devices_one_process(shared, tmp_path):
-  results = final_json(run_trainer(shared, tmp_path, devices=4))
-  assert results["step"] == 8 and results["num_examples"] == 355
+  got, want = final_json(resumed.stdout), dict(demo_run["reported"])
+  for results in (got, want):
+    del results["seconds"]  # wall time of the evaluation
+  assert got == want
 
 
 def test_two_processes_two_devices_each_agree(shared, tmp_path):
@@ -136,7 +95,7 @@ def test_published_f0_config_runs_one_step_at_tiny_resolution(shared, tmp_path):
       "--config.num_train_steps=1", "--config.log_every_steps=1",
       "--config.checkpoint_every_steps=1", "--mode=train",
       config="--config=experiments/nfnet.py:F0", timeout=900)
-  assert final_json(proc)["step"] == 1
+  assert final_json(proc.stdout)["step"] == 1
   assert "loss" in proc.stderr and checkpoint_steps(tmp_path) == [1]
 
 
@@ -157,13 +116,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path):
     ("--config.compute_dtype=float64", "config.compute_dtype = 'float64' is invalid"),
     ("--config.train_batch_size=6", "must be divisible by the number of devices (4"),
     ("--config.model=nfnet:F9", "Unknown model 'nfnet:F9'"),
-    ("--config.dataset.augment_name=mixup_bogus", "mixup_bogus"),
+    ("--config.dataset.augment_name=mixup_bogus", "Unknown augmentation 'mixup_bogus'"),
     ("--mode=fit", "--mode"),
 ])
 def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
   proc = run_trainer(shared, tmp_path, flag, devices=4, check=False, timeout=300)
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-3000:]
+  assert "initialising" not in proc.stderr  # refused before any model is built
   assert not checkpoint_steps(tmp_path)
 
 

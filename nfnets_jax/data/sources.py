@@ -14,13 +14,16 @@ Images are never decoded here (`SkipDecoding`): the preprocessing decodes each
 JPEG only inside its crop window.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import re
-from typing import Optional
+from typing import Iterator, Optional
 
+import filelock
 import tensorflow_datasets as tfds
+from absl import logging
 
 from nfnets_jax.data import digits as _digits  # noqa: F401  (registers the 'digits' builder)
 from nfnets_jax.data import imagenet
@@ -155,23 +158,59 @@ def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
         f"classification dataset name. TFDS said: {str(err).splitlines()[0]}") from None
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, name: str, split: str,
-             manual_dir: Optional[str], download: bool) -> None:
-  """Makes sure `builder` is prepared in its data_dir, checking manual files first."""
-  if builder.is_prepared():
+@contextlib.contextmanager
+def _preparation_lock(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+  """Holds a file lock beside the dataset's directory while it is prepared.
+
+  Every process of a multi-process job opens its sources, and on a fresh
+  data_dir that several of them share (one host's processes, or a shared
+  filesystem) each would prepare the dataset at once: TFDS then fails to
+  rename the second copy into place (FileExistsError), and that process's
+  peers time out waiting for it. With the lock, one process prepares and
+  the others wait, then read what it wrote. Object stores (gs://...) have no
+  file locks; there nothing is locked.
+  """
+  root = str(builder.data_dir_root)
+  if "://" in root:
+    yield
     return
-  is_imagenet = builder.name == "imagenet2012"
-  if is_imagenet:
-    manual_dir = manual_dir or imagenet.default_manual_dir(str(builder.data_dir_root))
-    wanted = [s for s in base_split_names(split) if s in imagenet.SPLIT_ARCHIVES]
-    present = [s for s, f in imagenet.SPLIT_ARCHIVES.items()
-               if os.path.isfile(os.path.join(manual_dir, f))]
-    imagenet.check_manual_dir(manual_dir, sorted(set(wanted) | set(present)))
-  elif not download and builder.name != "digits":
-    raise FileNotFoundError(f"Dataset {name!r} is not prepared in {builder.data_dir_root} and "
-                            f"download=False.")
-  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-  builder.download_and_prepare(download_config=config)
+  os.makedirs(root, exist_ok=True)
+  lock = filelock.FileLock(os.path.join(root, f".{builder.name}.prepare.lock"))
+  try:
+    lock.acquire(timeout=0)
+  except filelock.Timeout:
+    logging.info("Waiting for another process to finish preparing %s in %s.", builder.name, root)
+    lock.acquire()
+  try:
+    yield
+  finally:
+    lock.release()
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, name: str, data_dir: Optional[str], split: str,
+             manual_dir: Optional[str], download: bool) -> tfds.core.DatasetBuilder:
+  """`builder`, prepared in its data_dir (checking manual files first), or a fresh
+  builder over what another process prepared while this one waited for the lock."""
+  if builder.is_prepared():
+    return builder
+  with _preparation_lock(builder):
+    # A builder made before the dataset existed describes no splits: make a new one.
+    fresh = _builder(name, data_dir)
+    if fresh.is_prepared():
+      return fresh
+    is_imagenet = builder.name == "imagenet2012"
+    if is_imagenet:
+      manual_dir = manual_dir or imagenet.default_manual_dir(str(builder.data_dir_root))
+      wanted = [s for s in base_split_names(split) if s in imagenet.SPLIT_ARCHIVES]
+      present = [s for s, f in imagenet.SPLIT_ARCHIVES.items()
+                 if os.path.isfile(os.path.join(manual_dir, f))]
+      imagenet.check_manual_dir(manual_dir, sorted(set(wanted) | set(present)))
+    elif not download and builder.name != "digits":
+      raise FileNotFoundError(f"Dataset {name!r} is not prepared in {builder.data_dir_root} and "
+                              f"download=False.")
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    builder.download_and_prepare(download_config=config)
+  return builder
 
 
 def _feature_keys(builder: tfds.core.DatasetBuilder, name: str) -> tuple[str, str, Optional[str]]:
@@ -196,8 +235,7 @@ def open_source(name: str, split: str, *, data_dir: Optional[str] = None,
   if name.startswith(FOLDER_PREFIX):
     source = _folder_source(name, data_dir)
   else:
-    builder = _builder(name, data_dir)
-    _prepare(builder, name, split, manual_dir, download)
+    builder = _prepare(_builder(name, data_dir), name, data_dir, split, manual_dir, download)
     image_key, label_key, name_key = _feature_keys(builder, name)
     source = Source(name=name, builder=builder, image_key=image_key, label_key=label_key,
                     name_key=name_key, is_folder=False)

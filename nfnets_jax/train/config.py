@@ -97,7 +97,11 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks value ranges; raises ValueError naming the field. Returns the config."""
   from nfnets_jax import models  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.data import augment_spec  # pylint: disable=import-outside-toplevel
   models.parse_model_name(config.model)
+  # Here rather than where the input pipeline is built, after the model's
+  # initialisation: a misspelt augmentation should not cost a large run that.
+  augment_spec.parse_augment_name(config.dataset.augment_name)
   for field in ("num_classes", "train_batch_size", "eval_batch_size", "dataset.image_size",
                 "dataset.eval_image_size", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints"):
