@@ -9,12 +9,14 @@ exactly as on a cluster. With --num_processes=1 it is the plain command.
   python launch/local.py --num_processes=2 --devices_per_process=2 -- \
       --config=experiments/demo.py --workdir=/tmp/nfnets_demo_2x2
 
-Everything after `--` goes to `python -m nfnets_jax.train` unchanged. Exits
+Everything after `--` goes to `python -m nfnets_jax.train` unchanged; XLA_FLAGS
+already set are kept, ahead of the device count. Exits
 with the first non-zero exit code of any process (and stops the others).
 """
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -38,8 +40,10 @@ def build_commands(num_processes: int, devices_per_process: int, train_args: lis
     if num_processes > 1:
       argv += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
                f"--process_id={process_id}"]
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-           "JAX_PLATFORMS": "cpu"}
+    # The caller's own XLA flags, if any, then this process's device count.
+    xla_flags = [os.environ.get("XLA_FLAGS"),
+                 f"--xla_force_host_platform_device_count={devices_per_process}"]
+    env = {"XLA_FLAGS": " ".join(filter(None, xla_flags)), "JAX_PLATFORMS": "cpu"}
     commands.append((argv, env))
   return commands
 
@@ -70,7 +74,7 @@ def main(argv: list[str]) -> int:
   commands = build_commands(args.num_processes, args.devices_per_process, train_args, free_port())
   if args.dry_run:
     for argv_, env in commands:
-      print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(argv_))
+      print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv_))
     return 0
   procs = [subprocess.Popen(argv_, env={**os.environ, **env}) for argv_, env in commands]
   exit_code = 0

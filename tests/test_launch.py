@@ -57,12 +57,15 @@ def test_slurm_script_rejects_missing_flags():
 
 def test_local_launcher_gives_each_process_its_coordinates():
   proc = run([sys.executable, "launch/local.py", "--num_processes=3", "--devices_per_process=2",
-              "--dry_run", "--", "--config=experiments/demo.py", "--workdir=/tmp/w"])
+              "--dry_run", "--", "--config=experiments/demo.py", "--workdir=/tmp/w"],
+             env={"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 3
   for i, line in enumerate(lines):
-    assert "--xla_force_host_platform_device_count=2" in line
+    # The caller's XLA flags are kept; the shell-quoted line can be pasted as it is.
+    assert ("XLA_FLAGS='--xla_cpu_enable_fast_math=false "
+            "--xla_force_host_platform_device_count=2'") in line
     assert "-m nfnets_jax.train --config=experiments/demo.py --workdir=/tmp/w" in line
     assert f"--num_processes=3 --process_id={i}" in line
     assert "--coordinator_address=127.0.0.1:" in line

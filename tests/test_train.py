@@ -2,7 +2,8 @@
 
 Every run is a real subprocess on the embedded digits dataset with real orbax
 checkpoints. Runs share a persistent compilation cache, so identical programs
-compile once per test session.
+compile once per test session. The session's shared demo run
+(tests/demo_run.py) serves the first two tests.
 """
 
 import json
