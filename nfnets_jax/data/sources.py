@@ -189,15 +189,16 @@ def _preparation_lock(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
 
 def _prepare(builder: tfds.core.DatasetBuilder, name: str, data_dir: Optional[str], split: str,
              manual_dir: Optional[str], download: bool) -> tfds.core.DatasetBuilder:
-  """`builder`, prepared in its data_dir (checking manual files first), or a fresh
-  builder over what another process prepared while this one waited for the lock."""
+  """A builder over the dataset prepared in its data_dir (checking manual files first),
+  by this process or by another one while this one waited for the lock."""
   if builder.is_prepared():
     return builder
   with _preparation_lock(builder):
-    # A builder made before the dataset existed describes no splits: make a new one.
-    fresh = _builder(name, data_dir)
-    if fresh.is_prepared():
-      return fresh
+    # A builder made before the dataset existed describes no splits, so one
+    # made now reads what another process may have prepared meanwhile.
+    builder = _builder(name, data_dir)
+    if builder.is_prepared():
+      return builder
     is_imagenet = builder.name == "imagenet2012"
     if is_imagenet:
       manual_dir = manual_dir or imagenet.default_manual_dir(str(builder.data_dir_root))
