@@ -16,7 +16,7 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Optional
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,9 @@ SHARED_DEVICES = 4
 SHARED_EXTRA = ("--config.keep_checkpoints=1",)
 
 
-def trainer_env(devices: int) -> dict[str, str]:
+def trainer_env(devices: int, **extra: str) -> dict[str, str]:
   return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
 
 def trainer_args(dirs: dict[str, str], workdir, *extra: str, config: str = DEMO) -> list[str]:
@@ -58,10 +58,11 @@ def trainer_command(dirs: dict[str, str], workdir, *extra: str, config: str = DE
 
 
 def run_trainer(dirs: dict[str, str], workdir, *extra: str, config: str = DEMO,
-                devices: int = 1, timeout: int = 600,
-                check: bool = True) -> subprocess.CompletedProcess:
+                devices: int = 1, timeout: int = 600, check: bool = True,
+                env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+  """Runs the trainer; `env` adds variables to `trainer_env(devices)`."""
   proc = subprocess.run(trainer_command(dirs, workdir, *extra, config=config), cwd=REPO,
-                        env=trainer_env(devices), capture_output=True, text=True,
+                        env=trainer_env(devices, **(env or {})), capture_output=True, text=True,
                         timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
