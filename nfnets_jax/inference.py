@@ -213,13 +213,13 @@ def load_model_from_flags(fv) -> LoadedModel:
 
 def image_settings_from_flags(fv, model: str) -> tuple[int, str]:
   """(image_size, eval_preproc) from the flags, defaulting to `model`'s test size; validated."""
-  from nfnets_jax.data import preprocess  # Validation lives with the preprocessing itself.
+  from nfnets_jax.data import preproc_spec  # The pipeline's own parsers, without TensorFlow.
 
   size = default_image_size(model) if fv.image_size is None else fv.image_size
-  if not 1 <= size <= preprocess.MAX_IMAGE_SIDE:
-    raise UsageError(f"--image_size must be in [1, {preprocess.MAX_IMAGE_SIDE}], got {size}.")
+  if not 1 <= size <= preproc_spec.MAX_IMAGE_SIDE:
+    raise UsageError(f"--image_size must be in [1, {preproc_spec.MAX_IMAGE_SIDE}], got {size}.")
   try:
-    preprocess.parse_eval_preproc(fv.eval_preproc)
+    preproc_spec.parse_eval_preproc(fv.eval_preproc)
   except ValueError as err:
     raise UsageError(f"--eval_preproc: {err}") from None
   return size, fv.eval_preproc

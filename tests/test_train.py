@@ -124,6 +124,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path):
     ("--config.train_batch_size=6", "must be divisible by the number of devices (4"),
     ("--config.model=nfnet:F9", "Unknown model 'nfnet:F9'"),
     ("--config.dataset.augment_name=mixup_bogus", "Unknown augmentation 'mixup_bogus'"),
+    ("--config.dataset.train_preproc=crop",
+     "FATAL config error: config.dataset.train_preproc: Unknown train_preproc 'crop'; valid: "
+     "inception_crop, resize."),
+    ("--config.dataset.eval_preproc=resize_crop_x", "Unknown eval_preproc 'resize_crop_x'"),
     ("--mode=fit", "--mode"),
 ])
 def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
@@ -131,6 +135,7 @@ def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-3000:]
   assert "initialising" not in proc.stderr  # refused before any model is built
+  assert "Traceback" not in proc.stderr  # one line naming the field, not a stack
   assert not checkpoint_steps(tmp_path)
 
 

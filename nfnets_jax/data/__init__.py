@@ -1,8 +1,11 @@
 """Input pipelines: the published NFNets ImageNet pipeline on current TF/TFDS.
 
-Importing this package imports TensorFlow (and hides the GPUs from it, so JAX
-keeps the accelerators); `nfnets_jax`, `nfnets_jax.models` and
-`nfnets_jax.optim` never import it.
+TensorFlow is imported (and the GPUs hidden from it, so JAX keeps the
+accelerators) when the pipeline is first touched: `load`, `Batch`,
+`Batches`, `MEAN_RGB`, `STDDEV_RGB` or any module but the two settings
+parsers, `augment_spec` and `preproc_spec`. Those stay TensorFlow-free so a
+command can check its settings before paying for TensorFlow's import (about
+4 s). `nfnets_jax`, `nfnets_jax.models` and `nfnets_jax.optim` never import it.
 
     from nfnets_jax.data import load
     batches = load('digits', 'train', is_training=True, batch_dims=(1, 64),
@@ -12,12 +15,26 @@ keeps the accelerators); `nfnets_jax`, `nfnets_jax.models` and
 Modules, one concern each: `pipeline` (load), `sources` (dataset names),
 `digits` (the embedded TFDS dataset), `imagenet` (manual archive checks),
 `preprocess`, `randaugment`, `mixing`, `augment_spec` (augmentation names),
-`sharding`, `integrity` (corrupt files), `rng` (per-example seeds).
+`preproc_spec` (image sizes and preprocessing names), `sharding`,
+`integrity` (corrupt files), `rng` (per-example seeds).
 """
 
+import importlib
+from typing import Any
+
 from nfnets_jax.data.augment_spec import AugmentSpec, parse_augment_name
-from nfnets_jax.data.pipeline import Batch, Batches, load
-from nfnets_jax.data.preprocess import MEAN_RGB, STDDEV_RGB
+
+# Names whose modules import TensorFlow: resolved on first access (PEP 562).
+_LAZY = {"Batch": "pipeline", "Batches": "pipeline", "load": "pipeline",
+         "MEAN_RGB": "preprocess", "STDDEV_RGB": "preprocess"}
 
 __all__ = ["AugmentSpec", "Batch", "Batches", "MEAN_RGB", "STDDEV_RGB", "load",
            "parse_augment_name"]
+
+
+def __getattr__(name: str) -> Any:
+  if name in _LAZY:
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,46 +25,13 @@ from typing import Sequence
 
 from nfnets_jax.data import rng
 from nfnets_jax.data._tf import tf
+# The settings' parsers live in the TF-free `preproc_spec`; re-exported here.
+from nfnets_jax.data.preproc_spec import (EVAL_PREPROC_FORMS, MAX_IMAGE_SIDE, TRAIN_PREPROCS,
+                                          check_train_preproc, image_size_hw, parse_eval_preproc)
 
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CROP_PADDING = 32
-MAX_IMAGE_SIDE = 8192
-
-EVAL_PREPROC_FORMS = ("eval_preproc must be 'crop_resize' or 'resize_crop_<pct>', where pct > 1 "
-                      "is a margin in pixels (e.g. 'resize_crop_32': resize to image_size + 32, "
-                      "then centre-crop) and 0 < pct <= 1 a fraction (e.g. 'resize_crop_0.875': "
-                      "resize to image_size / 0.875, then centre-crop)")
-
-
-def image_size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-  """Validates `image_size` (an int or (height, width)) and returns (height, width)."""
-  sides = (image_size, image_size) if isinstance(image_size, int) else image_size
-  try:
-    sides = tuple(sides)
-  except TypeError:
-    sides = ()
-  ok = (len(sides) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in sides)
-        and all(1 <= s <= MAX_IMAGE_SIDE for s in sides))
-  if not ok:
-    raise ValueError(f"image_size must be a positive int or a (height, width) pair of ints in "
-                     f"[1, {MAX_IMAGE_SIDE}], got {image_size!r}")
-  return sides  # type: ignore[return-value]
-
-
-def parse_eval_preproc(eval_preproc: str) -> tuple[str, float]:
-  """'crop_resize' -> ('crop_resize', 0); 'resize_crop_32' -> ('resize_crop', 32.0)."""
-  if eval_preproc == "crop_resize":
-    return "crop_resize", 0.0
-  prefix = "resize_crop_"
-  if isinstance(eval_preproc, str) and eval_preproc.startswith(prefix):
-    try:
-      pct = float(eval_preproc[len(prefix):])
-    except ValueError:
-      pct = float("nan")
-    if pct > 0:  # False for nan.
-      return "resize_crop", pct
-  raise ValueError(f"Unknown eval_preproc {eval_preproc!r}: {EVAL_PREPROC_FORMS}.")
 
 
 def resize_crop_scaled_size(image_size: tuple[int, int], pct: float) -> tuple[int, int]:
@@ -140,16 +107,6 @@ def resize(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
   return tf.image.resize(image, size, method=tf.image.ResizeMethod.BICUBIC)
 
 
-#: Training preprocessings: the published Inception crop + flip, or a plain resize
-#: of the whole image for data where crops and mirror images change the class
-#: (the 8x8 digits: a 3x3 crop or a mirrored 2 is no longer that digit).
-TRAIN_PREPROCS = ("inception_crop", "resize")
-
-
-def check_train_preproc(train_preproc: str) -> str:
-  if train_preproc not in TRAIN_PREPROCS:
-    raise ValueError(f"Unknown train_preproc {train_preproc!r}; valid: {', '.join(TRAIN_PREPROCS)}.")
-  return train_preproc
 
 
 def train_image(image_bytes: tf.Tensor, image_size: tuple[int, int], seed: tf.Tensor,

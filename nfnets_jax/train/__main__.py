@@ -35,6 +35,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   chained AttributeError traceback from inside the parser)."""
   try:
     return flags.FLAGS(argv)
+  except flags.Error as err:  # e.g. --mode=fit: absl's message, without its traceback
+    sys.stderr.write(f"FATAL Flags parsing error: {err}\n")
+    sys.exit(1)
   except (AttributeError, KeyError) as err:
     detail = str(err.args[0]) if err.args else str(err)
     while detail[:1] in ("'", '"'):  # the message arrives quoted, once or twice
@@ -55,10 +58,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  runtime.setup()
-  config = config_lib.validate(_CONFIG.value)
-  from nfnets_jax.train.experiment import Experiment, NonFiniteLossError  # pylint: disable=import-outside-toplevel
-  experiment = Experiment(config, _WORKDIR.value)
+  try:
+    # Before runtime.setup and any import of the training stack: a bad value
+    # is reported in a second or two, as one line naming the field.
+    config = config_lib.validate(_CONFIG.value)
+    runtime.setup()
+    from nfnets_jax.train.experiment import Experiment, NonFiniteLossError  # pylint: disable=import-outside-toplevel
+    experiment = Experiment(config, _WORKDIR.value)  # checks what needs the devices
+  except config_lib.ConfigError as err:
+    sys.stderr.write(f"FATAL config error: {err}\n")
+    sys.exit(1)
   try:
     if _MODE.value == "eval":
       results = experiment.evaluate()

@@ -7,7 +7,7 @@ an error instead of a silently ignored setting. `validate` then checks values
 that have a valid range and names the field that is off.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 from ml_collections import config_dict
@@ -77,8 +77,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+class ConfigError(ValueError):
+  """An invalid config value; the message names the field and what would be valid.
+
+  The trainer reports it as one line (no traceback) and exits with status 1.
+  """
+
+
 def _fail(field: str, value: Any, valid: str) -> None:
-  raise ValueError(f"config.{field} = {value!r} is invalid: {valid}.")
+  raise ConfigError(f"config.{field} = {value!r} is invalid: {valid}.")
+
+
+def _parse(field: str, parser: Callable[[Any], Any], config: ml_collections.ConfigDict) -> None:
+  """Runs a value parser of the library on the field, naming the field in its error."""
+  try:
+    parser(_get(config, field))
+  except ValueError as err:
+    raise ConfigError(f"config.{field}: {err}") from None
 
 
 def _positive_int(config: ml_collections.ConfigDict, field: str) -> None:
@@ -95,13 +110,16 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks value ranges; raises ValueError naming the field. Returns the config."""
+  """Checks names and value ranges; raises `ConfigError` naming the field. Returns the config."""
   from nfnets_jax import models  # pylint: disable=import-outside-toplevel
-  from nfnets_jax.data import augment_spec  # pylint: disable=import-outside-toplevel
-  models.parse_model_name(config.model)
+  from nfnets_jax.data import augment_spec, preproc_spec  # pylint: disable=import-outside-toplevel
+  _parse("model", models.parse_model_name, config)
   # Here rather than where the input pipeline is built, after the model's
-  # initialisation: a misspelt augmentation should not cost a large run that.
-  augment_spec.parse_augment_name(config.dataset.augment_name)
+  # initialisation: a misspelt augmentation or preprocessing should not cost
+  # a large run that (nor TensorFlow's import: these parsers need none).
+  _parse("dataset.augment_name", augment_spec.parse_augment_name, config)
+  _parse("dataset.train_preproc", preproc_spec.check_train_preproc, config)
+  _parse("dataset.eval_preproc", preproc_spec.parse_eval_preproc, config)
   for field in ("num_classes", "train_batch_size", "eval_batch_size", "dataset.image_size",
                 "dataset.eval_image_size", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints"):

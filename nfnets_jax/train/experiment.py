@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from nfnets_jax import models, optim
+from nfnets_jax.train import config as config_lib
 from nfnets_jax.train import steps
 from nfnets_jax.train.checkpoints import Checkpointer, checkpoint_dir
 from nfnets_jax.train.reporting import Reporter
@@ -62,7 +63,7 @@ class Experiment:
     num_devices, num_processes = jax.device_count(), jax.process_count()
     for field in ("train_batch_size", "eval_batch_size"):
       if config[field] % num_devices:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"config.{field} = {config[field]} must be divisible by the number of devices "
             f"({num_devices}: {jax.local_device_count()} per process x {num_processes} "
             "processes).")

@@ -1,0 +1,59 @@
+"""Parsing of the preprocessing settings: image sizes, `train_preproc`, `eval_preproc`.
+
+Like `augment_spec`, this module holds the string contracts of the input
+pipeline without TensorFlow, so that the trainer, `evaluate` and `classify`
+can refuse a misspelt setting in the second a command starts, rather than
+after TensorFlow's import and the model's initialisation. `preprocess`
+applies what these parse.
+"""
+
+from typing import Sequence
+
+MAX_IMAGE_SIDE = 8192
+
+#: Training preprocessings: the published Inception crop + flip, or a plain resize
+#: of the whole image for data where crops and mirror images change the class
+#: (the 8x8 digits: a 3x3 crop or a mirrored 2 is no longer that digit).
+TRAIN_PREPROCS = ("inception_crop", "resize")
+
+EVAL_PREPROC_FORMS = ("eval_preproc must be 'crop_resize' or 'resize_crop_<pct>', where pct > 1 "
+                      "is a margin in pixels (e.g. 'resize_crop_32': resize to image_size + 32, "
+                      "then centre-crop) and 0 < pct <= 1 a fraction (e.g. 'resize_crop_0.875': "
+                      "resize to image_size / 0.875, then centre-crop)")
+
+
+def image_size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+  """Validates `image_size` (an int or (height, width)) and returns (height, width)."""
+  sides = (image_size, image_size) if isinstance(image_size, int) else image_size
+  try:
+    sides = tuple(sides)
+  except TypeError:
+    sides = ()
+  ok = (len(sides) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in sides)
+        and all(1 <= s <= MAX_IMAGE_SIDE for s in sides))
+  if not ok:
+    raise ValueError(f"image_size must be a positive int or a (height, width) pair of ints in "
+                     f"[1, {MAX_IMAGE_SIDE}], got {image_size!r}")
+  return sides  # type: ignore[return-value]
+
+
+def parse_eval_preproc(eval_preproc: str) -> tuple[str, float]:
+  """'crop_resize' -> ('crop_resize', 0); 'resize_crop_32' -> ('resize_crop', 32.0)."""
+  if eval_preproc == "crop_resize":
+    return "crop_resize", 0.0
+  prefix = "resize_crop_"
+  if isinstance(eval_preproc, str) and eval_preproc.startswith(prefix):
+    try:
+      pct = float(eval_preproc[len(prefix):])
+    except ValueError:
+      pct = float("nan")
+    if pct > 0:  # False for nan.
+      return "resize_crop", pct
+  raise ValueError(f"Unknown eval_preproc {eval_preproc!r}: {EVAL_PREPROC_FORMS}.")
+
+
+def check_train_preproc(train_preproc: str) -> str:
+  """Returns `train_preproc` if it names one of `TRAIN_PREPROCS`; else a ValueError."""
+  if train_preproc not in TRAIN_PREPROCS:
+    raise ValueError(f"Unknown train_preproc {train_preproc!r}; valid: {', '.join(TRAIN_PREPROCS)}.")
+  return train_preproc
