@@ -26,8 +26,9 @@ Training workdir layout (the contract between training and evaluation)::
       checkpoints/            an orbax.checkpoint.CheckpointManager directory
         <step>/               one directory per saved step, named by the bare
                               integer (CheckpointManager's default step format)
-          params/             item "params": the Haiku params tree, saved with
-                              ocp.args.StandardSave
+          params/             item "params": the Haiku params tree, an orbax
+                              PyTree item (ocp.args.PyTreeSave; StandardSave,
+                              which earlier versions used, writes the same)
           ema_params/         item "ema_params" (optional): the EMA of params,
                               same tree, same handler
           meta/               item "meta" (optional): JSON with at least
@@ -185,7 +186,8 @@ def save_params_orbax(params: Mapping[str, Mapping[str, Any]], path: PathLike, *
 
 
 def checkpoint_manager(workdir: PathLike, *, max_to_keep: Optional[int] = None,
-                       create: bool = True, **options: Any) -> "ocp.CheckpointManager":
+                       create: bool = True, item_handlers: Optional[Mapping[str, Any]] = None,
+                       **options: Any) -> "ocp.CheckpointManager":
   """The `orbax.checkpoint.CheckpointManager` of a training workdir.
 
   Save a step with::
@@ -194,14 +196,15 @@ def checkpoint_manager(workdir: PathLike, *, max_to_keep: Optional[int] = None,
           params=ocp.args.StandardSave(params),
           ema_params=ocp.args.StandardSave(ema_params), ...))
 
-  Extra keyword arguments go to `CheckpointManagerOptions`.
+  `item_handlers` (item name -> orbax handler) go to the manager; extra
+  keyword arguments go to `CheckpointManagerOptions`.
   """
   import orbax.checkpoint as ocp
 
   directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_SUBDIR
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                                      **options))
+      directory, item_handlers=dict(item_handlers) if item_handlers else None,
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, **options))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -12,6 +12,18 @@ and the evaluate, convert and export tools read it as it is.
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a run killed at any moment (SIGKILL, preemption) leaves only
 complete checkpoints behind; `latest_step` never sees a partial one.
+
+The trees are written by orbax's `PyTreeCheckpointHandler` (what
+`StandardSave` uses inside; the files are the same, and either reads the
+other's). On the CPU backend its array handler writes each replicated array
+from one replica, whole: orbax's default there splits every replicated array
+among all replicas, which within one process gains nothing and on XLA:CPU
+costs one compiled and dispatched slice per array and device. NFNet-F0 on 8
+CPU devices of one process returned from its first save after 17.7 s and from
+each later one after 3.8 s that way, against 0.5 s on one device (0.7 s and
+0.3 s now). That handler keeps no per-array metadata files, which orbax reads
+only to rebuild typed PRNG-key arrays; a train state holds none. Other
+backends keep orbax's defaults.
 """
 
 import os
@@ -31,6 +43,22 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINTS_SUBDIR)
 
 
+_TREE_ITEMS = (checkpoint.PARAMS_ITEM, checkpoint.EMA_PARAMS_ITEM, "opt_state")
+
+
+def _tree_handler() -> "ocp.PyTreeCheckpointHandler":
+  """The handler of the state's trees: orbax's, with whole-array writes on CPU (module doc)."""
+  registry = None  # orbax's global one
+  if jax.default_backend() == "cpu":
+    registry = ocp.type_handlers.create_type_handler_registry(*[
+        (ty, ocp.type_handlers.ArrayHandler(use_replica_parallel=False) if ty is jax.Array
+         else ocp.type_handlers.get_type_handler(ty))
+        for ty in ocp.type_handlers.supported_types()])
+  kwargs = {} if registry is None else {"type_handler_registry": registry}
+  # StandardCheckpointHandler's limits on data in flight.
+  return ocp.PyTreeCheckpointHandler(save_concurrent_gb=96, restore_concurrent_gb=96, **kwargs)
+
+
 def _scalar(value: int, sharding: jax.sharding.Sharding) -> jax.Array:
   """An int32 scalar placed like `sharding` (works across processes too)."""
   return jax.make_array_from_callback((), sharding, lambda _: np.asarray(value, np.int32))
@@ -46,7 +74,9 @@ class Checkpointer:
   def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True,
                layout: Optional[StackedLayout] = None):
     self._manager = checkpoint.checkpoint_manager(
-        workdir, max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
+        workdir, max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+        item_handlers={**{item: _tree_handler() for item in _TREE_ITEMS},
+                       checkpoint.META_ITEM: ocp.JsonCheckpointHandler()})
     self._layout = layout if layout is not None and not layout.is_identity else None
     if self._layout is not None:
       self._to_published = jax.jit(self._layout.unstack_all)
@@ -61,11 +91,10 @@ class Checkpointer:
       state = self._to_published(state)
     step = int(jax.device_get(state.step))
     meta = {**meta, "step": step, "ema_count": int(jax.device_get(state.ema.count))}
-    self._manager.save(step, args=ocp.args.Composite(**{
-        checkpoint.PARAMS_ITEM: ocp.args.StandardSave(state.params),
-        checkpoint.EMA_PARAMS_ITEM: ocp.args.StandardSave(state.ema.ema),
-        "opt_state": ocp.args.StandardSave(state.opt_state),
-        checkpoint.META_ITEM: ocp.args.JsonSave(meta)}))
+    trees = (state.params, state.ema.ema, state.opt_state)
+    self._manager.save(step, args=ocp.args.Composite(
+        **{item: ocp.args.PyTreeSave(tree) for item, tree in zip(_TREE_ITEMS, trees)},
+        **{checkpoint.META_ITEM: ocp.args.JsonSave(meta)}))
 
   def restore(self, target: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
     """Restores step `step` (default: the latest) into the shapes/shardings of `target`."""
@@ -77,11 +106,11 @@ class Checkpointer:
       target = jax.tree_util.tree_map(
           lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
           jax.eval_shape(self._layout.unstack_all, target))
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        checkpoint.PARAMS_ITEM: ocp.args.StandardRestore(target.params),
-        checkpoint.EMA_PARAMS_ITEM: ocp.args.StandardRestore(target.ema.ema),
-        "opt_state": ocp.args.StandardRestore(target.opt_state),
-        checkpoint.META_ITEM: ocp.args.JsonRestore()}))
+    trees = (target.params, target.ema.ema, target.opt_state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.PyTreeRestore(tree, ocp.checkpoint_utils.construct_restore_args(tree))
+           for item, tree in zip(_TREE_ITEMS, trees)},
+        **{checkpoint.META_ITEM: ocp.args.JsonRestore()}))
     meta = dict(restored[checkpoint.META_ITEM])
     state = TrainState(
         step=_scalar(meta["step"], target.step.sharding),
