@@ -107,8 +107,6 @@ def resize(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
   return tf.image.resize(image, size, method=tf.image.ResizeMethod.BICUBIC)
 
 
-
-
 def train_image(image_bytes: tf.Tensor, image_size: tuple[int, int], seed: tf.Tensor,
                 train_preproc: str = "inception_crop") -> tf.Tensor:
   """Random crop, random flip, bicubic resize: float32 [H, W, 3] in about [0, 255].

@@ -48,13 +48,12 @@ _TREE_ITEMS = (checkpoint.PARAMS_ITEM, checkpoint.EMA_PARAMS_ITEM, "opt_state")
 
 def _tree_handler() -> "ocp.PyTreeCheckpointHandler":
   """The handler of the state's trees: orbax's, with whole-array writes on CPU (module doc)."""
-  registry = None  # orbax's global one
+  kwargs = {}  # elsewhere, orbax's global registry of type handlers
   if jax.default_backend() == "cpu":
-    registry = ocp.type_handlers.create_type_handler_registry(*[
+    kwargs["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry(*[
         (ty, ocp.type_handlers.ArrayHandler(use_replica_parallel=False) if ty is jax.Array
          else ocp.type_handlers.get_type_handler(ty))
         for ty in ocp.type_handlers.supported_types()])
-  kwargs = {} if registry is None else {"type_handler_registry": registry}
   # StandardCheckpointHandler's limits on data in flight.
   return ocp.PyTreeCheckpointHandler(save_concurrent_gb=96, restore_concurrent_gb=96, **kwargs)
 
