@@ -27,8 +27,9 @@ Training workdir layout (the contract between training and evaluation)::
         <step>/               one directory per saved step, named by the bare
                               integer (CheckpointManager's default step format)
           params/             item "params": the Haiku params tree, an orbax
-                              PyTree item (ocp.args.PyTreeSave; StandardSave,
-                              which earlier versions used, writes the same)
+                              PyTree item (ocp.args.PyTreeSave; items that
+                              earlier versions wrote with StandardSave hold
+                              the same arrays and load the same way)
           ema_params/         item "ema_params" (optional): the EMA of params,
                               same tree, same handler
           meta/               item "meta" (optional): JSON with at least

@@ -14,7 +14,8 @@ complete, so a run killed at any moment (SIGKILL, preemption) leaves only
 complete checkpoints behind; `latest_step` never sees a partial one.
 
 The trees are written by orbax's `PyTreeCheckpointHandler` (what
-`StandardSave` uses inside; the files are the same, and either reads the
+`StandardSave` uses inside: the array data and tree metadata are the same,
+the item's handler name in the step metadata differs, and either reads the
 other's). On the CPU backend its array handler writes each replicated array
 from one replica, whole: orbax's default there splits every replicated array
 among all replicas, which within one process gains nothing and on XLA:CPU
