@@ -13,7 +13,7 @@ load hits both alike:
   `--gpu`), under `torch.compile` (inductor; on CPU it needs a C++ compiler,
   and on a 2-core CPU it compiled F0's train step at 128 px in 82 s but not
   its inference forward at 256 px in 22 minutes). A kind that fails to build
-  or run is reported and left out; the other measurements go on;
+  or on its first call is reported and left out; the other measurements go on;
 * with `--memory`, peak resident memory of two train steps of each, each in a
   fresh child process (a shared process would only show the larger), above
   the child's size once both frameworks are imported.
