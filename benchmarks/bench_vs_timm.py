@@ -186,14 +186,15 @@ def timm_contenders(build: Callable[[str], Callable[[], None]], kinds: Sequence[
   return fns, first_call
 
 
-def print_timm_rows(fns: dict[str, Callable[[], None]], first_call: dict[str, float],
-                    med: dict[str, float], batch: int, unit: str) -> None:
-  """One line per timm contender that ran: its time, images/s, first call, ratio."""
+def print_timm_rows(first_call: dict[str, float], med: dict[str, float], batch: int,
+                    unit: str) -> None:
+  """One line per timm contender that ran (the kinds in `first_call`): its
+  time, images/s, first call, ratio."""
   for kind, first in first_call.items():
     name = f"timm {kind}"
     print(f"  {name:<12} {1e3 * med[name]:9.1f} ms/{unit} {batch / med[name]:8.2f} img/s "
           f"(first call {first:.1f} s)   ratio ours/timm {med[name] / med['ours']:.2f}")
-  if not fns:
+  if not first_call:
     print("  no timm contender ran: no ratio")
 
 
@@ -282,7 +283,7 @@ def bench_train(args, dtype_name: str, device: str, timm_kinds: Sequence[str]) -
         f"(fwd+bwd+SGD-Nesterov+wd+AGC):")
   print(f"  ours         {1e3 * med['ours']:9.1f} ms/step {batch / med['ours']:8.2f} img/s "
         f"(compile {compile_s:.1f} s)")
-  print_timm_rows(timm_fns, first_call, med, batch, "step")
+  print_timm_rows(first_call, med, batch, "step")
   if args.gpu:
     print(f"  paper V100 (TPU-style recipe, batch 32 at 192 px): {PAPER_V100_MS} ms/step; "
           f"ours/paper speed ratio {PAPER_V100_MS / (1e3 * med['ours']):.2f}")
@@ -315,7 +316,18 @@ def bench_infer(args, device: str, timm_kinds: Sequence[str]) -> None:
   print(f"inference {args.variant} float32, batch {batch} at {size}px:")
   print(f"  ours         {1e3 * med['ours']:9.1f} ms/batch {batch / med['ours']:8.2f} img/s "
         f"(compile {compile_s:.1f} s)")
-  print_timm_rows(timm_fns, first_call, med, batch, "batch")
+  print_timm_rows(first_call, med, batch, "batch")
+
+
+def comma_list(flag: str, text: str, allowed: Sequence[str]) -> list[str]:
+  """The non-empty items of a comma-separated flag value; exits naming any
+  item not in `allowed`, and the allowed ones."""
+  items = [item for item in text.split(",") if item]
+  unknown = sorted(set(items) - set(allowed))
+  if unknown or not items:
+    what = f"unknown {unknown}" if unknown else "no item"
+    sys.exit(f"{flag}: {what} in {text!r}; choose from {', '.join(allowed)}.")
+  return items
 
 
 def main() -> None:
@@ -336,15 +348,10 @@ def main() -> None:
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), timm {timm.__version__}")
   print(tuning)
-  wanted = set(args.only.split(","))
-  unknown = wanted - {"train32", "train16", "infer"}
-  if unknown:
-    sys.exit(f"--only: unknown {sorted(unknown)}; choose from train32, train16, infer.")
-  kinds = args.timm_kinds or ("eager,compile" if args.gpu else "eager")
-  timm_kinds = [k for k in kinds.split(",") if k]
-  bad_kinds = sorted(set(timm_kinds) - {"eager", "compile"})
-  if bad_kinds or not timm_kinds:
-    sys.exit(f"--timm-kinds: got {kinds!r}; give eager, compile or eager,compile.")
+  wanted = set(comma_list("--only", args.only, ("train32", "train16", "infer")))
+  timm_kinds = comma_list("--timm-kinds",
+                          args.timm_kinds or ("eager,compile" if args.gpu else "eager"),
+                          ("eager", "compile"))
   if "train32" in wanted:
     bench_train(args, "float32", device, timm_kinds)
   if "train16" in wanted:
