@@ -53,7 +53,7 @@ import pathlib
 import pickle
 import struct
 import tempfile
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -272,39 +272,14 @@ def load_meta(path: PathLike, *, step: Optional[int] = None) -> Optional[dict[st
     if not path.exists():
       raise FileNotFoundError(f"No checkpoint at {str(path)!r}.")
     return None
+  found = _locate(path, step=step)
+  if found.kind != "step" or not (found.directory / META_ITEM).is_dir():
+    return None
   import orbax.checkpoint as ocp  # Lazy: only directories are orbax checkpoints.
 
-  if (path / CHECKPOINTS_SUBDIR).is_dir():
-    manager_dir = path / CHECKPOINTS_SUBDIR
-  elif any(_is_orbax_dir(path / item) for item in (PARAMS_ITEM, EMA_PARAMS_ITEM)):
-    if step is not None:
-      raise ValueError(f"{str(path)!r} is a single step directory; step= applies to workdirs.")
-    meta_dir = path / META_ITEM
-    if not meta_dir.is_dir():
-      return None
-    return dict(ocp.JsonCheckpointHandler().restore(meta_dir.absolute(), ocp.args.JsonRestore()))
-  elif not _is_orbax_dir(path) and any(child.name.isdigit() and child.is_dir()
-                                        for child in path.iterdir()):
-    manager_dir = path
-  else:
-    return None
-  manager_dir = manager_dir.absolute()
-  with ocp.CheckpointManager(manager_dir,
-                             options=ocp.CheckpointManagerOptions(create=False)) as mngr:
-    steps = list(mngr.all_steps())
-    if not steps:
-      raise FileNotFoundError(f"{str(path)!r} holds no finished checkpoint step yet.")
-    if step is None:
-      step = mngr.latest_step()
-    elif step not in steps:
-      raise ValueError(f"{str(path)!r} has no step {step}; saved steps: {sorted(steps)}.")
-    if not (manager_dir / str(step) / META_ITEM).is_dir():
-      return None
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        **{META_ITEM: ocp.args.JsonRestore()}))
-  meta = restored[META_ITEM]
+  meta = ocp.JsonCheckpointHandler().restore(found.directory / META_ITEM, ocp.args.JsonRestore())
   if not isinstance(meta, Mapping):
-    raise ValueError(f"{str(path)!r} (step {step}): the {META_ITEM!r} item holds a "
+    raise ValueError(f"{found.label}: the {META_ITEM!r} item holds a "
                      f"{type(meta).__name__}, not a JSON object.")
   return dict(meta)
 
@@ -396,22 +371,60 @@ def _as_params(tree: Any, source: str) -> Params:
   return params
 
 
-def _load_directory(path: pathlib.Path, *, ema: bool, step: Optional[int]) -> Params:
+class _Found(NamedTuple):
+  """What a checkpoint directory holds, as `_locate` found it."""
+  kind: str  # "step" (the items of one step), "tree" (one bare orbax tree) or "unknown"
+  directory: pathlib.Path  # absolute
+  label: str  # how messages name it
+
+
+def _locate(path: pathlib.Path, *, step: Optional[int]) -> _Found:
+  """Resolves a workdir, its `checkpoints/` directory or a step directory to one step.
+
+  The one place that reads the workdir layout, for `load_params` and
+  `load_meta` alike; `step` (default: the latest) picks a manager's step.
+  """
   if (path / CHECKPOINTS_SUBDIR).is_dir():
-    return _load_from_manager(path / CHECKPOINTS_SUBDIR, ema=ema, step=step, label=str(path))
-  items = [item for item in (PARAMS_ITEM, EMA_PARAMS_ITEM) if _is_orbax_dir(path / item)]
-  if items:  # One step of a CheckpointManager.
+    return _manager_step(path / CHECKPOINTS_SUBDIR, step=step, label=str(path))
+  if any(_is_orbax_dir(path / item) for item in (PARAMS_ITEM, EMA_PARAMS_ITEM)):
     if step is not None:
       raise ValueError(f"{str(path)!r} is a single step directory; step= applies to workdirs.")
-    return _restore_tree(path / _item_name(ema, items, label=str(path)))
+    return _Found("step", path.absolute(), str(path))
   if _is_orbax_dir(path):
+    return _Found("tree", path.absolute(), str(path))
+  if any(child.name.isdigit() and child.is_dir() for child in path.iterdir()):
+    return _manager_step(path, step=step, label=str(path))
+  return _Found("unknown", path.absolute(), str(path))
+
+
+def _manager_step(directory: pathlib.Path, *, step: Optional[int], label: str) -> _Found:
+  """The step directory of a CheckpointManager's `step` (default: its latest finished one)."""
+  import orbax.checkpoint as ocp
+
+  directory = directory.absolute()
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
+    steps = list(mngr.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"{label} holds no finished checkpoint step yet.")
+    if step is None:
+      step = mngr.latest_step()
+    elif step not in steps:
+      raise ValueError(f"{label} has no step {step}; saved steps: {sorted(steps)}.")
+  return _Found("step", directory / str(step), f"{label} (step {step})")
+
+
+def _load_directory(path: pathlib.Path, *, ema: bool, step: Optional[int]) -> Params:
+  found = _locate(path, step=step)
+  if found.kind == "step":
+    present = [child.name for child in found.directory.iterdir() if child.is_dir()]
+    item = _item_name(ema, present, label=found.label)
+    return _restore_tree(found.directory / item, source=f"{found.label}, {item}")
+  if found.kind == "tree":
     if ema or step is not None:
       raise ValueError(
           f"{str(path)!r} is an orbax checkpoint of one parameter tree; it has no EMA copy or "
           "steps. ema= and step= apply to training workdirs.")
-    return _restore_tree(path)
-  if any(child.name.isdigit() and child.is_dir() for child in path.iterdir()):
-    return _load_from_manager(path, ema=ema, step=step, label=str(path))
+    return _restore_tree(found.directory, source=str(path))
   raise ValueError(
       f"{str(path)!r} is a directory but neither a training workdir (no {CHECKPOINTS_SUBDIR}/ "
       f"inside), a checkpoint step (no {PARAMS_ITEM}/ inside) nor an orbax checkpoint (none of "
@@ -432,28 +445,6 @@ def _item_name(ema: bool, available: Iterable[str], label: str) -> str:
   return item
 
 
-def _load_from_manager(directory: pathlib.Path, *, ema: bool, step: Optional[int],
-                       label: str) -> Params:
-  import orbax.checkpoint as ocp
-
-  directory = directory.absolute()
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
-    steps = list(mngr.all_steps())
-    if not steps:
-      raise FileNotFoundError(f"{label} holds no finished checkpoint step yet.")
-    if step is None:
-      step = mngr.latest_step()
-    elif step not in steps:
-      raise ValueError(f"{label} has no step {step}; saved steps: {sorted(steps)}.")
-    step_dir = directory / str(step)
-    present = [child.name for child in step_dir.iterdir() if child.is_dir()]
-    item = _item_name(ema, present, label=f"{label} (step {step})")
-    target = _cpu_target(step_dir / item)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        **{item: ocp.args.StandardRestore(target)}))
-  return _as_params(restored[item], source=f"{label} (step {step}, {item})")
-
-
 def _cpu_target(item_dir: pathlib.Path):
   """Restore target: saved shapes and dtypes, placed on this host's CPU.
 
@@ -471,13 +462,14 @@ def _cpu_target(item_dir: pathlib.Path):
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
 
 
-def _restore_tree(path: pathlib.Path) -> Params:
+def _restore_tree(path: pathlib.Path, source: str) -> Params:
+  """One orbax parameter tree (a bare checkpoint or one item of a step), onto this host's CPU."""
   import orbax.checkpoint as ocp
 
   path = path.absolute()
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(path, _cpu_target(path))
-  return _as_params(restored, source=str(path))
+  return _as_params(restored, source=source)
 
 
 # ----------------------------------------------------------------------------- flat keys

@@ -1,13 +1,12 @@
 """Process settings that make XLA:CPU steps stop paying for fresh memory every call.
 
 XLA:CPU asks the C allocator for one temporary buffer per execution of a
-compiled program (about 1 GiB for an NFNet-F0 train step at batch 8, 128 px)
-and frees it when the call ends. With JAX's defaults that buffer is allocated
-on a PjRt worker thread, i.e. from one of glibc's secondary arenas, whose heaps
-are capped at 64 MiB, so glibc serves it with `mmap` and returns it with
-`munmap`. The kernel then zero-fills every page again on the next step: about
-265,000 page faults and 0.7-1.0 s of system time per F0 train step on a 2-core
-Zen 4 machine, 30-40% of the step.
+compiled program (a train step's is large) and frees it when the call ends.
+With JAX's defaults that buffer is allocated on a PjRt worker thread, i.e. from
+one of glibc's secondary arenas, whose heaps are capped at 64 MiB, so glibc
+serves it with `mmap` and returns it with `munmap`. The kernel then zero-fills
+every page again on the next step, a large share of a CPU train step's time
+(measurements: see docs/performance.md).
 
 `tune_cpu()` removes that cost with two settings, both needed:
 
@@ -38,10 +37,9 @@ import jax
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 # glibc documents a trim threshold of -1 as "never trim" (it becomes the largest
-# size_t). The largest positive int, 2 GiB, is not: a program whose temporaries
-# exceed it (NFNet-F1's scanned train step at batch 8, 128 px: 2.4 GiB) had its
-# freed buffer handed back at the end of every call and faulted in again on the
-# next, 620,000 page faults per step.
+# size_t). The largest positive int, 2 GiB, is not: the freed buffer of a
+# program whose temporaries exceed it (an NFNet-F1 train step's do) would be
+# handed back at the end of every call and faulted in again on the next.
 _NEVER_TRIM = -1
 
 

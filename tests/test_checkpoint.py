@@ -142,6 +142,18 @@ def test_training_workdir_latest_step_ema_and_explicit_step(tmp_path, nano):
   with pytest.raises(ValueError, match=r"no step 150; saved steps: \[100, 200\]"):
     checkpoint.load_params(workdir, step=150)
 
+  # load_meta reads the same layout the same way.
+  meta = {"step": 200, "model": "nfnet:nano"}
+  assert checkpoint.load_meta(workdir) == meta
+  assert checkpoint.load_meta(workdir / "checkpoints") == meta
+  assert checkpoint.load_meta(workdir, step=100) == {**meta, "step": 100}
+  assert checkpoint.load_meta(workdir / "checkpoints" / "100") == {**meta, "step": 100}
+  with pytest.raises(ValueError, match=r"no step 150; saved steps: \[100, 200\]"):
+    checkpoint.load_meta(workdir, step=150)
+  for load in (checkpoint.load_params, checkpoint.load_meta):
+    with pytest.raises(ValueError, match="single step directory; step= applies to workdirs"):
+      load(workdir / "checkpoints" / "100", step=100)
+
 
 def test_workdir_without_ema_or_steps_says_so(tmp_path, nano):
   workdir = tmp_path / "workdir"
@@ -152,6 +164,29 @@ def test_workdir_without_ema_or_steps_says_so(tmp_path, nano):
     manager.wait_until_finished()
   with pytest.raises(ValueError, match="no 'ema_params' item.*it has: params"):
     checkpoint.load_params(workdir, ema=True)
+
+
+def test_load_meta_is_none_where_no_step_records_one_and_refuses_what_is_not_a_checkpoint(
+    tmp_path, nano):
+  workdir = tmp_path / "workdir"
+  with checkpoint.checkpoint_manager(workdir) as manager:
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint step"):
+      checkpoint.load_meta(workdir)
+    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(nano)))
+    manager.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(nano),
+                                            meta=ocp.args.JsonSave(["not", "an", "object"])))
+    manager.wait_until_finished()
+  assert checkpoint.load_meta(workdir, step=1) is None  # saved without a meta item
+  with pytest.raises(ValueError, match=r"\(step 2\): the 'meta' item holds a list, not a JSON "):
+    checkpoint.load_meta(workdir)
+  with pytest.raises(ValueError, match="the 'meta' item holds a list"):
+    checkpoint.load_meta(workdir / "checkpoints" / "2")
+  assert checkpoint.load_meta(checkpoint.save_params_orbax(nano, tmp_path / "tree")) is None
+  assert checkpoint.load_meta(checkpoint.save_params_npz(nano, tmp_path / "p.npz")) is None
+  (tmp_path / "empty").mkdir()
+  assert checkpoint.load_meta(tmp_path / "empty") is None
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    checkpoint.load_meta(tmp_path / "nowhere")
 
 
 def test_shape_mismatch_lists_offending_parameters(tmp_path, nano):

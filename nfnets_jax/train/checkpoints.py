@@ -19,12 +19,10 @@ the item's handler name in the step metadata differs, and either reads the
 other's). On the CPU backend its array handler writes each replicated array
 from one replica, whole: orbax's default there splits every replicated array
 among all replicas, which within one process gains nothing and on XLA:CPU
-costs one compiled and dispatched slice per array and device. NFNet-F0 on 8
-CPU devices of one process returned from its first save after 17.7 s and from
-each later one after 3.8 s that way, against 0.5 s on one device (0.7 s and
-0.3 s now). That handler keeps no per-array metadata files, which orbax reads
-only to rebuild typed PRNG-key arrays; a train state holds none. Other
-backends keep orbax's defaults.
+costs one compiled and dispatched slice per array and device (timings: see
+docs/performance.md). That handler keeps no per-array metadata files, which
+orbax reads only to rebuild typed PRNG-key arrays; a train state holds none.
+Other backends keep orbax's defaults.
 """
 
 import os
