@@ -1,4 +1,7 @@
-"""`load`: the NFNets input pipeline, from a dataset name to batches of NumPy arrays.
+"""`build` and `load`: the NFNets input pipeline, from a dataset name to batches of NumPy arrays.
+
+`build` takes the settings in four groups (`options.py`); `load` takes the
+same settings as keywords, for callers that set a few.
 
 Per example: read the encoded image (never decoded by TFDS), drop it if it is
 not a plausible image file, preprocess (random or centre crop, flip, bicubic
@@ -26,8 +29,10 @@ import numpy as np
 
 from nfnets_jax.data import mixing, preprocess, randaugment, rng, sharding
 from nfnets_jax.data._tf import tf
-from nfnets_jax.data.augment_spec import AugmentSpec, parse_augment_name
+from nfnets_jax.data.augment_spec import AugmentSpec
 from nfnets_jax.data.integrity import SkippedFiles
+from nfnets_jax.data.options import (GROUPS, Augmentation, Preprocessing, Reading, Stream,
+                                     group_keywords, image_dtype)
 from nfnets_jax.data.sources import open_source
 
 _log = logging.getLogger(__name__)
@@ -97,13 +102,14 @@ def _check_batch_dims(batch_dims: Sequence[int]) -> tuple[int, ...]:
 
 
 def _tf_dtype(dtype: Any) -> tf.DType:
-  try:
-    np_dtype = np.dtype(dtype)
-  except TypeError:
-    np_dtype = None
-  if np_dtype is None or not (np.issubdtype(np_dtype, np.floating) or np_dtype.name == "bfloat16"):
-    raise ValueError(f"dtype must be a floating type (float32, bfloat16, float16), got {dtype!r}")
+  np_dtype = image_dtype(dtype)
   return tf.bfloat16 if np_dtype.name == "bfloat16" else tf.as_dtype(np_dtype)
+
+
+def _check_group(name: str, value: Any) -> None:
+  if not isinstance(value, GROUPS[name]):
+    raise TypeError(f"{name} must be a data.{GROUPS[name].__name__}, got "
+                    f"{type(value).__name__} {value!r}")
 
 
 def _options(deterministic: bool, num_threads: Optional[int], autotune: bool) -> tf.data.Options:
@@ -135,33 +141,25 @@ def _fake_batches(dims: tuple[int, ...], size: tuple[int, int], np_dtype: np.dty
     yield batch
 
 
-def load(
-    name: str,
-    split: str,
-    *,
-    is_training: bool,
-    batch_dims: Sequence[int],
-    image_size: int | Sequence[int],
-    augment_name: Optional[str] = None,
-    eval_preproc: str = "resize_crop_32",
-    train_preproc: str = "inception_crop",
-    augment_before_mix: bool = True,
-    dtype: Any = np.float32,
-    transpose: bool = False,
-    data_dir: Optional[str] = None,
-    manual_dir: Optional[str] = None,
-    download: bool = True,
-    seed: Optional[int] = None,
-    deterministic: Optional[bool] = None,
-    start_step: int = 0,
-    process_index: Optional[int] = None,
-    process_count: Optional[int] = None,
-    fake_data: bool = False,
-    num_threads: Optional[int] = None,
-    shuffle_buffer: Optional[int] = None,
-    cache: Optional[bool] = None,
-    autotune: bool = True,
-) -> Batches:
+def load(name: str, split: str, *, is_training: bool, batch_dims: Sequence[int],
+         image_size: int | Sequence[int], **options: Any) -> Batches:
+  """`build` with every setting as a keyword: each names the field of that name of
+  `Preprocessing`, `Augmentation`, `Stream` or `Reading` (see `options.py`).
+
+      load('digits', 'train', is_training=True, batch_dims=(8,), image_size=32,
+           augment_name='mixup', seed=0, data_dir=...)
+
+  Raises:
+    TypeError: a keyword that is no group's field (the message lists the valid ones).
+    ValueError, FileNotFoundError: as `build`.
+  """
+  return build(name, split, is_training=is_training, batch_dims=batch_dims,
+               **group_keywords(image_size=image_size, **options))
+
+
+def build(name: str, split: str, *, is_training: bool, batch_dims: Sequence[int],
+          preprocessing: Preprocessing, augmentation: Augmentation = Augmentation(),
+          stream: Stream = Stream(), reading: Reading = Reading()) -> Batches:
   """Batches of a dataset split, preprocessed (and augmented) the NFNets way.
 
   Args:
@@ -172,41 +170,10 @@ def load(
     is_training: Training preprocessing, shuffling and endless repetition; else
       evaluation preprocessing, one ordered pass, padded and masked.
     batch_dims: Batch shape, e.g. (num_local_devices, per_device_batch).
-    image_size: Output side, or (height, width).
-    augment_name: e.g. 'cutmix_mixup_randaugment_405' (see `augment_spec.py`);
-      validated always, used in training only.
-    eval_preproc: 'crop_resize' or 'resize_crop_<pct>' (see `preprocess.py`).
-    train_preproc: 'inception_crop' (published: random crop + flip) or 'resize'
-      (whole image, for data such as digits that crops or mirroring would relabel).
-    augment_before_mix: RandAugment each image before mixing (published default)
-      rather than the mixed images.
-    dtype: dtype of `images` (float32, bfloat16 or float16).
-    transpose: Put the innermost batch dimension last (HWCN per device), the TPU
-      double-transpose layout.
-    data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
-    manual_dir: Where the ImageNet archives are (default <data_dir>/downloads/manual).
-    download: Allow TFDS to download a dataset that is not prepared.
-    seed: Seed of all randomness; None draws a fresh one.
-    deterministic: Reproducible, ordered training (needs a seed); defaults to
-      `seed is not None`.
-    start_step: Training batches already consumed (a saved `Batches.step`). In
-      deterministic mode the stream skips them, so a resumed run sees exactly the
-      batches an uninterrupted run would (skipping reads, but does not decode,
-      the skipped records: its cost grows with the step). In fast mode it only
-      sets `Batches.step`, and the resumed stream is a fresh random one.
-    process_index, process_count: This host's place; default JAX's.
-    fake_data: Zeros of the right shapes without touching any dataset (training:
-      endless; evaluation: one batch).
-    num_threads: tf.data's private thread pool size (default: one per core).
-    shuffle_buffer: Examples in the shuffle buffer (default max(1000, 10 x the
-      examples per step), at most the examples of this process's part).
-    cache: Cache the encoded images in memory (default: when process_count > 1,
-      where each process reads only its part, as published).
-    autotune: Let tf.data's autotuner size parallelism and buffers (published
-      setting). Off, each parallel stage uses one call per core. Switch it off
-      for runs of about a minute: in TensorFlow 2.21, dropping an autotuned
-      iterator waits for the autotuner's current sleep (its period doubles up
-      to 60 s), which stalled a 1-minute run's exit by 35 s.
+    preprocessing: Image size, preprocessing, output dtype and layout.
+    augmentation: RandAugment and mixing (training only).
+    stream: Seed, determinism, resume step, this process's share, shuffling.
+    reading: Data directories, fake data, caching and tf.data threading.
 
   Returns:
     A `Batches` iterator of dicts: `images` [*batch_dims, H, W, 3] normalised
@@ -215,46 +182,43 @@ def load(
     int32 (1 real, 0 padding).
 
   Raises:
+    TypeError: a group is not of its dataclass.
     ValueError: an argument is invalid (the message says what would be valid).
     FileNotFoundError: a dataset's manual files or folder are missing.
   """
-  spec = parse_augment_name(augment_name)
-  size = preprocess.image_size_hw(image_size)
-  preprocess.parse_eval_preproc(eval_preproc)
-  preprocess.check_train_preproc(train_preproc)
+  for group, value in zip(GROUPS, (preprocessing, augmentation, stream, reading)):
+    _check_group(group, value)
+  spec = augmentation.spec
+  size = preprocessing.size_hw
   dims = _check_batch_dims(batch_dims)
-  tf_dtype = _tf_dtype(dtype)
-  index, count = sharding.resolve_process(process_index, process_count)
-  if not isinstance(start_step, int) or start_step < 0:
-    raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+  tf_dtype = _tf_dtype(preprocessing.dtype)
+  index, count = sharding.resolve_process(stream.process_index, stream.process_count)
+  start_step = stream.start_step
   if start_step and not is_training:
     raise ValueError("start_step only applies to training; evaluation always starts at its "
                      "first batch.")
-  if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-    raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
-  if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
-    raise ValueError(f"shuffle_buffer must be None or an int >= 1, got {shuffle_buffer!r}")
   mixes = is_training and spec.mixes
   if mixes and spec.mixup and spec.cutmix and dims[-1] % 2:
-    raise ValueError(f"{augment_name!r} mixes half of each batch with mixup and half with "
-                     f"CutMix, so the innermost batch dimension must be even; got batch_dims "
-                     f"{dims}.")
-  if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-    raise ValueError(f"seed must be an int or None, got {seed!r}")
-  if deterministic is None:
-    deterministic = seed is not None
+    raise ValueError(f"{augmentation.augment_name!r} mixes half of each batch with mixup and "
+                     f"half with CutMix, so the innermost batch dimension must be even; got "
+                     f"batch_dims {dims}.")
+  seed = stream.seed
+  deterministic = stream.is_deterministic
   if deterministic and seed is None and is_training:
     raise ValueError("deterministic=True needs a seed: the file order, shuffle and augmentations "
                      "of a reproducible run all derive from it (pass seed=<int>).")
+  transpose = preprocessing.transpose
+  augment_before_mix = augmentation.augment_before_mix
   skipped = SkippedFiles()
 
-  if fake_data:
+  if reading.fake_data:
     np_dtype = np.dtype(tf_dtype.as_numpy_dtype)
     return Batches(None, step=start_step, steps=None if is_training else 1, num_examples=0,
                    num_classes=0, skipped=skipped,
                    fake_batches=_fake_batches(dims, size, np_dtype, transpose, is_training, mixes))
 
-  source = open_source(name, split, data_dir=data_dir, manual_dir=manual_dir, download=download)
+  source = open_source(name, split, data_dir=reading.data_dir, manual_dir=reading.manual_dir,
+                       download=reading.download)
   ds, num_local = source.read(split, process_index=index, process_count=count,
                               shuffle_files=is_training, seed=seed if deterministic else None)
   per_process_batch = math.prod(dims)
@@ -266,24 +230,26 @@ def load(
 
   if is_training:
     examples_per_step = per_process_batch * (2 if mixes else 1)
-    if cache if cache is not None else count > 1:
+    if reading.cache if reading.cache is not None else count > 1:
       ds = ds.cache()
     ds = ds.repeat()
     # A buffer beyond one epoch of this process's part would only re-read the same files.
-    buffer = shuffle_buffer or max(1, min(max(MIN_SHUFFLE_BUFFER, 10 * examples_per_step),
-                                          num_local))
+    buffer = stream.shuffle_buffer or max(
+        1, min(max(MIN_SHUFFLE_BUFFER, 10 * examples_per_step), num_local))
     ds = ds.shuffle(buffer, seed=seed if deterministic else None, reshuffle_each_iteration=True)
     ds = ds.enumerate().filter(keep)
     if start_step and deterministic:
       # Exact resume: replay the stream's reads (no decoding) up to where step k began.
       # A fast-mode stream is random anyway, so it starts afresh instead of paying this.
       ds = ds.skip(start_step * examples_per_step)
-    ds = ds.map(_train_example_fn(spec, size, key, mixes, augment_before_mix, train_preproc),
+    ds = ds.map(_train_example_fn(spec, size, key, mixes, augment_before_mix,
+                                  preprocessing.train_preproc),
                 num_parallel_calls=tf.data.AUTOTUNE)
     steps = None
   else:
     steps = sharding.eval_steps(source.part_sizes(split, count), per_process_batch)
     ds = ds.enumerate().filter(keep)
+    eval_preproc = preprocessing.eval_preproc
     ds = ds.map(lambda i, ex: {"images": preprocess.normalize(
                                    preprocess.eval_image(ex["image"], size, eval_preproc)),
                                "labels": ex["label"], "mask": tf.constant(1, tf.int32)},
@@ -298,7 +264,8 @@ def load(
 
   ds = _batch(ds, dims, spec if mixes else AugmentSpec(), augment_before_mix, tf_dtype, transpose)
   ds = ds.prefetch(tf.data.AUTOTUNE)
-  ds = ds.with_options(_options(deterministic or not is_training, num_threads, autotune))
+  ds = ds.with_options(_options(deterministic or not is_training, reading.num_threads,
+                                reading.autotune))
   return Batches(ds, step=start_step, steps=steps, num_examples=num_local,
                  num_classes=source.num_classes, skipped=skipped)
 
