@@ -1,11 +1,12 @@
 """Scanned and unrolled blocks are the same network.
 
-`block_loop('scan')` runs each run of interchangeable blocks as one
-`lax.scan` on parameters stacked from the published per-block tree; these
-tests check that nothing observable changes: the tree, the initial weights
-for a seed, the stochastic-depth draws, the outputs and signal metrics, and
-the gradients (to float32 rounding), and that the compiled program really
-holds fewer blocks.
+A model built with `block_loop='scan'` runs each run of interchangeable
+blocks as one `lax.scan` on stacked parameters; these tests check that
+nothing observable changes: the published tree, the initial weights for a
+seed, the stochastic-depth draws, the outputs and signal metrics, and the
+gradients (to float32 rounding), and that the compiled program really holds
+fewer blocks. The lowering is fixed when a model is built: two models built
+with different choices keep them side by side in one process.
 """
 
 import jax
@@ -24,21 +25,24 @@ CASES = [
 
 
 def _run(name, kwargs, mode, images):
-  model = models.transform(name, 10, **kwargs)
-  with models.block_loop(mode):
-    params = jax.jit(model.init, static_argnames="is_training")(
-        jax.random.key(0), images, is_training=True)
-    # Skip gains start at zero, which would hide every residual branch.
-    params = jax.tree_util.tree_map(lambda p: p + 0.5 if p.ndim == 0 else p, params)
+  """Initial parameters, outputs, gradients (all in the published tree) and the jaxpr."""
+  model = models.transform(name, 10, block_loop=mode, **kwargs)
+  layout = models.stacked_layout(name, 10, block_loop=mode, **kwargs)
+  params = jax.jit(model.init, static_argnames="is_training")(
+      jax.random.key(0), images, is_training=True)
+  # Skip gains start at zero, which would hide every residual branch.
+  params = jax.tree_util.tree_map(lambda p: p + 0.5 if p.ndim <= 1 and p.size <= 8 else p,
+                                  layout.to_published(params))
+  params = layout.stack(params)
 
-    def loss(params, key):
-      outputs = model.apply(params, key, images, is_training=True, return_metrics=True)
-      return jnp.sum(outputs["logits"] ** 2), outputs
+  def loss(params, key):
+    outputs = model.apply(params, key, images, is_training=True, return_metrics=True)
+    return jnp.sum(outputs["logits"] ** 2), outputs
 
-    # Outputs and gradients from one program: one compilation per loop mode.
-    grads, outputs = jax.jit(jax.grad(loss, has_aux=True))(params, jax.random.key(3))
-    jaxpr = str(jax.make_jaxpr(loss)(params, jax.random.key(3)))
-  return params, outputs, grads, jaxpr
+  # Outputs and gradients from one program: one compilation per loop mode.
+  grads, outputs = jax.jit(jax.grad(loss, has_aux=True))(params, jax.random.key(3))
+  jaxpr = str(jax.make_jaxpr(loss)(params, jax.random.key(3)))
+  return (layout.to_published(params), outputs, layout.to_published(grads), jaxpr)
 
 
 @pytest.mark.slow
@@ -70,15 +74,16 @@ def test_squeeze_excite_blocks_and_their_draws_match():
   random: both loops drop the same ones and compute the same logits."""
   name, kwargs = "nf_regnet:B0", {"stochdepth_rate": 0.9}
   images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
-  model = models.transform(name, 10, **kwargs)
-  params = jax.jit(model.init, static_argnames="is_training")(
-      jax.random.key(0), images, is_training=False)
+  params = jax.jit(models.transform(name, 10, block_loop="unroll", **kwargs).init,
+                   static_argnames="is_training")(jax.random.key(0), images, is_training=False)
   params = jax.tree_util.tree_map(lambda p: p + 0.5 if p.ndim == 0 else p, params)
   logits = {}
   for mode in ("unroll", "scan"):
-    with models.block_loop(mode), models.conv_impl("xla"):  # quicker to compile
-      logits[mode] = jax.jit(lambda p, k: model.apply(p, k, images, is_training=True)["logits"])(
-          params, jax.random.key(11))
+    model = models.transform(name, 10, block_loop=mode, conv_impl="xla",  # quicker to compile
+                             **kwargs)
+    # The published tree (a loaded checkpoint) goes to either model as it is.
+    logits[mode] = jax.jit(lambda p, k: model.apply(p, k, images, is_training=True)["logits"])(
+        params, jax.random.key(11))
   np.testing.assert_allclose(logits["scan"], logits["unroll"], rtol=1e-5, atol=1e-6)
 
 
@@ -98,19 +103,38 @@ def test_auto_scans_only_long_runs():
   long_runs = [r for r in plan.block_runs() if len(r) >= network.AUTO_SCAN_MIN_RUN]
   short_runs = [r for r in plan.block_runs() if 1 < len(r) < network.AUTO_SCAN_MIN_RUN]
   assert long_runs and short_runs
-  with models.block_loop("auto"):
-    assert all(network._scanned(r) for r in long_runs)
-    assert not any(network._scanned(r) for r in short_runs)
-  with models.block_loop("scan"):
-    assert all(network._scanned(r) for r in short_runs)
-  with models.block_loop("unroll"):
-    assert not any(network._scanned(r) for r in long_runs)
+  assert all(network.scans_run("auto", r) for r in long_runs)
+  assert not any(network.scans_run("auto", r) for r in short_runs)
+  assert all(network.scans_run("scan", r) for r in short_runs)
+  assert not any(network.scans_run("unroll", r) for r in long_runs)
 
 
 def test_unknown_block_loop_is_an_error():
   with pytest.raises(ValueError, match=r"'fused'.*auto, scan, unroll"):
-    with models.block_loop("fused"):
-      pass
+    models.transform("nfnet:nano", 10, block_loop="fused")
+
+
+def test_models_built_with_different_choices_lower_differently_in_one_process():
+  """Each model keeps the lowering it was built with, whichever was jitted first."""
+  name, kwargs = "nf_resnet:ResNet50", {"width": 1}  # runs of 2, 3, 5 and 2 blocks
+  images = jnp.zeros((1, 16, 16, 3))
+  choices = {"xla-unrolled": {"conv_impl": "xla", "block_loop": "unroll"},
+             "decomposed-scanned": {"conv_impl": "decomposed", "block_loop": "scan"}}
+  built = {key: models.transform(name, 10, **choice, **kwargs) for key, choice in choices.items()}
+  params = jax.jit(built["xla-unrolled"].init)(jax.random.key(0), images)  # the published tree
+  apply = {key: jax.jit(lambda p, x, model=model: model.apply(p, None, x, is_training=False))
+           for key, model in built.items()}
+  logits = {key: fn(params, images)["logits"] for key, fn in apply.items()}
+  np.testing.assert_allclose(logits["decomposed-scanned"], logits["xla-unrolled"],
+                             rtol=1e-5, atol=1e-6)
+  text = {key: fn.lower(params, images).as_text() for key, fn in apply.items()}
+  convs = {key: t.count("stablehlo.convolution") for key, t in text.items()}
+  # ResNet50's 53 convolutions each lowered by XLA, against only the 3x3 and 7x7
+  # ones (1x1 kernels become matrix products) of one copy of each scanned block.
+  assert convs["xla-unrolled"] == 53, convs
+  assert 0 < convs["decomposed-scanned"] < 20, convs
+  assert "stablehlo.while" in text["decomposed-scanned"]
+  assert "stablehlo.while" not in text["xla-unrolled"]
 
 
 @pytest.mark.slow
@@ -121,10 +145,9 @@ def test_published_outputs_with_every_run_scanned():
 
   name = "nfnet:F0"
   golden = golden_outputs()
-  model = models.transform(name, 1000, **GOLDEN_SETTINGS[name])
+  model = models.transform(name, 1000, block_loop="scan", **GOLDEN_SETTINGS[name])
   params = rebuild_params(param_trees()[name])
-  with models.block_loop("scan"):
-    out = jax.jit(lambda p, x: model.apply(p, None, x, is_training=False))(params, golden["input"])
+  out = jax.jit(lambda p, x: model.apply(p, None, x, is_training=False))(params, golden["input"])
   expected = golden[f"{name}:logits"]
   error = np.max(np.abs(np.asarray(out["logits"]) - expected)) / np.max(np.abs(expected))
   assert error <= 1e-4

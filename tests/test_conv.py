@@ -117,18 +117,20 @@ def test_auto_decomposes_on_cpu_only():
   assert conv.resolve_impl("decomposed", backend="gpu") == "decomposed"
 
 
-def test_context_and_environment_select_the_implementation(monkeypatch):
+def test_the_environment_is_the_default_read_when_a_model_is_built(monkeypatch):
   monkeypatch.setenv(conv.ENV_VAR, "xla")
+  assert conv.default_impl() == "xla"
   assert conv.resolve_impl(backend="cpu") == "xla"
-  with conv.conv_impl("decomposed"):
-    assert conv.resolve_impl(backend="gpu") == "decomposed"
-  assert conv.current_impl() == "xla"
+  assert conv.resolve_impl("decomposed", backend="gpu") == "decomposed"
   monkeypatch.setenv(conv.ENV_VAR, "fast")
   with pytest.raises(ValueError, match=r"'fast'.*NFNETS_JAX_CONV_IMPL.*auto, xla, decomposed"):
-    conv.current_impl()
+    models.transform("nfnet:nano", 10)
+  monkeypatch.delenv(conv.ENV_VAR)
+  assert conv.default_impl() == "auto"
+  with pytest.raises(ValueError, match=r"'cudnn'.*conv_impl.*auto, xla, decomposed"):
+    models.transform("nfnet:nano", 10, conv_impl="cudnn")
   with pytest.raises(ValueError, match=r"'cudnn'.*auto, xla, decomposed"):
-    with conv.conv_impl("cudnn"):
-      pass
+    conv.conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 1, 2, 2)), impl="cudnn")
 
 
 def test_the_lowering_is_visible_in_the_compiled_program():
@@ -145,15 +147,15 @@ def test_the_lowering_is_visible_in_the_compiled_program():
 
 def test_nfnet_outputs_and_gradients_agree_across_lowerings():
   """A whole model (nfnet:nano: 1x1, 3x3, strided and grouped convs) with either lowering."""
-  model = models.transform("nfnet:nano", 10, stochdepth_rate=0.0, drop_rate=0.0)
+  lowered = {impl: models.transform("nfnet:nano", 10, stochdepth_rate=0.0, drop_rate=0.0,
+                                    conv_impl=impl) for impl in ("xla", "decomposed")}
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  params = jax.jit(model.init, static_argnames="is_training")(
+  params = jax.jit(lowered["xla"].init, static_argnames="is_training")(
       jax.random.key(0), images, is_training=False)
   params = jax.tree_util.tree_map(lambda p: p + 0.1 if p.ndim == 0 else p, params)  # skip gains on
 
   def loss(params, impl):
-    with conv.conv_impl(impl):
-      logits = model.apply(params, None, images, is_training=False)["logits"]
+    logits = lowered[impl].apply(params, None, images, is_training=False)["logits"]
     return jnp.sum(logits ** 2), logits
 
   grad_fn = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)  # op-by-op takes a minute

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax.models import block_loop, fast_init, registry
+from nfnets_jax.models import fast_init, registry
 
 from jaxpr_helpers import primitive_counts
 
@@ -31,8 +31,9 @@ def _assert_same(a, b):
 
 
 def _pair(name, **kwargs):
+  """The same network under plain `hk.transform` and under `fast_init.transform`."""
   forward = registry._forward(name, 10, kwargs)
-  return hk.transform(forward), registry.transform(name, 10, **kwargs)
+  return hk.transform(forward), fast_init.transform(forward)
 
 
 def _jit_init(model, images=IMAGES, key=KEY):
@@ -47,9 +48,8 @@ def _jit_init(model, images=IMAGES, key=KEY):
     ("nf_resnet:ResNet50", {"width": 1}, "auto"),
 ])
 def test_same_parameters_as_haiku(name, kwargs, loop):
-  with block_loop(loop):
-    plain, fast = _pair(name, **kwargs)
-    reference, params = _jit_init(plain), _jit_init(fast)
+  plain, fast = _pair(name, block_loop=loop, **kwargs)
+  reference, params = _jit_init(plain), _jit_init(fast)
   _assert_same(reference, params)
   # The placeholders were all replaced (only a zero-initialised classifier,
   # as NF-RegNet's, may be constant).

@@ -1,10 +1,10 @@
-"""The stacked train-state layout (models/stacking.py) changes no value.
+"""The stacked parameter layout (models/stacking.py) changes no value.
 
-Converting to and from the stacked tree is lossless; AGC (with
-`stacked_axes`), the optimizer state, the train step (gradients through
-`unstack`, optimizer, EMA, metrics) and checkpoints give the same numbers in
-either layout; and checkpoint files stay in the published
-layout.
+A model that scans runs of blocks gives its parameters stacked. Converting
+to and from the published tree is lossless; AGC (which finds the block axis
+by name), the optimizer state, the train step (gradients, optimizer, EMA,
+metrics) and checkpoints give the same numbers in either layout; and
+checkpoint files stay in the published layout.
 """
 
 import jax
@@ -18,8 +18,10 @@ from nfnets_jax.train import steps
 from nfnets_jax.train.checkpoints import Checkpointer
 
 # A small network with runs of 2, 3, 5 and 2 interchangeable blocks, all
-# scanned (and so stacked) under block_loop('scan').
-NAME, KWARGS = "nf_resnet:ResNet50", {"width": 1, "stochdepth_rate": 0.0, "drop_rate": 0.0}
+# scanned (and so stacked) with block_loop='scan'; XLA's convolutions compile quicker.
+NAME = "nf_resnet:ResNet50"
+KWARGS = {"width": 1, "stochdepth_rate": 0.0, "drop_rate": 0.0, "block_loop": "scan",
+          "conv_impl": "xla"}
 NUM_CLASSES = 10
 IMAGES = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
 LABELS = jnp.arange(4) % NUM_CLASSES
@@ -28,9 +30,8 @@ LABELS = jnp.arange(4) % NUM_CLASSES
 @pytest.fixture(scope="module")
 def scanned():
   """(model, layout, published params) with every run scanned; the params
-  are random values in the model's tree (no initialiser is compiled)."""
-  with models.block_loop("scan"):
-    layout = models.stacked_layout(NAME, NUM_CLASSES, **KWARGS)
+  are random values in the published tree (no initialiser is compiled)."""
+  layout = models.stacked_layout(NAME, NUM_CLASSES, **KWARGS)
   model = models.transform(NAME, NUM_CLASSES, **KWARGS)
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
@@ -62,14 +63,26 @@ def test_published_nfnets_stack_their_long_runs():
   conv = stacked["NFNet/~/nf_block_1__x7/~/conv1"]["w"]
   assert conv.shape == (7, *shapes["NFNet/~/nf_block_1/~/conv1"]["w"].shape)
   assert "NFNet/~/nf_block_1" not in stacked and "NFNet/~/nf_block_8" in stacked
-  assert f7.stacked_axes("NFNet/~/nf_block_1__x7/~/conv1", "w") == 1
-  assert f7.stacked_axes("NFNet/~/nf_block_8/~/conv1", "w") == 0
+  # AGC's default finds the block axis by the stacked module's name.
+  assert optim.stacked_layers("NFNet/~/nf_block_1__x7/~/conv1", "w") == 1
+  assert optim.stacked_layers("NFNet/~/nf_block_1__x7", "skip_gain") == 1
+  assert optim.stacked_layers("NFNet/~/nf_block_8/~/conv1", "w") == 0
   # F0's runs (5 and 2 blocks) are not scanned by default, so nothing is stacked;
   # neither is the batch-normalised baseline, which has no scanned runs.
   assert models.stacked_layout("nfnet:F0").is_identity
   assert models.stacked_layout("bn_resnet:ResNet50").is_identity
-  with models.block_loop("unroll"):
-    assert models.stacked_layout("nfnet:F7").is_identity
+  assert models.stacked_layout("nfnet:F7", block_loop="unroll").is_identity
+
+
+def test_the_model_gives_and_takes_its_own_layout(scanned):
+  model, layout, params = scanned
+  init = jax.eval_shape(lambda r: model.init(r, IMAGES), jax.random.key(0))
+  assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(layout.stack(params))
+  stacked_logits = model.apply(layout.stack(params), None, IMAGES, is_training=False)["logits"]
+  published_logits = model.apply(params, None, IMAGES, is_training=False)["logits"]
+  np.testing.assert_array_equal(stacked_logits, published_logits)
+  _assert_trees_equal(layout.to_published(layout.stack(params)), params)
+  _assert_trees_equal(layout.to_published(params), params)
 
 
 def test_stack_then_unstack_is_lossless(scanned):
@@ -107,9 +120,8 @@ def test_agc_with_stacked_axes_clips_each_block_as_published():
   grads = jax.tree_util.tree_unflatten(treedef, [
       p * (jnp.linspace(0.001, 0.2, p.shape[-1]) if p.ndim else 0.1) * (0.5 + 0.5 * (i // 3 % 3))
       for i, p in enumerate(leaves)])
-  opt = optim.nfnet_optimizer(0.1, clipping=0.05, record_clip_fraction=True)
-  stacked_opt = optim.nfnet_optimizer(0.1, clipping=0.05, record_clip_fraction=True,
-                                      stacked_axes=layout.stacked_axes)
+  # The same optimizer for both trees: the default `stacked_axes` reads the names.
+  opt = stacked_opt = optim.nfnet_optimizer(0.1, clipping=0.05, record_clip_fraction=True)
   updates, state = opt.update(grads, opt.init(params), params)
   s_params = layout.stack(params)
   assert s_params["net/~/block_0__x3/~/conv"]["w"].shape == (3, 3, 3, 4, 8)
@@ -119,8 +131,9 @@ def test_agc_with_stacked_axes_clips_each_block_as_published():
   assert 0.05 < fraction < 0.95
   assert float(optim.agc_clip_fraction(s_state)) == pytest.approx(fraction, rel=1e-6)
   _assert_trees_close(layout.unstack(s_updates), updates)
-  # Without stacked_axes, AGC would pool the blocks' units: a different update.
-  wrong, _ = opt.update(layout.stack(grads), opt.init(s_params), s_params)
+  # Told that nothing is stacked, AGC would pool the blocks' units: a different update.
+  pooled = optim.nfnet_optimizer(0.1, clipping=0.05, stacked_axes=lambda module, name: 0)
+  wrong, _ = pooled.update(layout.stack(grads), pooled.init(s_params), s_params)
   for name in ("net/~/block_1/~/conv", "net/~/block_1"):
     for leaf in updates[name]:
       assert not np.allclose(layout.unstack(wrong)[name][leaf], updates[name][leaf]), (name, leaf)
@@ -146,16 +159,14 @@ def test_optimizer_state_converts_between_layouts(scanned):
 SCHEDULE = optim.nfnet_lr_schedule(0.4, batch_size=4, total_steps=10, warmup_steps=2)
 
 
-def _optimizer(layout):
-  return optim.nfnet_optimizer(SCHEDULE, record_clip_fraction=True,
-                               stacked_axes=layout.stacked_axes if layout else None)
+def _optimizer():
+  return optim.nfnet_optimizer(SCHEDULE, record_clip_fraction=True)
 
 
-def _train(model, layout, mesh, state, steps_to_run=2):
-  opt, ema, schedule = _optimizer(layout), optim.params_ema(0.9), SCHEDULE
+def _train(model, mesh, state, steps_to_run=2):
+  opt, ema, schedule = _optimizer(), optim.params_ema(0.9), SCHEDULE
   config = steps.StepConfig(num_classes=NUM_CLASSES)
-  step = steps.make_train_step(model, opt, ema, schedule, config, mesh, jax.random.key(1),
-                               layout)
+  step = steps.make_train_step(model, opt, ema, schedule, config, mesh, jax.random.key(1))
   batch = steps.global_batch(mesh, {"images": np.asarray(IMAGES), "labels": np.asarray(LABELS)})
   for _ in range(steps_to_run):
     state, metrics = step(state, batch)
@@ -166,14 +177,13 @@ def _train(model, layout, mesh, state, steps_to_run=2):
 def test_train_step_in_the_stacked_layout_matches_the_published(scanned, tmp_path):
   model, layout, _ = scanned
   mesh = steps.make_mesh(jax.devices()[:1])
-  with models.block_loop("scan"), models.conv_impl("xla"):  # quicker to compile
-    state = steps.init_state(model, _optimizer(None), optim.params_ema(0.9),
-                             jax.random.key(0), (16, 16), mesh)
-    # Copies: the published run donates (deletes) the arrays it is given.
-    stacked_state = jax.tree_util.tree_map(jnp.copy, layout.stack_all(state))
-    published, metrics, _, _ = _train(model, None, mesh, state)
-    stacked, s_metrics, s_opt, ema = _train(model, layout, mesh, stacked_state)
-  target = steps.abstract_state(model, s_opt, ema, (16, 16), mesh, layout)
+  stacked_state = steps.init_state(model, _optimizer(), optim.params_ema(0.9),
+                                   jax.random.key(0), (16, 16), mesh)
+  # The same model trained from the published tree (a copy: a step donates its state).
+  state = jax.jit(layout.unstack_all)(stacked_state)
+  published, metrics, _, _ = _train(model, mesh, state)
+  stacked, s_metrics, s_opt, ema = _train(model, mesh, stacked_state)
+  target = steps.abstract_state(model, s_opt, ema, (16, 16), mesh)
   assert jax.tree_util.tree_structure(target) == jax.tree_util.tree_structure(stacked_state)
   assert s_metrics.keys() == metrics.keys()
   for key in metrics:

@@ -7,23 +7,23 @@ published checkpoints load unchanged. Look models up by name with
 batch-normalised baseline for signal-propagation comparisons; it has state,
 so build it with `transform_with_state`.
 
-How a model is lowered (never what it computes) can be chosen while tracing:
-`conv_impl('xla'|'decomposed'|'auto')` for convolutions (see `conv.py`) and
-`block_loop('scan'|'unroll'|'auto')` for runs of identical blocks (see
-`network.py`). Training keeps scanned runs' parameters stacked
-(`stacked_layout`, see `stacking.py`) and converts at checkpoints.
-`transform` builds models with `fast_init.transform`, whose init gives Haiku's
-weights for a seed but compiles in seconds for deep variants.
+How a model is lowered (never what it computes) is fixed when it is built:
+`transform(name, ..., conv_impl='auto'|'xla'|'decomposed',
+block_loop='auto'|'scan'|'unroll')` (see `conv.py` and `network.py`). A model
+that scans runs of blocks keeps their parameters stacked (`stacked_layout`,
+see `stacking.py`); the published tree is the format of files. `transform`
+builds models with `fast_init.transform`, whose init gives Haiku's weights for
+a seed but compiles in seconds for deep variants.
 """
 
 from nfnets_jax.models import fast_init
 from nfnets_jax.models.activations import ACTIVATION_NAMES, GAMMAS, get_activation
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec
 from nfnets_jax.models.bn_resnet import BNResNet
-from nfnets_jax.models.conv import conv_impl
+from nfnets_jax.models.conv import IMPLS as CONV_IMPLS
 from nfnets_jax.models.layers import (SqueezeExcite, StochDepth, WSConv2D, signal_metrics,
                                       standardize_weight)
-from nfnets_jax.models.network import NFBlock, NormFreeNet, block_loop
+from nfnets_jax.models.network import BLOCK_LOOPS, NFBlock, NormFreeNet
 from nfnets_jax.models.nf_regnet import NFRegNet
 from nfnets_jax.models.nf_resnet import NFResNet
 from nfnets_jax.models.nfnet import NFNet
@@ -37,7 +37,7 @@ __all__ = [
     "ACTIVATION_NAMES", "GAMMAS", "get_activation",
     "BlockSpec", "ConvSpec", "NetworkPlan", "StemSpec",
     "SqueezeExcite", "StochDepth", "WSConv2D", "signal_metrics", "standardize_weight",
-    "conv_impl", "block_loop",
+    "CONV_IMPLS", "BLOCK_LOOPS",
     "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet",
     "FAMILIES", "count_flops", "count_params", "create_model", "is_stateful", "list_models",
     "model_plan", "param_shapes", "parse_model_name", "transform", "transform_with_state",

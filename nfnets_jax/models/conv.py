@@ -1,14 +1,13 @@
 """2-D convolution with a lowering chosen per backend.
 
-XLA:CPU is slow on two things NF networks do in every block (measured in
-benchmarks/bench_conv.py, NFNet-F0 shapes, 2-core x86 CPU):
+XLA:CPU is slow on two things NF networks do in every block
+(benchmarks/bench_conv.py times them):
 
-* grouped convolutions (`feature_group_count > 1`): 3.5-5.6x slower forward
-  than the same work as one dense convolution per group;
+* grouped convolutions (`feature_group_count > 1`): slower forward than the
+  same work as one dense convolution per group;
 * weight gradients: autodiff turns dL/dW into a convolution whose "batch" is
   the input channels and whose window is the whole image, after transposing
-  both operands; for a 1x1 conv that is 5-10x slower than the matrix product
-  it really is, and 1.5-2x for a 3x3.
+  both operands, where a matrix product per kernel tap does the same sums.
 
 So `conv2d` has two lowerings with the same parameters and the same sums:
 
@@ -22,18 +21,19 @@ So `conv2d` has two lowerings with the same parameters and the same sums:
 
 In bfloat16/float16 the decomposed lowering's matrix products (1x1 kernels
 and their gradients) take low-precision operands and return float32, rounded
-once: XLA:CPU runs that form twice as fast as a product returning bfloat16.
+once: XLA:CPU runs that form faster than a product returning bfloat16.
 
-`"auto"` (the default) picks `"decomposed"` on CPU and `"xla"` elsewhere.
-Override it for a process with `NFNETS_JAX_CONV_IMPL=auto|xla|decomposed`, or
-for code traced inside a block with `with conv_impl("xla"): ...`. The kernel
-stays one HWIO array either way, so parameters and checkpoints are unchanged.
+`"auto"` picks `"decomposed"` on CPU and `"xla"` elsewhere. The choice is
+an argument fixed where a model is built (`models.transform(...,
+conv_impl=...)`, `WSConv2D(..., conv_impl=...)`); left unset there, it is read
+from `NFNETS_JAX_CONV_IMPL` at that moment (`default_impl`), never while a
+function is traced. The kernel stays one HWIO array either way, so parameters
+and checkpoints are unchanged. Measurements: docs/performance.md.
 """
 
-import contextlib
 import functools
 import os
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,38 +47,29 @@ MIN_SPLIT_GROUP_WIDTH = 8
 
 Padding = Union[str, Sequence[tuple[int, int]]]
 _DIMS = ("NHWC", "HWIO", "NHWC")
-_override: Optional[str] = None
 
 
-def _check_impl(impl: str, source: str) -> str:
+def check_impl(impl: str, source: str) -> str:
+  """`impl` if it is one of `IMPLS`, else a ValueError naming `source` and the choices."""
   if impl not in IMPLS:
     raise ValueError(f"Unknown convolution implementation {impl!r} from {source}; "
                      f"expected one of {', '.join(IMPLS)}.")
   return impl
 
 
-@contextlib.contextmanager
-def conv_impl(impl: str) -> Iterator[None]:
-  """Forces `impl` for convolutions traced inside the `with` block."""
-  global _override
-  previous = _override
-  _override = _check_impl(impl, "conv_impl()")
-  try:
-    yield
-  finally:
-    _override = previous
+def default_impl() -> str:
+  """`$NFNETS_JAX_CONV_IMPL` as it is now, or 'auto' when unset.
 
-
-def current_impl() -> str:
-  """The configured implementation: the context override, else the environment, else 'auto'."""
-  if _override is not None:
-    return _override
-  return _check_impl(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+  Read by the model builders when they are not given a `conv_impl`, so the
+  variable fixes the lowering of models built after it is set.
+  """
+  return check_impl(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
 
 
 def resolve_impl(impl: Optional[str] = None, backend: Optional[str] = None) -> str:
-  """'xla' or 'decomposed': `impl` (default: `current_impl()`), with 'auto' resolved."""
-  impl = current_impl() if impl is None else _check_impl(impl, "the impl argument")
+  """'xla' or 'decomposed': `impl` (None: `default_impl()`), 'auto' resolved for `backend`
+  (default: JAX's default backend)."""
+  impl = default_impl() if impl is None else check_impl(impl, "the conv_impl argument")
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
@@ -86,13 +77,20 @@ def resolve_impl(impl: Optional[str] = None, backend: Optional[str] = None) -> s
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = "SAME",
-           groups: int = 1, impl: Optional[str] = None) -> jax.Array:
-  """NHWC x HWIO convolution with `groups` feature groups (kernel I = in_channels / groups)."""
+           groups: int = 1, impl: str = "auto") -> jax.Array:
+  """NHWC x HWIO convolution with `groups` feature groups (kernel I = in_channels / groups).
+
+  `impl` is 'xla', 'decomposed' or 'auto' (by JAX's default backend); no
+  environment variable is read here.
+  """
   if isinstance(padding, str):
     padding = padding.upper()
   else:
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if resolve_impl(impl) == "xla":
+  impl = check_impl(impl, "the impl argument")
+  if impl == "auto":
+    impl = resolve_impl("auto")
+  if impl == "xla":
     return _xla_conv(x, kernel, stride, padding, groups)
   return _decomposed_conv(x, kernel, stride, padding, groups)
 
@@ -145,10 +143,9 @@ _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bw
 def _pixel_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """`einsum('nhwc,cd->nhwd', x, w)`; in bfloat16/float16 with float32 accumulation.
 
-  XLA:CPU (jax 0.10, YNNPACK) runs a bfloat16 product that returns bfloat16
-  at float32 speed, but at twice that (2048x1536x768: 375 vs 189 GF/s on a
-  2-core Zen 4 with AVX512-BF16) when the product returns float32, which it
-  then rounds once. Autodiff of that form would multiply the float32
+  XLA:CPU runs a bfloat16 product that returns bfloat16 at float32 speed, and
+  faster when the product returns float32, which it then rounds once (see
+  docs/performance.md). Autodiff of that form would multiply the float32
   cotangent by the bfloat16 kernel, the slow way, hence the custom VJP: both
   gradients are products of the low-precision operands, accumulated in float32.
   """
@@ -204,7 +201,7 @@ def _transposed_kernel(kernel: jax.Array, groups: int) -> jax.Array:
 
   Materialised behind an optimisation barrier: otherwise XLA folds the swap
   into the convolution's dimension labels ('01oi'), a form XLA:CPU's fast
-  convolution path does not take inside a `lax.scan` body (2x slower there).
+  convolution path does not take inside a `lax.scan` body.
   """
   kh, kw, in_width, out_ch = kernel.shape
   k = kernel[::-1, ::-1].reshape(kh, kw, in_width, groups, out_ch // groups)
@@ -246,8 +243,7 @@ def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], st
   (batch x space) axis of both operands, which XLA:CPU runs on the operands
   as they lie; written with a size-1 group axis it became a batched product
   for which XLA first copied an operand into (channels, batch x space) order,
-  one copy per tap (the F0 train step ran 1.10x faster without them on a
-  2-core Zen 5, medians of 10 alternated rounds).
+  one copy per tap.
   """
   kh, kw, in_width, out_ch = kernel_shape
   n, oh, ow, _ = dy.shape

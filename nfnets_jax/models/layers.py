@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax.models.conv import conv2d
+from nfnets_jax.models import conv
 
 # Variance floor of scaled weight standardisation (published value): keeps
 # all-zero or constant filters from dividing by zero.
@@ -27,10 +27,9 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = WS_EPS) -> ja
   BatchNorm. Written as `w * scale - mean * scale` so XLA fuses it into one pass.
 
   The statistics are taken over the rows of the kernel viewed as a
-  (fan_in, O) matrix: XLA:CPU (jax 0.10) lowers the gradient of a reduction
-  over axes (0, 1, 2) of a 1x1 kernel as a middle-axis reduction that is
-  60x slower than the same column sum of the 2-D view (0.4 s of a 1.1 s
-  NFNet-F0 train step; benchmarks/bench_conv.py times both).
+  (fan_in, O) matrix: XLA:CPU lowers the gradient of a reduction over axes
+  (0, 1, 2) of a 1x1 kernel as a slow middle-axis reduction, and the same
+  column sum of the 2-D view as a fast one (benchmarks/bench_conv.py).
   """
   shape = w.shape
   rows = w.reshape(-1, shape[-1])
@@ -44,15 +43,15 @@ ConvParams = dict[str, jax.Array]  # {"w": HWIO kernel, "gain": (O,), "bias": (O
 
 
 def ws_conv2d(params: ConvParams, x: jax.Array, stride: int = 1, padding: str = "SAME",
-              groups: int = 1) -> jax.Array:
+              groups: int = 1, conv_impl: str = "auto") -> jax.Array:
   """The pure function `WSConv2D` applies: standardise in float32, convolve in x's dtype.
 
   Separate from the module so that a stack of identical blocks can run it
-  inside `jax.lax.scan` on stacked parameters (see `network.py`).
+  inside `jax.lax.scan` on stacked parameters (see `network.py`). `conv_impl`
+  is the convolution's lowering (see conv.py).
   """
   kernel = standardize_weight(params["w"].astype(jnp.float32), params["gain"].astype(jnp.float32))
-  # The lowering is chosen per backend (see conv.py).
-  out = conv2d(x, kernel.astype(x.dtype), stride, padding, groups)
+  out = conv.conv2d(x, kernel.astype(x.dtype), stride, padding, groups, impl=conv_impl)
   return out + params["bias"].astype(x.dtype)
 
 
@@ -63,6 +62,9 @@ class WSConv2D(hk.Module):
   runs in float32 whatever the compute dtype, then the kernel is cast to the
   input's dtype: in bfloat16 the mean/variance of a large kernel would
   otherwise lose most of their precision.
+
+  `conv_impl` ('auto', 'xla' or 'decomposed'; None: `$NFNETS_JAX_CONV_IMPL`
+  read now) fixes how the convolution is lowered, never what it computes.
   """
 
   def __init__(self,
@@ -71,6 +73,7 @@ class WSConv2D(hk.Module):
                stride: int = 1,
                feature_group_count: int = 1,
                padding: str = "SAME",
+               conv_impl: Optional[str] = None,
                name: Optional[str] = None):
     super().__init__(name=name)
     self.output_channels = output_channels
@@ -78,6 +81,7 @@ class WSConv2D(hk.Module):
     self.stride = stride
     self.feature_group_count = feature_group_count
     self.padding = padding
+    self.conv_impl = conv.resolve_impl(conv_impl)
 
   def parameters(self, in_ch: int) -> ConvParams:
     """Creates (at init) or fetches (at apply) `w`, `gain` and `bias` for `in_ch` inputs."""
@@ -99,7 +103,7 @@ class WSConv2D(hk.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return ws_conv2d(self.parameters(x.shape[-1]), x, self.stride, self.padding,
-                     self.feature_group_count)
+                     self.feature_group_count, self.conv_impl)
 
 
 class LinearParameters(hk.Module):

@@ -5,15 +5,14 @@ Haiku modules, the forward pass, signal metrics and FLOP counting are shared
 here. Module names reproduce the published checkpoints' parameter tree.
 """
 
-import contextlib
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax.models import activations
+from nfnets_jax.models import activations, conv as conv_lib
 from nfnets_jax.models.architecture import BlockSpec, NetworkPlan
 from nfnets_jax.models.layers import (SqueezeExcite, WSConv2D, avg_pool_same, average_channel_variance,
                                       keep_branches, signal_metrics, squeeze_excite, ws_conv2d)
@@ -23,9 +22,10 @@ Initializer = Callable[[tuple[int, ...], Any], jax.Array]
 INPUT_CHANNELS = 3
 
 
-def _conv(spec, name: Optional[str] = None) -> WSConv2D:
+def _conv(spec, conv_impl: str, name: Optional[str] = None) -> WSConv2D:
   return WSConv2D(spec.out_ch, spec.kernel, stride=spec.stride,
-                  feature_group_count=spec.groups, name=name or spec.name)
+                  feature_group_count=spec.groups, conv_impl=conv_impl,
+                  name=name or spec.name)
 
 
 BlockParams = dict[str, Any]  # {conv name: {w, gain, bias}, 'squeeze_excite': ..., 'skip_gain'}
@@ -33,9 +33,9 @@ BlockParams = dict[str, Any]  # {conv name: {w, gain, bias}, 'squeeze_excite': .
 
 def block_forward(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
                   params: BlockParams, x: jax.Array, beta: Union[float, jax.Array],
-                  keep_prob: Union[float, jax.Array], key: Optional[jax.Array]
-                  ) -> tuple[jax.Array, jax.Array]:
-  """One block as a pure function of its parameters.
+                  keep_prob: Union[float, jax.Array], key: Optional[jax.Array],
+                  conv_impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+  """One block as a pure function of its parameters, in the published order.
 
   `beta` and `keep_prob` (1 - stochastic-depth rate) override `spec`'s so
   that they can be traced; `key=None` keeps every branch (inference, or a
@@ -46,7 +46,7 @@ def block_forward(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
 
   def conv(name, inputs):
     c = conv_specs[name]
-    return ws_conv2d(params[name], inputs, c.stride, "SAME", c.groups)
+    return ws_conv2d(params[name], inputs, c.stride, "SAME", c.groups, conv_impl)
 
   def excite(out):
     # x2 restores the variance the sigmoid gate (about 0.5 at init) removes.
@@ -79,14 +79,19 @@ def block_forward(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
 
 
 class NFBlock(hk.Module):
-  """A normalizer-free residual block described by a `BlockSpec`."""
+  """A normalizer-free residual block described by a `BlockSpec`.
+
+  `parameters()` creates the block's weights, `block_forward` is the block;
+  `conv_impl` is the convolutions' lowering ('xla' or 'decomposed', see conv.py).
+  """
 
   def __init__(self, spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
-               name: Optional[str] = None):
+               conv_impl: str = "auto", name: Optional[str] = None):
     super().__init__(name=name)
     self.spec = spec
     self.activation = activation
-    self.convs = {conv.name: _conv(conv) for conv in spec.convs}
+    self.conv_impl = conv_impl
+    self.convs = {c.name: _conv(c, conv_impl) for c in spec.convs}
     self.se = (SqueezeExcite(spec.se_channels, spec.se_hidden)
                if spec.se_position else None)
 
@@ -123,49 +128,36 @@ class NFBlock(hk.Module):
     spec = self.spec
     params, key = self.prepare(x, is_training)
     return block_forward(spec, self.activation, params, x, spec.beta,
-                         1.0 - spec.stochdepth_rate, key)
+                         1.0 - spec.stochdepth_rate, key, self.conv_impl)
 
 
+#: How a network runs each run of interchangeable blocks (`NormFreeNet(block_loop=...)`):
+#: 'scan': one `jax.lax.scan` over each run of two or more blocks that differ only
+#: in their constants (beta, drop rate; see `NetworkPlan.block_runs`), so the
+#: compiled program holds one copy of the block and compile time grows with the
+#: number of distinct blocks, not with depth. 'unroll': every block inlined, as
+#: published. 'auto': scan runs of `AUTO_SCAN_MIN_RUN` or more blocks (NFNet-F1 and
+#: deeper) and unroll shorter ones, where stacking costs more memory traffic than
+#: the compile time it saves (docs/performance.md). Every mode gives the same
+#: parameters for a seed, the same random draws and the same outputs.
 BLOCK_LOOPS = ("auto", "scan", "unroll")
 #: Under 'auto', runs of at least this many interchangeable blocks are scanned.
 AUTO_SCAN_MIN_RUN = 6
-_block_loop = "auto"
 
 
-@contextlib.contextmanager
-def block_loop(mode: str) -> Iterator[None]:
-  """How networks traced inside the `with` run runs of interchangeable blocks.
-
-  'scan': one `jax.lax.scan` over each run of two or more blocks that differ
-  only in their constants (beta, drop rate; see `NetworkPlan.block_runs`),
-  on parameters stacked from the per-block tree, so the compiled program
-  holds one copy of the block instead of one per block: compile time grows
-  with the number of distinct blocks, not with depth (NFNet-F7's train step
-  compiles 3.7x faster on a 2-core CPU). 'unroll': every block inlined, as
-  published. 'auto' (the default) scans runs of `AUTO_SCAN_MIN_RUN` or more
-  blocks (NFNet-F1 and deeper; F0's longest run has 5) and unrolls shorter
-  ones, whose compile time is small: stacking the parameters and unstacking
-  their gradients costs memory traffic (13% of an F0 forward+backward on a
-  2-core CPU when F0's runs are scanned).
-
-  All modes give the same parameter tree, the same initial weights for a
-  seed, the same random draws and the same outputs (gradients agree to
-  float32 rounding).
-  """
-  global _block_loop
+def check_block_loop(mode: Optional[str]) -> str:
+  """`mode` validated ('auto' when None)."""
+  mode = "auto" if mode is None else mode
   if mode not in BLOCK_LOOPS:
     raise ValueError(f"Unknown block loop {mode!r}; expected one of {', '.join(BLOCK_LOOPS)}.")
-  previous, _block_loop = _block_loop, mode
-  try:
-    yield
-  finally:
-    _block_loop = previous
+  return mode
 
 
-def _scanned(run: range) -> bool:
-  if _block_loop == "unroll" or len(run) < 2:
+def scans_run(block_loop: str, run: range) -> bool:
+  """Whether a network built with `block_loop` scans the blocks of `run`."""
+  if block_loop == "unroll" or len(run) < 2:
     return False
-  return _block_loop == "scan" or len(run) >= AUTO_SCAN_MIN_RUN
+  return block_loop == "scan" or len(run) >= AUTO_SCAN_MIN_RUN
 
 
 def _stack(trees: list[Any]) -> Any:
@@ -182,17 +174,24 @@ class NormFreeNet(hk.Module):
   stem, i=k+1 after block k) and `res_avg_var_{k}` (block k's residual branch).
   Dropout and stochastic depth are active only when `is_training`, and then
   need an rng (`transformed.apply(params, rng, x)`).
+
+  How it is lowered is fixed here, never what it computes: `conv_impl`
+  ('auto', 'xla' or 'decomposed'; None reads `$NFNETS_JAX_CONV_IMPL` now, see
+  conv.py) and `block_loop` ('auto', 'scan' or 'unroll'; see `BLOCK_LOOPS`).
   """
 
   def __init__(self, plan: NetworkPlan, fc_init: Optional[Initializer] = None,
+               conv_impl: Optional[str] = None, block_loop: Optional[str] = None,
                name: Optional[str] = None):
     super().__init__(name=name)
     self.plan = plan
+    self.conv_impl = conv_lib.resolve_impl(conv_impl)
+    self.block_loop = check_block_loop(block_loop)
     self.activation = activations.get_activation(plan.activation, elementwise_only=True)
-    self.stem = [_conv(conv) for conv in plan.stem.convs]
-    self.blocks = [NFBlock(spec, self.activation, name=plan.block_name)
+    self.stem = [_conv(c, self.conv_impl) for c in plan.stem.convs]
+    self.blocks = [NFBlock(spec, self.activation, self.conv_impl, name=plan.block_name)
                    for spec in plan.blocks]
-    self.final_conv = _conv(plan.final_conv) if plan.final_conv else None
+    self.final_conv = _conv(plan.final_conv, self.conv_impl) if plan.final_conv else None
     self.fc = hk.Linear(plan.num_classes, w_init=fc_init)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
@@ -218,7 +217,7 @@ class NormFreeNet(hk.Module):
       outputs.update(signal_metrics(out, 0))
 
     for run in self.plan.block_runs():
-      if _scanned(run):
+      if scans_run(self.block_loop, run):
         out = self._scan_blocks(run, out, is_training, return_metrics, outputs)
         continue
       for i in run:
@@ -251,12 +250,12 @@ class NormFreeNet(hk.Module):
     keys = None if keys[0] is None else jnp.stack(keys)
     betas = jnp.asarray(np.array([spec.beta for spec in specs], np.float32))
     keep = jnp.asarray(np.array([1.0 - spec.stochdepth_rate for spec in specs], np.float32))
-    activation, template = self.activation, specs[0]
+    activation, template, conv_impl = self.activation, specs[0], self.conv_impl
 
     def body(carry, xs):
       block_params, beta, keep_prob, key = xs
       out, res_avg_var = block_forward(template, activation, block_params, carry, beta,
-                                       keep_prob, key)
+                                       keep_prob, key, conv_impl)
       metrics = {"res_avg_var": res_avg_var, **signal_metrics(out, 0)} if return_metrics else {}
       return out, metrics
 
@@ -269,10 +268,10 @@ class NormFreeNet(hk.Module):
     return x
 
   def scanned_block_names(self) -> list[list[str]]:
-    """The module names of the blocks of each run this network scans under the
-    current `block_loop` (what `stacking.StackedLayout` stacks)."""
+    """The module names of the blocks of each run this network scans (what
+    `stacking.StackedLayout` stacks)."""
     return [[self.blocks[i].module_name for i in run]
-            for run in self.plan.block_runs() if _scanned(run)]
+            for run in self.plan.block_runs() if scans_run(self.block_loop, run)]
 
   def count_flops(self, h: int, w: int) -> tuple[list[int], int]:
     """Multiply-adds per layer (stem convs, blocks, final conv, classifier) and in total."""

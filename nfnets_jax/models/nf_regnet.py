@@ -76,10 +76,12 @@ class NFRegNet(NormFreeNet):
                expansion: float = 2.25, group_size: int = 8, se_ratio: float = 0.5,
                alpha: float = 0.2, stochdepth_rate: float = 0.1,
                drop_rate: Optional[float] = None, activation: str = "silu",
-               fc_init: Optional[Initializer] = jnp.zeros, name: Optional[str] = "NF_RegNet"):
+               fc_init: Optional[Initializer] = jnp.zeros, conv_impl: Optional[str] = None,
+               block_loop: Optional[str] = None, name: Optional[str] = "NF_RegNet"):
     plan = nf_regnet_plan(num_classes, variant, width, expansion, group_size, se_ratio,
                           alpha, stochdepth_rate, drop_rate, activation)
-    super().__init__(plan, fc_init=fc_init, name=name)
+    super().__init__(plan, fc_init=fc_init, conv_impl=conv_impl, block_loop=block_loop,
+                     name=name)
     self.variant = variant
     self.train_imsize = VARIANTS[variant]["train_imsize"]
     self.test_imsize = VARIANTS[variant]["test_imsize"]

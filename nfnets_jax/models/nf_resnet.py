@@ -69,12 +69,14 @@ class NFResNet(NormFreeNet):
                alpha: float = 0.2, stochdepth_rate: float = 0.1,
                drop_rate: Optional[float] = None, activation: str = "relu",
                fc_init: Optional[Initializer] = None, use_se: bool = False,
-               se_ratio: float = 0.25, name: Optional[str] = "NF_ResNet"):
+               se_ratio: float = 0.25, conv_impl: Optional[str] = None,
+               block_loop: Optional[str] = None, name: Optional[str] = "NF_ResNet"):
     plan = nf_resnet_plan(num_classes, variant, width, alpha, stochdepth_rate, drop_rate,
                           activation, use_se, se_ratio)
     if fc_init is None:
       fc_init = hk.initializers.RandomNormal(stddev=0.01)
-    super().__init__(plan, fc_init=fc_init, name=name)
+    super().__init__(plan, fc_init=fc_init, conv_impl=conv_impl, block_loop=block_loop,
+                     name=name)
     self.variant = variant
     self.train_imsize = TRAIN_IMSIZE
     self.test_imsize = TEST_IMSIZE

@@ -115,12 +115,14 @@ class NFNet(NormFreeNet):
                stochdepth_rate: float = 0.1, drop_rate: Optional[float] = None,
                activation: str = "gelu", fc_init: Optional[Initializer] = None,
                final_conv_mult: Optional[float] = 2, final_conv_ch: Optional[int] = None,
-               use_two_convs: bool = True, name: Optional[str] = "NFNet"):
+               use_two_convs: bool = True, conv_impl: Optional[str] = None,
+               block_loop: Optional[str] = None, name: Optional[str] = "NFNet"):
     plan = nfnet_plan(num_classes, variant, width, se_ratio, alpha, stochdepth_rate,
                       drop_rate, activation, final_conv_mult, final_conv_ch, use_two_convs)
     if fc_init is None:
       fc_init = hk.initializers.RandomNormal(stddev=0.01)
-    super().__init__(plan, fc_init=fc_init, name=name)
+    super().__init__(plan, fc_init=fc_init, conv_impl=conv_impl, block_loop=block_loop,
+                     name=name)
     self.variant = variant
     self.train_imsize = ALL_VARIANTS[variant]["train_imsize"]
     self.test_imsize = ALL_VARIANTS[variant]["test_imsize"]

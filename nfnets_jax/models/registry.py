@@ -8,17 +8,21 @@ allocating any weights.
 The batch-normalised baseline `'bn_resnet:ResNet50'` is registered too. It
 keeps BatchNorm statistics as Haiku state (`Family.stateful`), so it is built
 with `transform_with_state`; `transform` refuses it with a pointer there.
+
+How a model is lowered is fixed when it is built, by arguments of the
+builders here (`conv_impl`, `block_loop`; see conv.py and network.py), never
+by state read while a function is traced.
 """
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax.models import bn_resnet, nf_regnet, nf_resnet, nfnet
+from nfnets_jax.models import bn_resnet, conv, nf_regnet, nf_resnet, nfnet, network
 from nfnets_jax.models import fast_init as _fast_init
 from nfnets_jax.models.architecture import NetworkPlan
 from nfnets_jax.models.network import NormFreeNet
@@ -78,9 +82,25 @@ def model_plan(name: str, num_classes: int = 1000, **kwargs: Any) -> NetworkPlan
   return FAMILIES[family].plan_fn(num_classes, variant=variant, **kwargs)
 
 
+def _lowering(name: str, conv_impl: Optional[str], block_loop: Optional[str]) -> dict[str, str]:
+  """The lowering arguments of `name`'s constructor, checked and fixed now.
+
+  `conv_impl=None` reads `$NFNETS_JAX_CONV_IMPL` at this moment. Families
+  without normalizer-free blocks (the BatchNorm baseline) take none.
+  """
+  family = FAMILIES[parse_model_name(name)[0]]
+  if not issubclass(family.model_class, NormFreeNet):
+    return {}
+  if conv_impl is None:
+    conv_impl = conv.default_impl()
+  return {"conv_impl": conv.check_impl(conv_impl, "the conv_impl argument"),
+          "block_loop": network.check_block_loop(block_loop)}
+
+
 def _forward(name: str, num_classes: int, kwargs: Mapping[str, Any]) -> Callable[..., Any]:
   # Validates every argument now, not at the first init inside a jit.
-  model_plan(name, num_classes, **{k: v for k, v in kwargs.items() if k not in ("fc_init", "name")})
+  model_plan(name, num_classes, **{k: v for k, v in kwargs.items()
+                                   if k not in ("fc_init", "name", "conv_impl", "block_loop")})
 
   def forward(images, is_training: bool = True, return_metrics: bool = False):
     return create_model(name, num_classes, **kwargs)(images, is_training, return_metrics)
@@ -93,39 +113,69 @@ def is_stateful(name: str) -> bool:
   return FAMILIES[parse_model_name(name)[0]].stateful
 
 
-def transform(name: str, num_classes: int = 1000, *, fast_init: bool = True,
+def transform(name: str, num_classes: int = 1000, *, conv_impl: Optional[str] = None,
+              block_loop: Optional[str] = None, fast_init: bool = True,
               **kwargs: Any) -> hk.Transformed:
-  """`hk.transform` of the model: `apply(params, rng, images, is_training=..., return_metrics=...)`.
+  """The model as `init(rng, images, is_training=True)` and
+  `apply(params, rng, images, is_training=True, return_metrics=False)`.
 
-  By default built with `fast_init.transform`: the same parameters for a seed
-  and the same outputs as plain `hk.transform` (`fast_init=False`), with an
-  `init` that compiles in seconds for deep variants (NFNet-F7's jitted init:
-  22 s instead of 200 s on a 2-core CPU).
+  Its parameters are in the model's own layout (`stacked_layout`): the
+  published tree, except that each run of blocks the model scans keeps its
+  blocks' parameters stacked in one module (NFNet-F1 and deeper under the
+  default `block_loop`), so that a train step over them compiles as fast as
+  the model does. `apply` also takes the published tree (a loaded
+  checkpoint); `stacked_layout(...).to_published` converts for files.
+
+  `conv_impl` ('auto', 'xla', 'decomposed'; None: `$NFNETS_JAX_CONV_IMPL`,
+  read now) and `block_loop` ('auto', 'scan', 'unroll') fix how the model is
+  lowered, never what it computes. `fast_init=False` builds it with plain
+  `hk.transform` instead of `fast_init.transform` (the same weights; an init
+  that compiles far slower for deep variants).
   """
   if is_stateful(name):
     raise ValueError(
         f"Model {name!r} keeps BatchNorm statistics as Haiku state, which hk.transform "
         f"cannot carry; use transform_with_state({name!r}), whose apply is "
         "apply(params, state, rng, images, ...) -> (outputs, state).")
-  forward = _forward(name, num_classes, kwargs)
-  return _fast_init.transform(forward) if fast_init else hk.transform(forward)
+  lowering = _lowering(name, conv_impl, block_loop)
+  forward = _forward(name, num_classes, {**kwargs, **lowering})
+  published = _fast_init.transform(forward) if fast_init else hk.transform(forward)
+  layout = stacked_layout(name, num_classes, **kwargs, **lowering)
+  return published if layout.is_identity else _in_layout(published, layout)
 
 
-def transform_with_state(name: str, num_classes: int = 1000,
+def _in_layout(published: hk.Transformed, layout: StackedLayout) -> hk.Transformed:
+  """`published` with its parameters in `layout` (apply also takes the published tree)."""
+
+  def init(rng, images, is_training: bool = True, return_metrics: bool = False):
+    return layout.stack(published.init(rng, images, is_training, return_metrics))
+
+  def apply(params, rng, images, is_training: bool = True, return_metrics: bool = False):
+    return published.apply(layout.to_published(params), rng, images, is_training,
+                           return_metrics)
+
+  return hk.Transformed(init=init, apply=apply)
+
+
+def transform_with_state(name: str, num_classes: int = 1000, *,
+                         conv_impl: Optional[str] = None, block_loop: Optional[str] = None,
                          **kwargs: Any) -> hk.TransformedWithState:
-  """`hk.transform_with_state` of any model, stateful or not (then the state is empty).
+  """`hk.transform_with_state` of any model, stateful or not (then the state is empty),
+  with the published parameter tree.
 
   `init(rng, images, is_training=...) -> (params, state)`;
   `apply(params, state, rng, images, is_training=..., return_metrics=...) -> (outputs, state)`.
+  `conv_impl` and `block_loop` as in `transform`.
   """
-  return hk.transform_with_state(_forward(name, num_classes, kwargs))
+  lowering = _lowering(name, conv_impl, block_loop)
+  return hk.transform_with_state(_forward(name, num_classes, {**kwargs, **lowering}))
 
 
 def stacked_layout(name: str, num_classes: int = 1000, **kwargs: Any) -> StackedLayout:
-  """The stacked parameter layout of `name` (see `stacking.py`): its runs of
-  blocks that are scanned under the current `block_loop` (by default the runs
-  of 6 or more blocks: none for NFNet-F0, 4 runs for F7), one module each.
-  The identity for models without scanned runs.
+  """The parameter layout of `transform(name, num_classes, **kwargs)` (see
+  `stacking.py`): the runs of blocks that model scans (under the default
+  `block_loop`, the runs of 6 or more blocks: none for NFNet-F0, 4 for F7),
+  one stacked module each. The identity for models without scanned runs.
   """
   def scanned_runs():
     net = create_model(name, num_classes, **kwargs)

@@ -1,24 +1,21 @@
 """The stacked parameter layout: each scanned run of blocks as one module.
 
-A network scanned with `block_loop` runs each run of interchangeable blocks
-as one `jax.lax.scan` over parameters stacked from the published per-block
-tree. Training in the published layout pays for that stacking at every step:
-the gradient program unstacks every scanned gradient back into per-block
-leaves, and the optimizer then updates each block's leaves separately
-(NFNet-F7 has 1,661 parameter arrays; stacked, 165). Keeping the train state
-stacked removes both, so F7's train step compiles in 40.5 s instead of 75.2 s
-on a 2-core CPU (`benchmarks/bench_compile.py --layouts`).
+A network built with `block_loop` 'scan' (or 'auto', for long runs) runs each
+run of interchangeable blocks as one `jax.lax.scan`. `models.transform` gives
+such a model's parameters in this layout: the run's blocks' modules
+(`NFNet/~/nf_block_3`, `NFNet/~/nf_block_3/~/conv0`, ..., `NFNet/~/nf_block_8/...`)
+become one module per sub-module, named after the run's first block and its
+length (`NFNet/~/nf_block_3__x6`, `NFNet/~/nf_block_3__x6/~/conv0`), whose
+arrays carry the blocks on a new leading axis. Every other module, and every
+parameter name, is kept, so the optimizer's name-based groups still apply and
+AGC finds the block axis by the `__x<N>` name (`optim.stacked_layers`).
 
-In the stacked tree, the modules of a run's blocks (`NFNet/~/nf_block_3`,
-`NFNet/~/nf_block_3/~/conv0`, ..., `NFNet/~/nf_block_8/...`) become one module
-per sub-module, named after the run's first block and its length
-(`NFNet/~/nf_block_3__x6`, `NFNet/~/nf_block_3__x6/~/conv0`), whose arrays
-carry the blocks on a new leading axis. Every other module is kept as is, and
-parameter names are unchanged, so the optimizer's name-based groups still
-apply. The published tree stays the format of checkpoints and exports:
-`stack` and `unstack` convert at those boundaries, and `unstack` is what the
-train step feeds the model, with a gradient that comes back stacked (XLA
-folds the unstack-then-stack into nothing).
+Why: trained in the published per-block tree, a scanned model's gradient
+program unstacks every gradient into per-block leaves and the optimizer
+updates each block's arrays separately, which multiplies compile time for
+deep variants (docs/performance.md). The published tree stays the format of
+checkpoint files and exports: `stack` and `to_published` convert at those
+edges.
 """
 
 import functools
@@ -27,6 +24,8 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from nfnets_jax.optim import groups
 
 Params = Mapping[str, Mapping[str, Any]]
 
@@ -37,8 +36,8 @@ class StackedLayout:
   """Converts parameter trees between the published and the stacked layout.
 
   `runs`: for each run to stack, the module names of its blocks in order
-  (`NormFreeNet.scanned_block_names`). With no runs, both conversions are the
-  identity.
+  (`NormFreeNet.scanned_block_names`; `models.stacked_layout(name)` builds it).
+  With no runs, every conversion is the identity.
   """
 
   def __init__(self, runs: Sequence[Sequence[str]]):
@@ -53,7 +52,7 @@ class StackedLayout:
   @staticmethod
   def stacked_name(run: Sequence[str]) -> str:
     """The stacked module replacing `run`'s block modules: `<first>__x<length>`."""
-    return f"{run[0]}__x{len(run)}"
+    return groups.stacked_module_name(run[0], len(run))
 
   def _split(self, module: str, names: Mapping[str, Sequence[str]]):
     """(owner, suffix) where `module` is `owner` or inside it, for an owner in `names`."""
@@ -66,15 +65,6 @@ class StackedLayout:
       rest = module[len(head) + len(_SEP):]
       part, sep, _ = rest.partition(_SEP)
       head = f"{head}{_SEP}{part}"
-
-  def stacked_axes(self, module: str, name: str) -> int:
-    """Leading axes of a stacked-tree parameter that index blocks (0 or 1).
-
-    The form `nfnet_optimizer(stacked_axes=...)` takes, so that AGC clips
-    each block's units on their own.
-    """
-    del name
-    return 1 if self._split(module, self._stacked_names)[0] is not None else 0
 
   def stack(self, params: Params) -> dict[str, dict[str, Any]]:
     """The stacked tree of a published tree (its arrays copied into stacks)."""
@@ -117,6 +107,12 @@ class StackedLayout:
     if self.is_identity:
       return dict(params)
     return _unstack_with_stacked_grad(self, params)
+
+  def to_published(self, params: Params) -> dict[str, dict[str, Any]]:
+    """The published tree of `params` given in either layout (differentiable as `unstack`)."""
+    if self.is_identity or not self.is_stacked_tree(params):
+      return dict(params)
+    return self.unstack(params)
 
   def is_stacked_tree(self, tree: Any) -> bool:
     """Whether `tree` is a mapping holding this layout's stacked modules."""

@@ -13,7 +13,7 @@ from nfnets_jax.optim.agc import (AdaptiveGradClipState, adaptive_grad_clip, agc
                                   unit_axes)
 from nfnets_jax.optim.ema import EmaState, ParamsEma, ema_decay, params_ema
 from nfnets_jax.optim.groups import (ParamPredicate, is_classifier, is_gain_or_bias, param_labels,
-                                     split_path)
+                                     split_path, stacked_layers)
 from nfnets_jax.optim.optimizer import nfnet_optimizer
 from nfnets_jax.optim.sam import ascent_batch_size, sam_grad, sam_perturbation
 from nfnets_jax.optim.schedules import nfnet_lr_schedule, scaled_learning_rate
@@ -22,6 +22,7 @@ __all__ = [
     "AdaptiveGradClipState", "adaptive_grad_clip", "agc_clip_fraction", "unit_axes",
     "EmaState", "ParamsEma", "ema_decay", "params_ema",
     "ParamPredicate", "is_classifier", "is_gain_or_bias", "param_labels", "split_path",
+    "stacked_layers",
     "nfnet_optimizer",
     "ascent_batch_size", "sam_grad", "sam_perturbation",
     "nfnet_lr_schedule", "scaled_learning_rate",

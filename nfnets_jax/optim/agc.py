@@ -26,7 +26,7 @@ import optax
 from optax import transforms as optax_transforms
 
 from nfnets_jax.optim._checks import check_number
-from nfnets_jax.optim.groups import split_path
+from nfnets_jax.optim.groups import split_path, stacked_layers
 
 # Below this gradient norm the clipped value is computed without dividing by
 # the norm (the published rule's guard; optax uses the same default).
@@ -104,16 +104,18 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3, *,
       the last update (`agc_clip_fraction(opt_state)` reads it). Costs one
       boolean reduction per unit, nothing per element beyond the clip itself.
     stacked_axes: for parameters that stack several layers' copies on leading
-      axes (a scanned layer stack, e.g. `models.stacked_layout(...).stacked_axes`),
-      `stacked_axes(module_path, name)` gives how many leading axes index the
-      copies; each copy's units are then found and clipped on their own, as if
-      unstacked. None: no parameter is stacked.
+      axes (a scanned layer stack), `stacked_axes(module_path, name)` gives how
+      many leading axes index the copies; each copy's units are then found and
+      clipped on their own, as if unstacked. None: `groups.stacked_layers`, one
+      axis in modules named `<name>__x<N>` (this project's models' scanned runs),
+      none anywhere else.
 
   Returns:
     An `optax.GradientTransformation`; its `update` needs `params`.
   """
   _check_positive("clipping", clipping)
   _check_positive("eps", eps)
+  layers_axes = stacked_layers if stacked_axes is None else stacked_axes
 
   def init_fn(params: optax.Params) -> Union[AdaptiveGradClipState, optax.EmptyState]:
     del params
@@ -133,7 +135,7 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3, *,
         raise ValueError(
             f"adaptive_grad_clip: gradient {_path_str(path)!r} has shape {g.shape} but its "
             f"parameter has shape {p.shape}; they must match.")
-      lead = stacked_axes(*split_path(path)) if stacked_axes is not None else 0
+      lead = layers_axes(*split_path(path))
       if not 0 <= lead <= p.ndim:
         raise ValueError(
             f"adaptive_grad_clip: stacked_axes gave {lead!r} for {_path_str(path)!r} of shape "

@@ -13,8 +13,15 @@ parameters into three groups, by Haiku module path and parameter name:
 Note that the classifier's *bias* is a bias first, so the published rule does
 clip it. The predicates are plain functions of `(module_path, name)` so a
 caller can regroup parameters of other architectures.
+
+One naming rule also says which arrays hold several layers: a module named
+`<name>__x<N>` (the stacked parameters of a run of N scanned blocks, see
+`nfnets_jax.models.stacking`) carries its layers on a leading axis, and AGC
+clips each layer's units on their own (`stacked_layers`). Ordinary trees have
+no such names.
 """
 
+import re
 from typing import Any, Callable
 
 import jax
@@ -37,6 +44,21 @@ def is_classifier(module: str, name: str) -> bool:
   """The published no-AGC rule: `linear` modules outside squeeze-excite blocks."""
   del name
   return "linear" in module and "squeeze_excite" not in module
+
+
+_STACKED_MODULE = re.compile(r"__x[0-9]+(?:/|$)")
+
+
+def stacked_module_name(first: str, num_layers: int) -> str:
+  """The module holding `num_layers` stacked layers, named after the first: `<first>__x<N>`."""
+  return f"{first}__x{num_layers}"
+
+
+def stacked_layers(module: str, name: str) -> int:
+  """Leading axes of a parameter that index stacked layers: 1 in (or under) a module
+  named by `stacked_module_name`, else 0. The default `stacked_axes` of AGC."""
+  del name
+  return 1 if _STACKED_MODULE.search(module) else 0
 
 
 def _key_name(key: Any) -> str:

@@ -73,8 +73,8 @@ def nfnet_optimizer(
     accumulator_dtype: dtype of the momentum buffer (default: the parameters').
     stacked_axes: for parameter trees holding stacked layers, the number of
       leading axes of each parameter that index its copies, as a function of
-      `(module_path, name)` (see `adaptive_grad_clip`; for a model's stacked
-      train state, `models.stacked_layout(name).stacked_axes`). Under
+      `(module_path, name)`; None is `groups.stacked_layers` (see
+      `adaptive_grad_clip`), which knows this project's models. Under
       `optax.inject_hyperparams`, list it in `static_args`.
 
   Returns:

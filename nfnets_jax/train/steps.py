@@ -18,7 +18,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.optim import ParamsEma, agc_clip_fraction, sam_grad
 from nfnets_jax.train.losses import cross_entropy, mixed_targets, mixed_topk_correct, topk_correct
 from nfnets_jax.train.state import TrainState
@@ -64,46 +63,38 @@ class StepConfig:
 
 
 #: From this many parameter arrays in the train state the update compiles as
-#: its own program. Measured on a 2-core CPU (benchmarks/bench_compile.py
-#: --both-forms): NFNet-F7 in the published layout (1,661 arrays) compiles in
-#: 97 s instead of 121 s; for F0 neither compile nor step time changes;
-#: nfnet:nano's small step runs 10% slower as two programs. In the stacked
-#: layout training uses, no published NFNet reaches it (F7 has 165 arrays).
+#: its own program: XLA:CPU compiles the two halves of a step over very many
+#: arrays faster than the whole, and small steps run slower split
+#: (benchmarks/bench_compile.py --both-forms; docs/performance.md). Models
+#: built by `models.transform` stay under it (NFNet-F7 has 165 arrays in its
+#: stacked layout); an unrolled F7 (1,661) does not.
 SEPARATE_UPDATE_MIN_LEAVES = 1000
 
 
-_NO_STACKING = StackedLayout([])
-
-
-def _init_state(model, optimizer, ema, rng, image_shape, layout) -> TrainState:
+def _init_state(model, optimizer, ema, rng, image_shape) -> TrainState:
   images = jnp.zeros((1, *image_shape, 3), jnp.float32)
-  params = layout.stack(model.init(rng, images, is_training=True))
+  params = model.init(rng, images, is_training=True)
   return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                     opt_state=optimizer.init(params), ema=ema.init(params))
 
 
 def init_state(model: hk.Transformed, optimizer: optax.GradientTransformation, ema: ParamsEma,
-               rng: jax.Array, image_shape: tuple[int, int], mesh: Mesh,
-               layout: Optional[StackedLayout] = None) -> TrainState:
+               rng: jax.Array, image_shape: tuple[int, int], mesh: Mesh) -> TrainState:
   """Initialises parameters, optimizer and EMA state, replicated on every device.
 
   Built inside `jit` from the same seed on every process, so all processes
-  start from identical parameters without any transfer. With `layout`, the
-  state holds the parameters (and the optimizer's and EMA's copies) in that
-  stacked layout; the weights are the same as without it.
+  start from identical parameters without any transfer. The parameters are
+  in the model's own layout (`models.transform`).
   """
-  layout = layout or _NO_STACKING
-  return jax.jit(lambda r: _init_state(model, optimizer, ema, r, image_shape, layout),
+  return jax.jit(lambda r: _init_state(model, optimizer, ema, r, image_shape),
                  out_shardings=replicated(mesh))(rng)
 
 
 def abstract_state(model: hk.Transformed, optimizer: optax.GradientTransformation,
-                   ema: ParamsEma, image_shape: tuple[int, int], mesh: Mesh,
-                   layout: Optional[StackedLayout] = None) -> TrainState:
+                   ema: ParamsEma, image_shape: tuple[int, int], mesh: Mesh) -> TrainState:
   """Shapes, dtypes and shardings of `init_state`'s result, computing nothing
   (the target a checkpoint is restored into)."""
-  layout = layout or _NO_STACKING
-  shapes = jax.eval_shape(lambda r: _init_state(model, optimizer, ema, r, image_shape, layout),
+  shapes = jax.eval_shape(lambda r: _init_state(model, optimizer, ema, r, image_shape),
                           jax.random.key(0))
   sharding = replicated(mesh)
   return jax.tree_util.tree_map(
@@ -112,8 +103,7 @@ def abstract_state(model: hk.Transformed, optimizer: optax.GradientTransformatio
 
 def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformation,
                     ema: ParamsEma, schedule: Callable[[jax.Array], jax.Array],
-                    config: StepConfig, mesh: Mesh, base_key: jax.Array,
-                    layout: Optional[StackedLayout] = None
+                    config: StepConfig, mesh: Mesh, base_key: jax.Array
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the jitted, state-donating data-parallel train step.
 
@@ -124,17 +114,11 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
   applied identically everywhere. Randomness is `fold_in(base_key, step,
   device index)`, reproducible on resume. Large models compile the gradient
   and the update as separate programs (`StepConfig.separate_update`).
-
-  With `layout`, the state's parameters are in that stacked layout (as
-  `init_state(..., layout=layout)` makes them): the model gets them
-  unstacked, and gradients, optimizer and EMA stay stacked. The optimizer's
-  AGC must then know the stacked axes (`nfnet_optimizer(stacked_axes=...)`).
   """
-  layout = layout or _NO_STACKING
 
   def loss_fn(params, batch, rng):
     images = batch["images"].astype(config.compute_dtype)
-    logits = model.apply(layout.unstack(params), rng, images, is_training=True)["logits"]
+    logits = model.apply(params, rng, images, is_training=True)["logits"]
     targets = mixed_targets(batch["labels"], config.num_classes, config.label_smoothing,
                             batch.get("mix_labels"), batch.get("ratio"))
     loss = jnp.mean(cross_entropy(logits, targets))
@@ -194,22 +178,19 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
 
 
 def make_eval_step(model: hk.Transformed, num_classes: int, compute_dtype: Any,
-                   mesh: Mesh, layout: Optional[StackedLayout] = None
-                   ) -> Callable[[Mapping[str, Any], Batch], dict[str, Metrics]]:
+                   mesh: Mesh) -> Callable[[Mapping[str, Any], Batch], dict[str, Metrics]]:
   """Builds the jitted eval step for several parameter trees at once.
 
   `eval_step({name: params, ...}, batch)` returns, per name, the summed loss,
   top-1, top-5 and count over the batch's real examples: one pass over the
   data scores both the raw and the EMA weights. Padding examples (mask 0),
   which fill every process's last batch, add nothing; sums (not means) let
-  the caller add batches up. With `layout`, the trees are in that stacked
-  layout (a train state's).
+  the caller add batches up.
   """
   k = min(5, num_classes)
-  layout = layout or _NO_STACKING
 
   def scores(params, batch):
-    logits = model.apply(layout.unstack(params), None, batch["images"].astype(compute_dtype),
+    logits = model.apply(params, None, batch["images"].astype(compute_dtype),
                          is_training=False)["logits"]
     mask = batch["mask"].astype(jnp.float32)
     targets = jax.nn.one_hot(batch["labels"], num_classes, dtype=jnp.float32)
