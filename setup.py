@@ -20,6 +20,8 @@ DATA = [
     'tensorflow-cpu; platform_machine == "x86_64" or platform_machine == "AMD64"',
     'tensorflow; platform_machine != "x86_64" and platform_machine != "AMD64"',
     "tensorflow-datasets",
+    # NumPy's name for bfloat16 without TensorFlow (data/options.py).
+    "ml-dtypes",
     # TFDS imports it to locate builders but declares it only for Python < 3.9.
     "importlib-resources",
     "scikit-learn",

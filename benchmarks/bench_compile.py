@@ -7,14 +7,17 @@ form training compiles it: one program, or a gradient program and an update
 program from `nfnets_jax.train.steps.SEPARATE_UPDATE_MIN_LEAVES` parameter
 arrays. Compared:
 
-* parameter layouts (`--layouts`): 'stacked', the train state training uses
-  (each scanned run's parameters stacked, see `nfnets_jax.models.stacking`),
-  and 'published', the per-block tree (every scanned gradient unstacked and
-  every block's leaves updated separately);
-* block loops (`--modes`): the default ('auto': runs of 6 or more identical
-  blocks as one `jax.lax.scan`, see `nfnets_jax.models.network.block_loop`),
-  every run scanned ('scan'), and every block inlined as the published code
-  did ('unroll').
+* parameter layouts (`--layouts`): 'stacked', the model's own layout as
+  `models.transform` gives it and training keeps it (each scanned run's
+  parameters stacked, see `nfnets_jax.models.stacking`): the step a user
+  writes over the public API (`models.transform` + `nfnet_optimizer`); and
+  'published', the same model trained on the per-block tree of checkpoint
+  files (every scanned gradient unstacked, every block's leaves updated
+  separately);
+* block loops (`--modes`, the models' `block_loop` argument): the default
+  ('auto': runs of 6 or more identical blocks as one `jax.lax.scan`), every
+  run scanned ('scan'), and every block inlined as the published code did
+  ('unroll').
 
 Prints trace and compile seconds and the published/stacked and unroll/auto
 ratios. `--both-forms` also compiles the other form (one program where
@@ -22,10 +25,10 @@ training uses two, or two where it uses one) and prints its time over the
 trained form's. `--run` also times the steps' execution.
 
 `--transforms fast,haiku` compares the model built as training builds it
-(`registry.transform`, built with `nfnets_jax.models.fast_init`) with plain
-`hk.transform` of the same network; `--init` also compiles each one's jitted
-initialisation (model init, stacking, optimizer init), which is where they
-differ: `fast_init` batches the random draws.
+(`models.transform`, with `nfnets_jax.models.fast_init`) with plain
+`hk.transform` of the same network (`fast_init=False`); `--init` also
+compiles each one's jitted initialisation (model and optimizer), which is
+where they differ: `fast_init` batches the random draws.
 
 Usage: python benchmarks/bench_compile.py [--variants F0,F3,F7] [--batch 8] [--size 128]
                                           [--layouts stacked,published] [--modes auto,unroll]
@@ -44,9 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nfnets_jax.models import registry
-from nfnets_jax.models.network import BLOCK_LOOPS, block_loop
-from nfnets_jax.models.stacking import StackedLayout
+from nfnets_jax import models
 from nfnets_jax.optim import nfnet_optimizer
 from nfnets_jax.train.steps import SEPARATE_UPDATE_MIN_LEAVES
 from timing import add_cpu_tuning_flag, apply_cpu_tuning  # benchmarks/timing.py
@@ -63,7 +64,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--layouts", default="stacked,published",
                       help=f"comma-separated subset of {', '.join(LAYOUTS)}")
   parser.add_argument("--modes", default="auto",
-                      help=f"comma-separated subset of {', '.join(BLOCK_LOOPS)}")
+                      help=f"comma-separated subset of {', '.join(models.BLOCK_LOOPS)}")
   parser.add_argument("--transforms", default="fast",
                       help=f"comma-separated subset of {', '.join(TRANSFORMS)}")
   parser.add_argument("--init", action="store_true",
@@ -79,15 +80,19 @@ def parse_args() -> argparse.Namespace:
   return parser.parse_args()
 
 
-def build_step(variant: str, dtype, layout: StackedLayout, transform: str):
-  """The train step's pieces on parameters in `layout`: the gradient program,
-  the update program, both as one program, and the initialiser."""
-  model = registry.transform(f"nfnet:{variant}", 1000, fast_init=transform == "fast")
-  optimizer = nfnet_optimizer(0.1, stacked_axes=layout.stacked_axes)
+def build_step(variant: str, dtype, mode: str, layout_name: str, transform: str):
+  """The train step's pieces, written over the public API: the gradient
+  program, the update program, both as one program, and the initialiser
+  (parameters in the model's own layout, or with `layout_name` 'published'
+  in the published tree)."""
+  name = f"nfnet:{variant}"
+  model = models.transform(name, 1000, block_loop=mode, fast_init=transform == "fast")
+  layout = models.stacked_layout(name, 1000, block_loop=mode)
+  as_given = layout.to_published if layout_name == "published" else (lambda params: params)
+  optimizer = nfnet_optimizer(0.1)
 
   def loss_fn(params, images, labels, key):
-    logits = model.apply(layout.unstack(params), key, images.astype(dtype),
-                         is_training=True)["logits"]
+    logits = model.apply(params, key, images.astype(dtype), is_training=True)["logits"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   def update(grads, params, opt_state):
@@ -98,7 +103,7 @@ def build_step(variant: str, dtype, layout: StackedLayout, transform: str):
     return update(jax.grad(loss_fn)(params, images, labels, key), params, opt_state)
 
   def init(key, images):
-    params = layout.stack(model.init(key, images, is_training=True))
+    params = as_given(model.init(key, images, is_training=True))
     return params, optimizer.init(params)
 
   return {"grad": jax.jit(jax.grad(loss_fn)), "update": jax.jit(update, donate_argnums=(1, 2)),
@@ -133,26 +138,23 @@ def measure(variant: str, mode: str, layout_name: str, transform: str, args, dty
   """Trace and compile seconds of the step as trained ('trace', 'compile',
   'programs'), with --both-forms of the other form ('other_trace',
   'other_compile'), with --init of the initialisation ('init_trace', 'init_compile')."""
-  with block_loop(mode):  # applies while tracing
-    layout = (registry.stacked_layout(f"nfnet:{variant}") if layout_name == "stacked"
-              else StackedLayout([]))
-    fns, init = build_step(variant, dtype, layout, transform)
-    images = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
-    labels = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    params, opt_state = jax.eval_shape(init, key, images)
-    result = {}
-    if args.init:
-      low, result["init_trace"] = _timed(jax.jit(init).lower, key, images)
-      _, result["init_compile"] = _timed(low.compile)
-    two = len(jax.tree_util.tree_leaves(params)) >= SEPARATE_UPDATE_MIN_LEAVES
-    forms = [_compile_two, _compile_one] if two else [_compile_one, _compile_two]
-    step, trace, compile_s = forms[0](fns, params, opt_state, images, labels, key)
-    result.update(trace=trace, compile=compile_s, programs=2 if two else 1,
-                  leaves=len(jax.tree_util.tree_leaves(params)))
-    if args.both_forms:
-      _, result["other_trace"], result["other_compile"] = forms[1](
-          fns, params, opt_state, images, labels, key)
+  fns, init = build_step(variant, dtype, mode, layout_name, transform)
+  images = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
+  labels = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  params, opt_state = jax.eval_shape(init, key, images)
+  result = {}
+  if args.init:
+    low, result["init_trace"] = _timed(jax.jit(init).lower, key, images)
+    _, result["init_compile"] = _timed(low.compile)
+  two = len(jax.tree_util.tree_leaves(params)) >= SEPARATE_UPDATE_MIN_LEAVES
+  forms = [_compile_two, _compile_one] if two else [_compile_one, _compile_two]
+  step, trace, compile_s = forms[0](fns, params, opt_state, images, labels, key)
+  result.update(trace=trace, compile=compile_s, programs=2 if two else 1,
+                leaves=len(jax.tree_util.tree_leaves(params)))
+  if args.both_forms:
+    _, result["other_trace"], result["other_compile"] = forms[1](
+        fns, params, opt_state, images, labels, key)
   if args.run:
     params, opt_state = jax.jit(init)(jax.random.key(0), jnp.zeros(images.shape))
     x = jax.random.normal(jax.random.key(1), images.shape)
@@ -174,7 +176,8 @@ def main() -> None:
   sys.stdout.reconfigure(line_buffering=True)
   modes, layouts = args.modes.split(","), args.layouts.split(",")
   transforms = args.transforms.split(",")
-  for given, valid, flag in ((modes, BLOCK_LOOPS, "--modes"), (layouts, LAYOUTS, "--layouts"),
+  for given, valid, flag in ((modes, models.BLOCK_LOOPS, "--modes"),
+                             (layouts, LAYOUTS, "--layouts"),
                              (transforms, TRANSFORMS, "--transforms")):
     unknown = set(given) - set(valid)
     if unknown:

@@ -30,7 +30,7 @@ import numpy as np
 from nfnets_jax.models import registry
 from nfnets_jax.models.layers import standardize_weight
 from timing import add_cpu_tuning_flag, alternate, apply_cpu_tuning  # benchmarks/timing.py
-from nfnets_jax.models.conv import conv2d, conv_impl
+from nfnets_jax.models.conv import conv2d
 
 # (name, spatial size, in channels, out channels, kernel, stride, groups) of
 # F0's convs at 128 px input; NF-RegNet's 8-channel groups for comparison.
@@ -69,15 +69,16 @@ def alternate_ms(fns: dict, args_: tuple, repeats: int) -> dict:
 
 def bench_model(args, dtype) -> None:
   """Whole-network forward and forward+backward with each lowering."""
-  model = registry.transform(f"nfnet:{args.variant}", 1000, drop_rate=0.0, stochdepth_rate=0.0)
+  lowered = {impl: registry.transform(f"nfnet:{args.variant}", 1000, drop_rate=0.0,
+                                      stochdepth_rate=0.0, conv_impl=impl)
+             for impl in ("xla", "decomposed")}
   images = jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, 3))
-  params = jax.jit(model.init, static_argnames="is_training")(
+  params = jax.jit(lowered["xla"].init, static_argnames="is_training")(
       jax.random.key(0), images[:1], is_training=False)
   fns = {}
   for impl in ("xla", "decomposed"):
     def logits(params, images, impl=impl):
-      with conv_impl(impl):  # applies while jit traces
-        return model.apply(params, None, images.astype(dtype), is_training=True)["logits"]
+      return lowered[impl].apply(params, None, images.astype(dtype), is_training=True)["logits"]
 
     def loss(params, images, impl=impl):
       return jnp.mean(jnp.square(logits(params, images, impl).astype(jnp.float32)))

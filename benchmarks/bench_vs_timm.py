@@ -11,9 +11,9 @@ load hits both alike:
 * ours' compile time per step function, and the first call of timm's;
 * timm run eagerly and, with `--timm-kinds eager,compile` (the default with
   `--gpu`), under `torch.compile` (inductor; on CPU it needs a C++ compiler,
-  and on a 2-core CPU it compiled F0's train step at 128 px in 82 s but not
-  its inference forward at 256 px in 22 minutes). A kind that fails to build
-  or on its first call is reported and left out; the other measurements go on;
+  and its first call can take minutes: docs/performance.md). A kind that
+  fails to build or on its first call is reported and left out; the other
+  measurements go on;
 * with `--memory`, peak resident memory of two train steps of each, each in a
   fresh child process (a shared process would only show the larger), above
   the child's size once both frameworks are imported.
@@ -24,9 +24,11 @@ The process runs with the settings our command-line tools apply on CPU
 
 Both models are NFNet-F0 by default (timm `dm_nfnet_f0`, the published
 architecture; `--variant` for others) with the same dropout (0.2) and stochastic
-depth (0.1). Our train step keeps its state in the stacked layout the trainer
-uses (identical blocks scanned, NFNet-F1 and deeper); inference runs from the
-published parameter tree, as the evaluation and classification tools load it.
+depth (0.1). Our train step is written over the public API (`models.transform`
++ `nfnet_optimizer`), so its state is in the model's own layout (identical
+blocks scanned and their parameters stacked, NFNet-F1 and deeper); inference
+runs from the published parameter tree, as the evaluation and classification
+tools load it.
 Ratios are ours/timm throughput (>1: we are faster). Needs the `peers` extra (torch, timm).
 
 Usage:
@@ -51,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from timm.utils import adaptive_clip_grad
 
-import haiku as hk  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
@@ -96,27 +97,29 @@ class Ours:
     self.dtype = dtype
     self.model = registry.transform(f"nfnet:{variant}", NUM_CLASSES, drop_rate=DROP_RATE,
                                     stochdepth_rate=STOCHDEPTH_RATE)
-    # The train state in the stacked layout, as the trainer keeps it (scanned
-    # runs of blocks, NFNet-F1 and deeper; the identity for F0).
+    # Checkpoint files' tree, which inference is given (the identity for F0).
     self.layout = registry.stacked_layout(f"nfnet:{variant}", NUM_CLASSES)
     self.opt = nfnet_optimizer(LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                               clipping=CLIPPING, stacked_axes=self.layout.stacked_axes)
+                               clipping=CLIPPING)
     self.compile_s = {}
 
   def init(self, size: int):
     """Fresh parameters in the published tree."""
+    return self.layout.to_published(self._init(size))
+
+  def _init(self, size: int):
     key = jax.random.key(0)
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     return jax.jit(self.model.init, static_argnames="is_training")(key, x, is_training=True)
 
   def train_state(self, size: int):
-    """(parameters, optimizer state), both in the stacked layout."""
-    params = self.layout.stack(self.init(size))
+    """(parameters, optimizer state), in the model's own layout."""
+    params = self._init(size)
     return params, self.opt.init(params)
 
   def train_step(self):
     def loss_fn(params, images, labels, key):
-      logits = self.model.apply(self.layout.unstack(params), key, images.astype(self.dtype),
+      logits = self.model.apply(params, key, images.astype(self.dtype),
                                 is_training=True)["logits"]
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 

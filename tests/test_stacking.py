@@ -10,7 +10,6 @@ checkpoint files stay in the published layout.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from nfnets_jax import checkpoint, models, optim

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets_jax.models import activations, nf_resnet, validation
-from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec
+from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan
 from nfnets_jax.models.layers import average_channel_variance, signal_metrics
 from nfnets_jax.models.network import INPUT_CHANNELS, Initializer
 
@@ -86,10 +86,9 @@ def bn_resnet_plan(num_classes: int, variant: str = "ResNet50", width: int = 4,
           stride=stride if i == 0 else 1, beta=1.0, alpha=1.0, stochdepth_rate=0.0,
           pool_shortcut=False))
       ch = out_ch
-  return NetworkPlan(
-      stem=StemSpec((ConvSpec("initial_conv", 3, int(16 * width), 7, 2),), max_pool=True),
-      blocks=tuple(blocks), final_conv=None, num_classes=num_classes,
-      drop_rate=drop_rate, activation=activation, block_name="bn_res_block")
+  return NetworkPlan(stem=nf_resnet.resnet_stem(width), blocks=tuple(blocks), final_conv=None,
+                     num_classes=num_classes, drop_rate=drop_rate, activation=activation,
+                     block_name="bn_res_block")
 
 
 def _he_conv(spec: ConvSpec, gain: float = 2.0) -> hk.Conv2D:

@@ -3,10 +3,10 @@
 Haiku initialises parameters one by one: each `hk.next_rng_key()` splits the
 previous key, and each random initialiser is its own threefry-and-`erf_inv`
 computation. Inside `jit` that is one chain of dependent splits plus one
-kernel per parameter, and XLA:CPU compiles them one by one: NFNet-F7's
-jitted init (1,661 arrays, 586 of them random, 682 keys) compiled for 200 s
-on a 2-core CPU, over five times its train step; with this module, 22 s
-(`benchmarks/bench_compile.py --init --transforms fast,haiku`).
+kernel per parameter, and XLA:CPU compiles them one by one: for NFNet-F7
+(1,661 arrays, 586 of them random, 682 keys) the jitted init compiled for
+far longer than its train step (`benchmarks/bench_compile.py --init
+--transforms fast,haiku`; docs/performance.md).
 
 `transform(fn)` changes how the same numbers are computed, not which:
 

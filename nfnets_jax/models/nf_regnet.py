@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-from nfnets_jax.models import activations, validation
+from nfnets_jax.models import validation
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec, block_slots
 from nfnets_jax.models.network import Initializer, NormFreeNet
 
@@ -33,16 +33,11 @@ def nf_regnet_plan(num_classes: int, variant: str = "B0", width: float = 0.75,
                    alpha: float = 0.2, stochdepth_rate: float = 0.1,
                    drop_rate: Optional[float] = None, activation: str = "silu") -> NetworkPlan:
   """Resolves an NF-RegNet configuration into a `NetworkPlan`."""
-  row = validation.check_variant("NF-RegNet", variant, VARIANTS)
-  validation.check_num_classes(num_classes)
-  validation.check_positive("width", width)
+  row, drop_rate, activation = validation.check_nf_network(
+      "NF-RegNet", variant, VARIANTS, num_classes, width, stochdepth_rate, drop_rate, activation)
   validation.check_positive("expansion", expansion)
   validation.check_positive("group_size", group_size)
   validation.check_positive("se_ratio", se_ratio)
-  validation.check_rate("stochdepth_rate", stochdepth_rate)
-  drop_rate = validation.check_rate("drop_rate", row["drop_rate"] if drop_rate is None else drop_rate)
-  activation = activations.canonical_name(activation)
-  activations.get_activation(activation, elementwise_only=True)
 
   ch = int(row["width"][0] * width)
   stem = StemSpec((ConvSpec("initial_conv", 3, ch, 3, 2),))

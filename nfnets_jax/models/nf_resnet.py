@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import haiku as hk
 
-from nfnets_jax.models import activations, validation
+from nfnets_jax.models import validation
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec, block_slots
 from nfnets_jax.models.network import Initializer, NormFreeNet
 
@@ -31,13 +31,8 @@ def nf_resnet_plan(num_classes: int, variant: str = "ResNet50", width: int = 4,
                    drop_rate: Optional[float] = None, activation: str = "relu",
                    use_se: bool = False, se_ratio: float = 0.25) -> NetworkPlan:
   """Resolves an NF-ResNet configuration into a `NetworkPlan`."""
-  row = validation.check_variant("NF-ResNet", variant, VARIANTS)
-  validation.check_num_classes(num_classes)
-  validation.check_positive("width", width)
-  validation.check_rate("stochdepth_rate", stochdepth_rate)
-  drop_rate = validation.check_rate("drop_rate", row["drop_rate"] if drop_rate is None else drop_rate)
-  activation = activations.canonical_name(activation)
-  activations.get_activation(activation, elementwise_only=True)
+  row, drop_rate, activation = validation.check_nf_network(
+      "NF-ResNet", variant, VARIANTS, num_classes, width, stochdepth_rate, drop_rate, activation)
   if use_se:
     validation.check_positive("se_ratio", se_ratio)
 
@@ -52,10 +47,14 @@ def nf_resnet_plan(num_classes: int, variant: str = "ResNet50", width: int = 4,
         se_position="output" if use_se else None, se_ratio=se_ratio,
         pool_shortcut=False))
     ch = out_ch
-  return NetworkPlan(
-      stem=StemSpec((ConvSpec("initial_conv", 3, int(16 * width), 7, 2),), max_pool=True),
-      blocks=tuple(blocks), final_conv=None, num_classes=num_classes,
-      drop_rate=drop_rate, activation=activation, block_name="nf_res_block")
+  return NetworkPlan(stem=resnet_stem(width), blocks=tuple(blocks), final_conv=None,
+                     num_classes=num_classes, drop_rate=drop_rate, activation=activation,
+                     block_name="nf_res_block")
+
+
+def resnet_stem(width: float) -> StemSpec:
+  """The ResNet stem: a 7x7 stride-2 convolution to 16 x `width` channels, then max-pooling."""
+  return StemSpec((ConvSpec("initial_conv", 3, int(16 * width), 7, 2),), max_pool=True)
 
 
 class NFResNet(NormFreeNet):

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import haiku as hk
 
-from nfnets_jax.models import activations, validation
+from nfnets_jax.models import validation
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec, block_slots
 from nfnets_jax.models.network import Initializer, NormFreeNet
 
@@ -57,13 +57,8 @@ def nfnet_plan(num_classes: int, variant: str = "F0", width: float = 1.0,
                activation: str = "gelu", final_conv_mult: Optional[float] = 2,
                final_conv_ch: Optional[int] = None, use_two_convs: bool = True) -> NetworkPlan:
   """Resolves an NFNet configuration into a `NetworkPlan` (validating every argument)."""
-  row = validation.check_variant("NFNet", variant, ALL_VARIANTS)
-  validation.check_num_classes(num_classes)
-  validation.check_positive("width", width)
-  validation.check_rate("stochdepth_rate", stochdepth_rate)
-  drop_rate = validation.check_rate("drop_rate", row["drop_rate"] if drop_rate is None else drop_rate)
-  activation = activations.canonical_name(activation)
-  activations.get_activation(activation, elementwise_only=True)
+  row, drop_rate, activation = validation.check_nf_network(
+      "NFNet", variant, ALL_VARIANTS, num_classes, width, stochdepth_rate, drop_rate, activation)
   if se_ratio is not None and se_ratio != 0:
     validation.check_positive("se_ratio", se_ratio)
 
