@@ -227,47 +227,44 @@ def _as_text(paths: Sequence[str], results: dict[str, list[Prediction]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Classifies the images named in `argv` (program name first); returns the exit code."""
-  from absl import flags
+  """Classifies the images named in `argv` (program name first); returns the exit code.
 
-  argv = list(sys.argv if argv is None else argv)
+  Exit statuses as `nfnets_jax.cli` documents them; 1 also when any image
+  could not be classified (the others still are).
+  """
   fv, runtime_flags = _define_flags()
-  if cli.print_help_if_asked(argv, fv, (__doc__ or "")):
-    return 0
-  try:
-    paths = fv(argv)[1:]
-    if not paths:
-      raise inference.UsageError("Name at least one image file to classify.")
-    if fv.top_k < 1:
-      raise inference.UsageError(f"--top_k must be >= 1, got {fv.top_k}.")
-    if fv.batch_size < 1:
-      raise inference.UsageError(f"--batch_size must be >= 1, got {fv.batch_size}.")
-    runtime.setup(runtime_flags)
-    loaded = inference.load_model_from_flags(fv)
-    image_size, eval_preproc = inference.image_settings_from_flags(fv, loaded.name)
+  return cli.run_tool(argv, fv, __doc__ or "",
+                      lambda paths: _classify_from_flags(fv, runtime_flags, paths), positional=True)
 
-    def report(path: str, reason: str) -> None:
-      print(f"error: {path}: {reason}", file=sys.stderr, flush=True)
 
-    results, failed = classify_images(
-        loaded, paths, image_size=image_size, eval_preproc=eval_preproc, top_k=fv.top_k,
-        batch_size=fv.batch_size, compute_dtype=fv.compute_dtype, on_error=report)
-    if fv.json:
-      print(_as_json(loaded, image_size, eval_preproc, paths, results, failed))
-    elif results:
-      print(_as_text(paths, results))
-    if failed:
-      print(f"{len(failed)} of {len(paths)} images could not be classified: "
-            f"{', '.join(failed)}", file=sys.stderr)
-      return 1
-    return 0
-  except (flags.Error, inference.UsageError) as e:
-    print(f"usage error: {e}\nRun with --help for the flags.", file=sys.stderr)
-    return 2
-  except (ValueError, FileNotFoundError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+def _classify_from_flags(fv, runtime_flags: runtime.RuntimeFlags, paths: list[str]) -> int:
+  """Classifies `paths` with the checkpoint the parsed flags name; prints the results."""
+  if not paths:
+    raise cli.UsageError("Name at least one image file to classify.")
+  if fv.top_k < 1:
+    raise cli.UsageError(f"--top_k must be >= 1, got {fv.top_k}.")
+  if fv.batch_size < 1:
+    raise cli.UsageError(f"--batch_size must be >= 1, got {fv.batch_size}.")
+  runtime.setup(runtime_flags)
+  loaded = inference.load_model_from_flags(fv)
+  image_size, eval_preproc = inference.image_settings_from_flags(fv, loaded.name)
+
+  def report(path: str, reason: str) -> None:
+    print(f"error: {path}: {reason}", file=sys.stderr, flush=True)
+
+  results, failed = classify_images(
+      loaded, paths, image_size=image_size, eval_preproc=eval_preproc, top_k=fv.top_k,
+      batch_size=fv.batch_size, compute_dtype=fv.compute_dtype, on_error=report)
+  if fv.json:
+    print(_as_json(loaded, image_size, eval_preproc, paths, results, failed))
+  elif results:
+    print(_as_text(paths, results))
+  if failed:
+    print(f"{len(failed)} of {len(paths)} images could not be classified: "
+          f"{', '.join(failed)}", file=sys.stderr)
+    return cli.EXIT_FAILURE
+  return cli.EXIT_OK
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -385,29 +384,25 @@ def _define_flags():
   return fv
 
 
-class _UsageError(Exception):
-  pass
-
-
 def _convert(fv) -> str:
   sources = {name: getattr(fv, name) for name in ("from_pickle", "from_timm", "to_timm")
              if getattr(fv, name)}
   if len(sources) != 1:
-    raise _UsageError("Give exactly one of --from_pickle, --from_timm, --to_timm (got "
+    raise cli.UsageError("Give exactly one of --from_pickle, --from_timm, --to_timm (got "
                       f"{', '.join('--' + s for s in sources) or 'none'}).")
   if not fv.out:
-    raise _UsageError("--out is required.")
+    raise cli.UsageError("--out is required.")
   (mode, src), = sources.items()
   out = pathlib.Path(fv.out)
   suffix = ".safetensors" if mode == "to_timm" else ".npz"
   if out.suffix != suffix:
-    raise _UsageError(f"--out for --{mode} must end in {suffix}, got {fv.out!r}.")
+    raise cli.UsageError(f"--out for --{mode} must end in {suffix}, got {fv.out!r}.")
   if out.exists() and not fv.overwrite:
-    raise _UsageError(f"{fv.out} exists; pass --overwrite to replace it.")
+    raise cli.UsageError(f"{fv.out} exists; pass --overwrite to replace it.")
 
   if mode == "from_pickle":
     if not fv.trust_pickle:
-      raise _UsageError(
+      raise cli.UsageError(
           f"--from_pickle unpickles {src}, which runs code named inside the file. Add "
           "--trust_pickle if you trust where it came from:\n    "
           + checkpoint.CONVERT_PICKLE_COMMAND.format(src=src, dst=fv.out))
@@ -433,26 +428,14 @@ def _convert(fv) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the converter on `argv` (program name first, as in `sys.argv`); returns the exit code."""
-  from absl import flags
+  """Runs the converter on `argv` (program name first, as in `sys.argv`); returns the exit code.
 
-  argv = list(sys.argv if argv is None else argv)
+  Exit statuses as `nfnets_jax.cli` documents them.
+  """
   fv = _define_flags()
-  if cli.print_help_if_asked(argv, fv, (__doc__ or "").split("Which timm models map exactly")[0]):
-    return 0
-  try:
-    extra = fv(argv)
-    if len(extra) > 1:
-      raise _UsageError(f"Unexpected positional arguments: {' '.join(extra[1:])}.")
-    print(_convert(fv))
-    return 0
-  except (flags.Error, _UsageError) as e:
-    print(f"usage error: {e}\nRun with --help for the flags.", file=sys.stderr)
-    return 2
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  doc = (__doc__ or "").split("Which timm models map exactly")[0]
+  return cli.run_tool(argv, fv, doc, lambda _: print(_convert(fv)))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -32,6 +32,8 @@ from nfnets_jax import cli, inference, runtime
 
 #: Examples per device when --batch_size is not given.
 DEFAULT_PER_DEVICE_BATCH = 32
+#: The name of the scored weights in the eval step's input and output.
+WEIGHTS = "params"
 
 
 def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012",
@@ -65,7 +67,7 @@ def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012"
   import jax.numpy as jnp
 
   from nfnets_jax import data
-  from nfnets_jax.train import steps
+  from nfnets_jax.train import eval_totals, steps
 
   num_devices, num_processes = jax.device_count(), jax.process_count()
   if batch_size is None:
@@ -97,26 +99,25 @@ def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012"
 
   num_steps = len(batches)
   reporter = _Progress(num_steps, batch_size, progress, enabled=jax.process_index() == 0)
-  totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
+  totals = eval_totals.EvalTotals()
   start = time.perf_counter()
   warm = None  # (time, examples) when the first (compiling) batch had finished.
   pending = None
 
   def collect(result):
     nonlocal warm
-    sums = jax.device_get(result)["params"]
-    for key in totals:
-      totals[key] += float(sums[key])
+    totals.add(jax.device_get(result))
+    examples = totals.count(WEIGHTS)
     now = time.perf_counter()
     if warm is None:
-      warm = (now, totals["count"])
-      rate = totals["count"] / (now - start)
+      warm = (now, examples)
+      rate = examples / (now - start)
     else:  # Throughput since the first batch, whose time is mostly compilation.
-      rate = (totals["count"] - warm[1]) / max(now - warm[0], 1e-9)
-    reporter.update(totals["count"], rate)
+      rate = (examples - warm[1]) / max(now - warm[0], 1e-9)
+    reporter.update(examples, rate)
 
   for batch in batches:
-    result = eval_step({"params": params}, steps.global_batch(mesh, batch))
+    result = eval_step({WEIGHTS: params}, steps.global_batch(mesh, batch))
     # Fetch the previous batch's sums while this one runs: the device stays busy
     # and the progress shown is what has really been computed.
     if pending is not None:
@@ -127,7 +128,7 @@ def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012"
   seconds = time.perf_counter() - start
   reporter.close()
 
-  count = totals["count"]
+  count = totals.count(WEIGHTS)
   if warm is not None and num_steps > 1 and seconds > warm[0] - start:
     images_per_sec = (count - warm[1]) / (seconds - (warm[0] - start))
   else:
@@ -144,10 +145,8 @@ def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012"
       "compute_dtype": jnp.dtype(compute_dtype).name,
       "num_devices": num_devices,
       "num_processes": num_processes,
-      "top1": totals["top1"] / max(count, 1.0),
-      "top5": totals["top5"] / max(count, 1.0),
-      "loss": totals["loss"] / max(count, 1.0),
-      "num_examples": int(count),
+      **totals.means(WEIGHTS),
+      "num_examples": count,
       "skipped_files": len(batches.skipped_files),
       "seconds": seconds,
       "images_per_sec": images_per_sec,
@@ -160,7 +159,7 @@ def check_batch_size(batch_size: int) -> None:
 
   num_devices = jax.device_count()
   if not isinstance(batch_size, int) or batch_size < 1 or batch_size % num_devices:
-    raise inference.UsageError(
+    raise cli.UsageError(
         f"--batch_size={batch_size} must be a positive multiple of the number of devices "
         f"({num_devices}: {jax.local_device_count()} per process x {jax.process_count()} "
         f"processes), e.g. {DEFAULT_PER_DEVICE_BATCH * num_devices}.")
@@ -238,40 +237,33 @@ def _summary(results: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the evaluation on `argv` (program name first, as in `sys.argv`); returns the exit code."""
-  from absl import flags
+  """Runs the evaluation on `argv` (program name first, as in `sys.argv`); returns the exit code.
 
-  argv = list(sys.argv if argv is None else argv)
+  Exit statuses as `nfnets_jax.cli` documents them: 1 when the checkpoint or
+  the dataset cannot be used, 2 for a bad flag or value.
+  """
   fv, runtime_flags = _define_flags()
-  if cli.print_help_if_asked(argv, fv, (__doc__ or "")):
-    return 0
-  try:
-    extra = fv(argv)
-    if len(extra) > 1:
-      raise inference.UsageError(f"Unexpected positional arguments: {' '.join(extra[1:])}.")
-    runtime.setup(runtime_flags)
-    import jax  # After setup: jax.distributed must initialise before devices are used.
+  return cli.run_tool(argv, fv, __doc__ or "", lambda _: _evaluate_from_flags(fv, runtime_flags))
 
-    if fv.batch_size is not None:
-      check_batch_size(fv.batch_size)
-    loaded = inference.load_model_from_flags(fv)
-    image_size, eval_preproc = inference.image_settings_from_flags(fv, loaded.name)
-    results = evaluate_params(
-        loaded, fv.dataset, fv.split, batch_size=fv.batch_size, image_size=image_size,
-        eval_preproc=eval_preproc, data_dir=fv.data_dir, manual_dir=fv.manual_dir,
-        compute_dtype=fv.compute_dtype, progress=fv.progress)
-    results["ema"] = fv.ema
-    if jax.process_index() == 0:
-      print(_summary(results))
-      print(json.dumps(results), flush=True)
-    return 0
-  except (flags.Error, inference.UsageError) as e:
-    print(f"usage error: {e}\nRun with --help for the flags.", file=sys.stderr)
-    return 2
-  except (ValueError, FileNotFoundError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+
+def _evaluate_from_flags(fv, runtime_flags: runtime.RuntimeFlags) -> None:
+  """Scores the checkpoint the parsed flags name; process 0 prints the results."""
+  runtime.setup(runtime_flags)
+  import jax  # After setup: jax.distributed must initialise before devices are used.
+
+  if fv.batch_size is not None:
+    check_batch_size(fv.batch_size)
+  loaded = inference.load_model_from_flags(fv)
+  image_size, eval_preproc = inference.image_settings_from_flags(fv, loaded.name)
+  results = evaluate_params(
+      loaded, fv.dataset, fv.split, batch_size=fv.batch_size, image_size=image_size,
+      eval_preproc=eval_preproc, data_dir=fv.data_dir, manual_dir=fv.manual_dir,
+      compute_dtype=fv.compute_dtype, progress=fv.progress)
+  results["ema"] = fv.ema
+  if jax.process_index() == 0:
+    print(_summary(results))
+    print(json.dumps(results), flush=True)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

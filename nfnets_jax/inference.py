@@ -23,14 +23,11 @@ import sys
 from typing import Any, Mapping, Optional
 
 from nfnets_jax import checkpoint
+from nfnets_jax.cli import UsageError  # The tools' bad command line (exit status 2).
 
 #: The published evaluation preprocessing (resize to test size + 32, centre-crop).
 DEFAULT_EVAL_PREPROC = "resize_crop_32"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class UsageError(ValueError):
-  """Bad command-line input (exit status 2), as opposed to a failure while running."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,13 +11,12 @@ multiply-adds, the papers' convention. The NFNet paper's F0..F6 figures
 difference, so a drift in the architecture shows up here first.
 
 Without `--models`, every published variant of the selected families is
-listed; tracing a large variant takes a few seconds, the full table about a
-minute on a laptop CPU.
+listed, which traces every large variant too (see docs/performance.md for
+how long that takes).
 """
 
 import dataclasses
 import json
-import sys
 from typing import Any, Optional, Sequence
 
 from nfnets_jax import cli
@@ -133,10 +132,15 @@ def _cells(row: ModelCost) -> tuple[str, ...]:
           _pct(row.test_flops_diff_pct))
 
 
+def check_format(fmt: str, name: str = "format") -> None:
+  """A ValueError naming `fmt` and the valid formats, unless it is one of `FORMATS`."""
+  if fmt not in FORMATS:
+    raise ValueError(f"Unknown {name} {fmt!r}; valid formats: {', '.join(FORMATS)}.")
+
+
 def render(rows: Sequence[ModelCost], fmt: str = "table") -> str:
   """`rows` as an aligned text table, a Markdown table or JSON (a list of objects, raw counts)."""
-  if fmt not in FORMATS:
-    raise ValueError(f"Unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}.")
+  check_format(fmt)
   if fmt == "json":
     return json.dumps([row.as_dict() for row in rows], indent=2)
   cells = [HEADER] + [_cells(row) for row in rows]
@@ -169,27 +173,20 @@ def _define_flags():
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Prints the report for `argv` (program name first, as in `sys.argv`); returns the exit code.
 
-  Bad flags or values exit with 2 and a message naming the value and the valid choices.
+  Exit statuses as `nfnets_jax.cli` documents them: bad flags or values exit
+  with 2 and a message naming the value and the valid choices.
   """
-  from absl import flags
-
-  argv = list(sys.argv if argv is None else argv)
   fv = _define_flags()
-  if cli.print_help_if_asked(argv, fv, (__doc__ or "")):
-    return 0
-  try:
-    extra = fv(argv)
-    if len(extra) > 1:
-      raise ValueError(f"Unexpected positional arguments: {' '.join(extra[1:])}.")
-    if fv.format not in FORMATS:
-      raise ValueError(f"Unknown --format {fv.format!r}; valid formats: {', '.join(FORMATS)}.")
+  return cli.run_tool(argv, fv, __doc__ or "", lambda _: _report_from_flags(fv))
+
+
+def _report_from_flags(fv) -> None:
+  """Prints the models the parsed flags select, in the format they ask for."""
+  with cli.usage_errors():
+    check_format(fv.format, "--format")
     names = select_models(fv.families, fv.models)
-  except (flags.Error, ValueError) as e:
-    print(f"usage error: {e}\nRun with --help for the flags.", file=sys.stderr)
-    return 2
   print(render([model_cost(name) for name in names], fv.format))
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

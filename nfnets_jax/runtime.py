@@ -18,7 +18,6 @@ and pass what it returns to `setup`.
 """
 
 import dataclasses
-import logging as py_logging
 import os
 from typing import Optional
 
@@ -56,8 +55,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
       "tune_cpu", True,
       "On the CPU backend, run computations on the calling thread and keep freed host memory "
       "for reuse, so XLA's per-step temporary buffer is not zero-filled by the kernel again "
-      "every step (about 1.4x faster CPU training of F0). --notune_cpu keeps JAX's and "
-      "glibc's defaults. No effect on GPU/TPU.",
+      "every step (faster CPU training; see docs/performance.md). --notune_cpu keeps JAX's "
+      "and glibc's defaults. No effect on GPU/TPU.",
       flag_values=flag_values)
   if not distributed:
     return RuntimeFlags(compilation_cache_dir=cache, tune_cpu=tune)
@@ -93,13 +92,6 @@ def cluster_detected(environ: Optional[dict] = None) -> bool:
   return bool(environ.get("JAX_COORDINATOR_ADDRESS"))
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Drops INFO chatter of orbax (dozens of lines per checkpoint) from the log."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def enable_compilation_cache(directory: Optional[str]) -> None:
   """Points JAX's persistent compilation cache at `directory` (None or '' leaves it off)."""
   if directory:
@@ -131,15 +123,13 @@ def initialize_distributed(mode: str = "auto", coordinator_address: Optional[str
 
 
 def setup(runtime_flags: Optional[RuntimeFlags] = None) -> None:
-  """Initialises multi-host JAX (if needed), the compilation cache, CPU tuning and the log. Call first.
+  """Initialises multi-host JAX (if needed), the compilation cache and CPU tuning. Call first.
 
   `runtime_flags` are the holders `define_flags` returned for a tool's own
-  flag set; by default the global flags (the trainer's).
+  flag set; by default the global flags (the trainer's). The log's defaults
+  are the CLIs' (`nfnets_jax.cli_logs`).
   """
   runtime_flags = GLOBAL_FLAGS if runtime_flags is None else runtime_flags
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
-    handler.addFilter(_QuietLibraries())
   enable_compilation_cache(runtime_flags.compilation_cache_dir.value)
   if runtime_flags.tune_cpu.value:
     cpu_tuning.request_sync_dispatch()  # jax.distributed.initialize creates the backends

@@ -31,7 +31,6 @@ import csv
 import dataclasses
 import math
 import pathlib
-import sys
 from typing import Optional, Sequence
 
 import haiku as hk
@@ -58,8 +57,8 @@ MIN_IMAGE_SIZE = 32
 #: (NFNets' average-pooled transitions shrink the signal, BN's grows), and a
 #: linear axis flattens the smaller one; `linear` looks like the papers' plots.
 YSCALES = ("log", "linear")
-# The initialisers' draws use XLA's RngBitGenerator: on CPU it compiles about
-# twice as fast as threefry, and these parameters are never trained.
+# The initialisers' draws use XLA's RngBitGenerator, which compiles faster on
+# CPU than threefry (see docs/performance.md); these parameters are never trained.
 _INIT_RNG_IMPL = "unsafe_rbg"
 
 
@@ -271,32 +270,26 @@ def _define_flags():
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the tool on `argv` (program name first, as in `sys.argv`); returns the exit code.
 
-  Bad flags or values exit with 2 and a message naming the value and the valid choices.
+  Exit statuses as `nfnets_jax.cli` documents them: bad flags or values exit
+  with 2 and a message naming the value and the valid choices.
   """
-  from absl import flags
-
-  argv = list(sys.argv if argv is None else argv)
   fv = _define_flags()
-  if cli.print_help_if_asked(argv, fv, (__doc__ or "")):
-    return 0
-  try:
-    extra = fv(argv)
-    if len(extra) > 1:
-      raise ValueError(f"Unexpected positional arguments: {' '.join(extra[1:])}.")
+  return cli.run_tool(argv, fv, __doc__ or "", lambda _: _plot_from_flags(fv))
+
+
+def _plot_from_flags(fv) -> None:
+  """Checks every setting, then measures and plots the models the parsed flags name."""
+  with cli.usage_errors():
     check_settings([fv.model, *fv.compare], fv.batch, fv.image_size, fv.activation,
                    fv.skip_gain, fv.yscale)
     _check_out(fv.out)
-  except (flags.Error, ValueError) as e:
-    print(f"usage error: {e}\nRun with --help for the flags.", file=sys.stderr)
-    return 2
   png, csv_path, profiles = run(fv.model, fv.compare, fv.out, fv.batch, fv.image_size,
                                 fv.activation, fv.skip_gain, fv.seed, fv.yscale)
   for p in profiles:
     print(f"{p.label()}: {p.num_blocks} blocks, average channel variance "
           f"{p.avg_var.min():.3g}..{p.avg_var.max():.3g}, skip gains set: {p.skip_gains_set}")
   print(f"Wrote {png} and {csv_path}")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -31,8 +31,8 @@ def _run_cli(directory: pathlib.Path) -> dict:
 def cli_run(tmp_path_factory):
   """The real CLI, NF-ResNet50 against BN-ResNet50 on a small batch of small images.
 
-  Its two forward passes compile for ~35 s, so it runs once per session even
-  when xdist spreads this module's tests over several workers."""
+  Its two forward passes take long to compile, so it runs once per session
+  even when xdist spreads this module's tests over several workers."""
   result = once(session_root(tmp_path_factory) / "spp_cli_run", _run_cli)
   return pathlib.Path(result["out"]), result["rows"]
 
@@ -41,6 +41,7 @@ def _series(rows, model, column):
   return np.array([float(r[column]) for r in rows if r["model"] == model and r[column] != ""])
 
 
+@pytest.mark.slow
 def test_png_is_valid_with_the_documented_size(cli_run):
   png, _ = cli_run
   data = png.read_bytes()
@@ -52,6 +53,7 @@ def test_png_is_valid_with_the_documented_size(cli_run):
     assert image.size == (round(spp.FIGSIZE[0] * spp.DPI), round(spp.FIGSIZE[1] * spp.DPI))
 
 
+@pytest.mark.slow
 def test_csv_has_every_depth_of_both_models(cli_run):
   _, rows = cli_run
   assert tuple(rows[0]) == spp.CSV_COLUMNS
@@ -65,6 +67,7 @@ def test_csv_has_every_depth_of_both_models(cli_run):
       assert np.all(np.isfinite(values)) and np.all(values > 0)
 
 
+@pytest.mark.slow
 def test_nf_resnet_variance_stays_near_one_and_grows_by_alpha_squared(cli_run):
   """Paper, Fig. 2: with the branches on, an NF-ResNet's variance grows by
   alpha^2 * Var(branch) per block (beta makes the branch see unit variance)
@@ -82,6 +85,7 @@ def test_nf_resnet_variance_stays_near_one_and_grows_by_alpha_squared(cli_run):
   assert np.all(_series(rows, NF, "avg_sq_mean")[1:] < 0.1)
 
 
+@pytest.mark.slow
 def test_bn_resnet_variance_grows_with_depth_and_resets(cli_run):
   """Paper, Fig. 1: a BN-ReLU ResNet's variance grows linearly within a stage
   and resets at every transition."""

@@ -6,6 +6,7 @@ compile once per test session. The session's shared demo run
 (tests/demo_run.py) serves the first two tests.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -16,9 +17,12 @@ import time
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from demo_run import (REPO, SHARED_DEVICES, SHARED_EXTRA, checkpoint_steps, final_json,
                       run_trainer, trainer_args, trainer_command, trainer_env)
+from nfnets_jax.train import config as config_lib
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +32,7 @@ def shared(tmp_path_factory):
   return {"data_dir": str(root / "tfds"), "cache": str(root / "xla_cache")}
 
 
+@pytest.mark.slow
 def test_train_eval_on_four_devices_reports_metrics_and_writes_checkpoints_and_tensorboard(
     demo_run):
   """The session's shared demo run (tests/demo_run.py): 8 steps on 4 devices, then eval."""
@@ -46,6 +51,7 @@ def test_train_eval_on_four_devices_reports_metrics_and_writes_checkpoints_and_t
     assert metric in demo_run["stderr"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bitwise_equal_to_uninterrupted(demo_run, tmp_path):
   """SIGKILL a copy of the shared run after its first checkpoint, rerun the same
   command: the same parameters (fingerprint) and evaluation as the uninterrupted run."""
@@ -70,6 +76,7 @@ def test_killed_run_resumes_bitwise_equal_to_uninterrupted(demo_run, tmp_path):
   assert got == want
 
 
+@pytest.mark.slow
 def test_two_processes_two_devices_each_agree(shared, tmp_path):
   """A real multi-host job on localhost: jax.distributed + gloo, via launch/local.py."""
   argv = [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
@@ -86,12 +93,13 @@ def test_two_processes_two_devices_each_agree(shared, tmp_path):
   assert checkpoint_steps(tmp_path) == [4, 8]
 
 
+@pytest.mark.slow
 def test_published_f0_config_runs_one_step_at_tiny_resolution(shared, tmp_path):
   """The paper's full recipe (bf16, mixup+CutMix+RandAugment, SAM off, EMA) on real data.
 
   With XLA's own convolutions (NFNETS_JAX_CONV_IMPL=xla): the same network and
   numbers (tests/test_conv.py compares the lowerings on NFNet), and F0's bf16 train
-  step compiles in 19 s instead of 24 s, this test alone 56 s instead of 76 s.
+  step compiles faster (see docs/performance.md).
   """
   proc = run_trainer(
       shared, tmp_path, "--config.dataset.name=digits",
@@ -106,6 +114,7 @@ def test_published_f0_config_runs_one_step_at_tiny_resolution(shared, tmp_path):
   assert "loss" in proc.stderr and checkpoint_steps(tmp_path) == [1]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path):
   proc = run_trainer(shared, tmp_path, "--config.optimizer.base_lr=1e30",
                      "--config.optimizer.clipping=0", "--config.checkpoint_every_steps=1",
@@ -129,6 +138,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path):
      "inception_crop, resize."),
     ("--config.dataset.eval_preproc=resize_crop_x", "Unknown eval_preproc 'resize_crop_x'"),
     ("--mode=fit", "--mode"),
+    ("--config.seed=None", "FATAL config error: config.seed = None is not allowed: expected an "
+     "integer. None is allowed only for config.dataset.augment_name, config.dataset.data_dir, "
+     "config.model_kwargs.*."),
+    ("--config.model=none", "config.model = None is not allowed: expected a model name"),
+    ("--config.dataset.autotune=None", "config.dataset.autotune = None is not allowed: "
+     "expected true or false"),
+    ("--config.label_smoothing=None", "config.label_smoothing = None is not allowed: expected a "
+     "number in [0, 1)"),
 ])
 def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
   proc = run_trainer(shared, tmp_path, flag, devices=4, check=False, timeout=300)
@@ -139,6 +156,40 @@ def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
   assert not checkpoint_steps(tmp_path)
 
 
+def test_none_is_accepted_where_a_field_may_be_none(shared, tmp_path):
+  """None for the placeholders and a model argument passes the flags and the config
+  checks: the run gets as far as the device check of the batch size."""
+  proc = run_trainer(shared, tmp_path, "--config.dataset.augment_name=None",
+                     "--config.dataset.data_dir=none", "--config.model_kwargs.drop_rate=None",
+                     "--config.train_batch_size=6", devices=4, check=False, timeout=300)
+  assert proc.returncode == 1
+  assert "config.train_batch_size = 6 must be divisible by the number of devices" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_none_overrides_parse_to_none_and_other_values_as_before():
+  """The trainer's override parsing, in this process: ml_collections' config flag with
+  the None-aware parsers the trainer registers."""
+  config_lib.accept_none_overrides()
+  spec = importlib.util.spec_from_file_location("demo_config", REPO / "experiments" / "demo.py")
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  argv = ["train", "--config.dataset.augment_name=None", "--config.dataset.data_dir=none",
+          "--config.model_kwargs.drop_rate=None", "--config.seed=3",
+          "--config.optimizer.base_lr=0.2", "--config.dataset.autotune=true",
+          "--noconfig.dataset.deterministic", "--config.model=nfnet:F0"]
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_dict("config", demo.get_config(), flag_values=fv,
+                                           sys_argv=argv)
+  fv(argv)
+  config = config_lib.validate(holder.value)
+  assert config.dataset.augment_name is None and config.dataset.data_dir is None
+  assert config.model_kwargs.drop_rate is None
+  assert (config.seed, config.optimizer.base_lr, config.model) == (3, 0.2, "nfnet:F0")
+  assert config.dataset.autotune is True and config.dataset.deterministic is False
+
+
+@pytest.mark.slow
 def test_data_parallel_step_equals_single_device_step_and_one_program():
   """Averaged per-device gradients on 4 devices == the full-batch gradient on 1
   (a gradient summed instead of averaged would be 4x too large); the step as

@@ -5,8 +5,15 @@
       --config.train_batch_size=1024 --mode=train_eval
 
 Any config field can be overridden with --config.<field>=<value>; a field that
-does not exist is an error. The run resumes from the latest checkpoint in
---workdir. Multi-host jobs run this same command on every host (see launch/).
+does not exist is an error, and so is None (--config.<field>=None) for a field
+that may not be None. The run resumes from the latest checkpoint in --workdir.
+Multi-host jobs run this same command on every host (see launch/).
+
+The log shows progress, warnings and errors; absl's --verbosity=0 (-v 0) adds
+the libraries' info lines, -v 1 debug lines too (see nfnets_jax.cli).
+
+Exit statuses: 0 done; 1 a bad flag or config value, named in one line;
+3 the loss or gradients became non-finite (the last good checkpoint is kept).
 """
 
 import ast
@@ -17,8 +24,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nfnets_jax import runtime
+from nfnets_jax import cli, runtime
 from nfnets_jax.train import config as config_lib
+
+#: Exit status of a run whose loss or gradients became non-finite.
+EXIT_NON_FINITE = 3
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/nfnet.py:F0.", lock_config=True)
@@ -37,7 +47,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as err:  # e.g. --mode=fit: absl's message, without its traceback
     sys.stderr.write(f"FATAL Flags parsing error: {err}\n")
-    sys.exit(1)
+    sys.exit(cli.EXIT_FAILURE)
   except (AttributeError, KeyError) as err:
     detail = str(err.args[0]) if err.args else str(err)
     while detail[:1] in ("'", '"'):  # the message arrives quoted, once or twice
@@ -52,7 +62,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     where = f"{given[0]}: " if given else ""
     sys.stderr.write(f"FATAL Flags parsing error: {where}the config has no field {name!r}. "
                      f"{hint or 'See the experiment file for the fields it defines.'}\n")
-    sys.exit(1)
+    sys.exit(cli.EXIT_FAILURE)
 
 
 def main(argv):
@@ -67,7 +77,7 @@ def main(argv):
     experiment = Experiment(config, _WORKDIR.value)  # checks what needs the devices
   except config_lib.ConfigError as err:
     sys.stderr.write(f"FATAL config error: {err}\n")
-    sys.exit(1)
+    sys.exit(cli.EXIT_FAILURE)
   try:
     if _MODE.value == "eval":
       results = experiment.evaluate()
@@ -76,7 +86,7 @@ def main(argv):
   except NonFiniteLossError as err:
     logging.error("%s", err)
     experiment.close()
-    sys.exit(3)
+    sys.exit(EXIT_NON_FINITE)
   experiment.close()
   workdir = os.path.abspath(_WORKDIR.value)
   print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
@@ -89,4 +99,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  config_lib.accept_none_overrides()
+  cli.run(main, flags_parser=parse_flags)

@@ -4,15 +4,23 @@ Experiment files (`experiments/*.py`) start from `base_config()` and change
 values; they never add fields. The returned config is locked, so a misspelt
 field, in a file or on the command line (`--config.train_batch_szie=...`), is
 an error instead of a silently ignored setting. `validate` then checks values
-that have a valid range and names the field that is off.
+that have a valid range and names the field that is off. None is a value only
+where the schema says so (`nullable_fields`); on the command line it is
+spelt `--config.<field>=None` (see `accept_none_overrides`).
 """
 
+import fnmatch
 from typing import Any, Callable
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+from nfnets_jax.data import preproc_spec  # TensorFlow-free, as this whole module
+from nfnets_jax.inference import COMPUTE_DTYPES
+
+#: Training leaves out float16: it would need loss scaling, which the trainer does not do.
+TRAIN_COMPUTE_DTYPES = tuple(dtype for dtype in COMPUTE_DTYPES if dtype != "float16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.eval_split = "validation"
   c.dataset.image_size = 192
   c.dataset.eval_image_size = 256
-  # A typed placeholder, so that None (no augmentation) stays overridable from flags.
+  # A typed placeholder: None (no augmentation) is a valid value, from files and
+  # flags alike (--config.dataset.augment_name=None).
   c.dataset.augment_name = config_dict.placeholder(str)
   c.dataset.augment_name = "cutmix_mixup_randaugment_405"
   c.dataset.eval_preproc = "resize_crop_32"
@@ -84,6 +93,128 @@ class ConfigError(ValueError):
   """
 
 
+# ----------------------------------------------------------------------------- None
+
+#: How a command line says None: `--config.dataset.augment_name=None` (or none).
+NONE_WORDS = ("none",)
+
+
+class _NoneOr(flags.ArgumentParser):
+  """An absl parser that reads 'None'/'none' as None and anything else as `parser` does."""
+
+  def __init__(self, parser: flags.ArgumentParser):
+    self._parser = parser
+    self.syntactic_help = f"{parser.syntactic_help or 'a value'}, or None"
+
+  def parse(self, argument: Any) -> Any:
+    if isinstance(argument, str) and argument.strip().lower() in NONE_WORDS:
+      return None
+    return self._parser.parse(argument)
+
+  def flag_type(self) -> str:
+    return self._parser.flag_type()
+
+
+def accept_none_overrides() -> None:
+  """Lets `--config.<field>=None` set a field to None, whatever its type (the trainer calls it).
+
+  ml_collections parses an override with its field's type, so 'None' becomes
+  the string 'None' or an int/float/bool parse error. This registers parsers
+  (ml_collections' own hook, for this process) that read None first;
+  `validate` then refuses None where the schema does not allow it.
+  """
+  for field_type, parser in ((int, flags.IntegerParser()), (float, flags.FloatParser()),
+                             (bool, flags.BooleanParser()), (str, flags.ArgumentParser())):
+    config_flags.register_flag_parser_for_type(field_type, _NoneOr(parser))
+
+
+def nullable_fields() -> tuple[str, ...]:
+  """The fields (glob patterns) that may be None: the schema's placeholders, `model_kwargs.*`.
+
+  A placeholder (`config_dict.placeholder(type)`) is how `base_config`
+  declares "None is a valid value" (no augmentation, TFDS's data directory);
+  a model keyword argument set to None is left out (the model's default).
+  """
+  def placeholders(config: ml_collections.ConfigDict, prefix: str) -> list[str]:
+    found = []
+    for key, value in config.items(preserve_field_references=True):
+      if isinstance(value, ml_collections.ConfigDict):
+        found += placeholders(value, f"{prefix}{key}.")
+      elif isinstance(value, config_dict.FieldReference):
+        found.append(prefix + key)
+    return found
+
+  return tuple(placeholders(base_config(), "")) + ("model_kwargs.*",)
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+  """(dotted field name, value) of every field that is not itself a ConfigDict."""
+  out = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _leaves(value, f"{prefix}{key}.")
+    else:
+      out.append((prefix + key, value))
+  return out
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _expected(field: str) -> str:
+  """What `field` takes, as the range checks below say it, else its type in the base config."""
+  if field in _RANGES:
+    return _RANGES[field][1]
+  if field in _PARSED_FIELDS:
+    return _PARSED_FIELDS[field]
+  try:
+    default = _get(base_config(), field)
+  except KeyError:  # a field the experiment file added
+    return "a value"
+  return _KINDS.get(type(default), f"a value like {default!r}")
+
+
+def _refuse_none(config: ml_collections.ConfigDict) -> None:
+  """A ConfigError naming the first field that is None where the schema does not allow it."""
+  nullable = nullable_fields()
+  for field, value in _leaves(config):
+    if value is None and not any(fnmatch.fnmatchcase(field, name) for name in nullable):
+      raise ConfigError(
+          f"config.{field} = None is not allowed: expected {_expected(field)}. None is allowed "
+          f"only for {', '.join('config.' + name for name in nullable)}.")
+
+
+# ----------------------------------------------------------------------------- ranges
+
+
+def _is_positive_int(value: Any) -> bool:
+  return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+#: The fields with a valid range: (check, what is valid, as the error says it).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{field: (_is_positive_int, "a positive integer") for field in (
+        "num_classes", "train_batch_size", "eval_batch_size", "dataset.image_size",
+        "dataset.eval_image_size", "log_every_steps", "checkpoint_every_steps",
+        "keep_checkpoints")},
+    "num_train_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_epochs) or >= 1"),
+    "warmup_epochs": (lambda v: v >= 0, "a number >= 0"),
+    "eval_every_steps": (lambda v: v >= 0, "0 (end only) or a step interval"),
+    "compute_dtype": (lambda v: v in TRAIN_COMPUTE_DTYPES, f"one of {TRAIN_COMPUTE_DTYPES}"),
+    "label_smoothing": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "ema_decay": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "sam.rho": (lambda v: v >= 0, "a number >= 0 (0 disables SAM)"),
+    "sam.ascent_fraction": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    "optimizer.clipping": (lambda v: v >= 0, "a number >= 0 (0 disables AGC)"),
+}
+#: The fields a library parser checks (see `validate`) that may not be None, and what they take.
+_PARSED_FIELDS = {
+    "model": "a model name 'family:variant', e.g. 'nfnet:F0'",
+    "dataset.train_preproc": f"one of {preproc_spec.TRAIN_PREPROCS}",
+    "dataset.eval_preproc": "'crop_resize' or 'resize_crop_<pct>', e.g. 'resize_crop_32'",
+}
+
+
 def _fail(field: str, value: Any, valid: str) -> None:
   raise ConfigError(f"config.{field} = {value!r} is invalid: {valid}.")
 
@@ -96,12 +227,6 @@ def _parse(field: str, parser: Callable[[Any], Any], config: ml_collections.Conf
     raise ConfigError(f"config.{field}: {err}") from None
 
 
-def _positive_int(config: ml_collections.ConfigDict, field: str) -> None:
-  value = config[field] if "." not in field else _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    _fail(field, value, "expected a positive integer")
-
-
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
   value = config
   for part in field.split("."):
@@ -112,7 +237,8 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks names and value ranges; raises `ConfigError` naming the field. Returns the config."""
   from nfnets_jax import models  # pylint: disable=import-outside-toplevel
-  from nfnets_jax.data import augment_spec, preproc_spec  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.data import augment_spec  # pylint: disable=import-outside-toplevel
+  _refuse_none(config)
   _parse("model", models.parse_model_name, config)
   # Here rather than where the input pipeline is built, after the model's
   # initialisation: a misspelt augmentation or preprocessing should not cost
@@ -120,30 +246,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _parse("dataset.augment_name", augment_spec.parse_augment_name, config)
   _parse("dataset.train_preproc", preproc_spec.check_train_preproc, config)
   _parse("dataset.eval_preproc", preproc_spec.parse_eval_preproc, config)
-  for field in ("num_classes", "train_batch_size", "eval_batch_size", "dataset.image_size",
-                "dataset.eval_image_size", "log_every_steps", "checkpoint_every_steps",
-                "keep_checkpoints"):
-    _positive_int(config, field)
-  if config.num_train_steps != -1 and config.num_train_steps < 1:
-    _fail("num_train_steps", config.num_train_steps, "expected -1 (use num_epochs) or >= 1")
+  for field, (check, valid) in _RANGES.items():
+    value = _get(config, field)
+    if not check(value):
+      _fail(field, value, f"expected {valid}")
   if config.num_train_steps == -1 and not config.num_epochs > 0:
     _fail("num_epochs", config.num_epochs, "expected a number > 0")
-  if config.warmup_epochs < 0:
-    _fail("warmup_epochs", config.warmup_epochs, "expected a number >= 0")
-  if config.eval_every_steps < 0:
-    _fail("eval_every_steps", config.eval_every_steps, "expected 0 (end only) or a step interval")
-  if config.compute_dtype not in COMPUTE_DTYPES:
-    _fail("compute_dtype", config.compute_dtype, f"expected one of {COMPUTE_DTYPES}")
-  if not 0.0 <= config.label_smoothing < 1.0:
-    _fail("label_smoothing", config.label_smoothing, "expected a number in [0, 1)")
-  if not 0.0 <= config.ema_decay < 1.0:
-    _fail("ema_decay", config.ema_decay, "expected a number in [0, 1)")
-  if config.sam.rho < 0:
-    _fail("sam.rho", config.sam.rho, "expected a number >= 0 (0 disables SAM)")
-  if not 0.0 < config.sam.ascent_fraction <= 1.0:
-    _fail("sam.ascent_fraction", config.sam.ascent_fraction, "expected a number in (0, 1]")
-  if config.optimizer.clipping < 0:
-    _fail("optimizer.clipping", config.optimizer.clipping, "expected a number >= 0 (0 disables AGC)")
   return config
 
 
