@@ -69,6 +69,7 @@ def test_scan_and_unroll_agree(name, kwargs):
   assert hlo_s.count("conv_general_dilated[") < hlo_u.count("conv_general_dilated[")
 
 
+@pytest.mark.slow
 def test_squeeze_excite_blocks_and_their_draws_match():
   """NF-RegNet's blocks (squeeze-excite in the bottleneck), most branches dropped at
   random: both loops drop the same ones and compute the same logits."""
@@ -114,6 +115,7 @@ def test_unknown_block_loop_is_an_error():
     models.transform("nfnet:nano", 10, block_loop="fused")
 
 
+@pytest.mark.slow
 def test_models_built_with_different_choices_lower_differently_in_one_process():
   """Each model keeps the lowering it was built with, whichever was jitted first."""
   name, kwargs = "nf_resnet:ResNet50", {"width": 1}  # runs of 2, 3, 5 and 2 blocks

@@ -65,6 +65,7 @@ def test_parameters_are_the_resnet_v2_ones():
   assert models.count_params("bn_resnet:ResNet50") / 1e6 == pytest.approx(25.6, rel=5e-3)
 
 
+@pytest.mark.slow
 def test_metric_outputs_and_state_updates_only_in_training(small):
   params, state, apply, images = small
   out, new_state = apply(params, state, images, is_training=True)
@@ -80,6 +81,7 @@ def test_metric_outputs_and_state_updates_only_in_training(small):
   assert all(jax.tree_util.tree_leaves(same))
 
 
+@pytest.mark.slow
 def test_training_mode_normalises_with_batch_statistics(small):
   """With batch statistics the network cannot see the input's scale (the stem
   is linear and BN follows); with the running averages it can."""
@@ -92,6 +94,7 @@ def test_training_mode_normalises_with_batch_statistics(small):
   assert not np.allclose(infer_scaled, infer, rtol=0.1)
 
 
+@pytest.mark.slow
 def test_signal_grows_linearly_within_stages_at_init(small):
   """He init behind BN -> ReLU: each residual branch has channel variance
   2 * Var(relu(z)) = 1 - 1/pi, and an identity-shortcut block adds it to the
@@ -133,6 +136,7 @@ def test_bad_arguments_are_clear_errors(kwargs, match):
     hk.transform_with_state(lambda: models.BNResNet(10, **kwargs)).init(None)
 
 
+@pytest.mark.slow
 def test_wrong_input_shape_is_a_clear_error(small):
   params, state, apply, _ = small
   with pytest.raises(ValueError, match=r"NHWC batch with 3 channels, got shape \(2, 32, 32, 1\)"):

@@ -51,6 +51,7 @@ def _write_published(params, path):
   return path
 
 
+@pytest.mark.slow
 def test_published_pickle_refused_unless_trusted_and_reproduces_golden_logits(tmp_path):
   params = rebuild_params(param_trees()["nfnet:F0"])
   path = _write_published(params, tmp_path / "F0_haiku.npz")

@@ -145,6 +145,7 @@ def test_the_lowering_is_visible_in_the_compiled_program():
   assert "stablehlo.convolution" not in hlo_1x1 and "stablehlo.dot_general" in hlo_1x1
 
 
+@pytest.mark.slow
 def test_nfnet_outputs_and_gradients_agree_across_lowerings():
   """A whole model (nfnet:nano: 1x1, 3x3, strided and grouped convs) with either lowering."""
   lowered = {impl: models.transform("nfnet:nano", 10, stochdepth_rate=0.0, drop_rate=0.0,

@@ -134,6 +134,7 @@ def test_missing_checkpoint_is_named(tmp_path, capsys):
   assert code == 1 and str(missing) in err and not out
 
 
+@pytest.mark.slow
 def test_load_meta_reads_the_trainers_record(demo_run, tmp_path):
   meta = checkpoint.load_meta(demo_run["workdir"])
   assert meta["model"] == "nfnet:nano" and meta["num_classes"] == 10

@@ -43,6 +43,7 @@ def _jit_init(model, images=IMAGES, key=KEY):
 # Small members of two families (NF-RegNet's layers are the same kinds);
 # nano with every run scanned covers the parameters a scanned run creates
 # block by block.
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs,loop", [
     ("nfnet:nano", {}, "scan"),
     ("nf_resnet:ResNet50", {"width": 1}, "auto"),
@@ -58,6 +59,7 @@ def test_same_parameters_as_haiku(name, kwargs, loop):
   assert len(constant) <= 1, constant
 
 
+@pytest.mark.slow
 def test_apply_is_haikus():
   """Training-mode outputs (stochastic depth, dropout) from the same parameters."""
   plain, fast = _pair("nfnet:nano", drop_rate=0.5, stochdepth_rate=0.5)
@@ -68,6 +70,7 @@ def test_apply_is_haikus():
   _assert_same(train(plain), train(fast))
 
 
+@pytest.mark.slow
 def test_too_few_precomputed_keys_are_traced_again():
   # 3 precomputed keys run out (the forward draws 9): init is traced again
   # with more, to the same values.
@@ -113,6 +116,7 @@ def _mixed_forward(x):
       + f.sum() + g.astype(jnp.float32).sum() + h.sum()
 
 
+@pytest.mark.slow
 def test_initialisers_it_does_not_batch_are_created_as_usual():
   x = jnp.ones((3,))
   plain, fast = hk.transform(_mixed_forward), fast_init.transform(_mixed_forward)
@@ -142,6 +146,7 @@ def test_missing_rng_is_haikus_error():
     registry.transform("nfnet:nano", 10).init(None, IMAGES)
 
 
+@pytest.mark.slow
 def test_init_draws_in_a_few_batched_calls():
   """Plain Haiku draws (and splits a key for) each random parameter
   separately, one threefry kernel each under XLA; fast_init draws each group

@@ -33,6 +33,7 @@ def test_outputs_shapes_and_metrics(nano):
   assert set(forward(params, None, images, is_training=False)) == {"logits", "pool"}
 
 
+@pytest.mark.slow
 def test_signal_propagation_at_init():
   """SkipInit: skip gains start at 0, so at init a block without a projection
   is exactly the identity and one with a projection outputs its shortcut; the

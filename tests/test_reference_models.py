@@ -38,6 +38,7 @@ def test_parameter_tree_matches_published(name, trees):
   assert ours == reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_golden_outputs_float32_and_bfloat16(name, trees, golden):
   """Rebuilt parameters reproduce the published forward pass.

@@ -37,6 +37,7 @@ def f_series_json():
   return json.loads(out.getvalue())
 
 
+@pytest.mark.slow
 def test_f_series_matches_the_paper_within_a_tenth_of_a_percent(f_series_json):
   assert [row["model"] for row in f_series_json] == list(PAPER)
   for row in f_series_json:
@@ -48,6 +49,7 @@ def test_f_series_matches_the_paper_within_a_tenth_of_a_percent(f_series_json):
     assert abs(row["params_diff_pct"]) < 0.1 and abs(row["test_flops_diff_pct"]) < 0.1
 
 
+@pytest.mark.slow
 def test_train_and_test_sizes_come_from_the_variant_table(f_series_json):
   f0 = f_series_json[0]
   assert (f0["train_size"], f0["test_size"]) == (192, 256)

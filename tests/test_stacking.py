@@ -73,6 +73,7 @@ def test_published_nfnets_stack_their_long_runs():
   assert models.stacked_layout("nfnet:F7", block_loop="unroll").is_identity
 
 
+@pytest.mark.slow
 def test_the_model_gives_and_takes_its_own_layout(scanned):
   model, layout, params = scanned
   init = jax.eval_shape(lambda r: model.init(r, IMAGES), jax.random.key(0))

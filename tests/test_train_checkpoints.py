@@ -10,9 +10,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).with_name("checkpoint_save_script.py")
 
 
+@pytest.mark.slow
 def test_replicated_state_saves_without_per_device_slices_and_reads_back(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
