@@ -24,6 +24,7 @@ from nfnets_jax import models, optim
 from nfnets_jax.train import config as config_lib
 from nfnets_jax.train import steps
 from nfnets_jax.train.checkpoints import Checkpointer, checkpoint_dir
+from nfnets_jax.train.eval_totals import EvalTotals
 from nfnets_jax.train.reporting import Reporter
 from nfnets_jax.train.state import TrainState
 
@@ -77,8 +78,8 @@ class Experiment:
     except TypeError as err:
       raise ValueError(f"config.model_kwargs {model_kwargs(config)} do not fit "
                        f"{config.model}: {err}") from None
-    # The train state keeps scanned runs' parameters stacked (see
-    # models/stacking.py); checkpoints and results use the published tree.
+    # The model's parameters are in its own layout (scanned runs stacked, see
+    # models/stacking.py); checkpoint files hold the published tree.
     self.layout = models.stacked_layout(config.model, config.num_classes,
                                         **model_kwargs(config))
 
@@ -100,7 +101,7 @@ class Experiment:
         self.schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
         weight_decay=config.optimizer.weight_decay, clipping=clipping, eps=config.optimizer.eps,
         exclude_classifier_from_agc=config.optimizer.exclude_classifier_from_agc,
-        record_clip_fraction=clipping is not None, stacked_axes=self.layout.stacked_axes)
+        record_clip_fraction=clipping is not None)
     self.ema = optim.params_ema(config.ema_decay)
     step_config = steps.StepConfig(
         num_classes=config.num_classes, label_smoothing=config.label_smoothing,
@@ -108,9 +109,9 @@ class Experiment:
         sam_ascent_fraction=config.sam.ascent_fraction, record_clip_fraction=clipping is not None)
     self.train_step = steps.make_train_step(
         self.model, self.optimizer, self.ema, self.schedule, step_config, self.mesh,
-        jax.random.key(config.seed + 1), self.layout)
+        jax.random.key(config.seed + 1))
     self.eval_step = steps.make_eval_step(self.model, config.num_classes, self.compute_dtype,
-                                          self.mesh, self.layout)
+                                          self.mesh)
     self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints,
                                      config.async_checkpoints, self.layout)
     self.reporter = Reporter(self.workdir, self.total_steps, config.train_batch_size)
@@ -119,7 +120,7 @@ class Experiment:
 
   def _abstract_state(self) -> TrainState:
     return steps.abstract_state(self.model, self.optimizer, self.ema, self.image_shape,
-                                self.mesh, self.layout)
+                                self.mesh)
 
   def restore_or_init(self) -> TrainState:
     """The latest complete checkpoint in the workdir, or a freshly initialised state."""
@@ -128,8 +129,7 @@ class Experiment:
       logging.info("No checkpoint in %s; initialising %s.", checkpoint_dir(self.workdir),
                    self.config.model)
       return steps.init_state(self.model, self.optimizer, self.ema,
-                              jax.random.key(self.config.seed), self.image_shape, self.mesh,
-                              self.layout)
+                              jax.random.key(self.config.seed), self.image_shape, self.mesh)
     state, _ = self.checkpointer.restore(self._abstract_state(), latest)
     logging.info("Resumed from step %d (%s).", latest, checkpoint_dir(self.workdir))
     return state
@@ -222,17 +222,13 @@ class Experiment:
     step = int(jax.device_get(state.step))
     start = time.perf_counter()
     named = {"": state.params, "ema_": state.ema.ema}
-    totals = None
+    totals = EvalTotals()
     for batch in self._eval_batches():
-      sums = jax.device_get(self.eval_step(named, steps.global_batch(self.mesh, batch)))
-      totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+      totals.add(jax.device_get(self.eval_step(named, steps.global_batch(self.mesh, batch))))
     results = {"step": step}
-    for prefix, sums in totals.items():
-      count = max(float(sums["count"]), 1.0)
-      results[f"{prefix}top1"] = float(sums["top1"]) / count
-      results[f"{prefix}top5"] = float(sums["top5"]) / count
-      results[f"{prefix}loss"] = float(sums["loss"]) / count
-    results["num_examples"] = int(totals[""]["count"])
+    for prefix in named:
+      results.update({prefix + key: mean for key, mean in totals.means(prefix).items()})
+    results["num_examples"] = totals.count("")
     results["seconds"] = time.perf_counter() - start
     self.reporter.scalars("eval", step, {k: v for k, v in results.items() if k != "step"})
     logging.info("eval at step %d: %s", step, json.dumps(results))
