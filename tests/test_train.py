@@ -189,6 +189,27 @@ def test_none_overrides_parse_to_none_and_other_values_as_before():
   assert config.dataset.autotune is True and config.dataset.deterministic is False
 
 
+def test_the_lowering_is_a_model_argument_of_the_config():
+  """`model_kwargs.conv_impl` / `block_loop` reach the model's constructor; a bad one
+  is refused by the config check, naming the field and the choices."""
+  from nfnets_jax import models  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.train import experiment  # pylint: disable=import-outside-toplevel
+  config = config_lib.base_config()
+  config.model = "nf_resnet:ResNet50"
+  config.model_kwargs.conv_impl, config.model_kwargs.block_loop = "xla", "scan"
+  config_lib.validate(config)
+  kwargs = experiment.model_kwargs(config)
+  assert (kwargs["conv_impl"], kwargs["block_loop"]) == ("xla", "scan")
+  assert not models.stacked_layout(config.model, **kwargs).is_identity
+  for field, value, choices in (("conv_impl", "fast", "auto, xla, decomposed"),
+                                ("block_loop", "fused", "auto, scan, unroll")):
+    bad = config_lib.base_config()
+    bad.model_kwargs[field] = value
+    with pytest.raises(config_lib.ConfigError,
+                       match=f"config.model_kwargs.{field} = '{value}'.*{choices}"):
+      config_lib.validate(bad)
+
+
 @pytest.mark.slow
 def test_data_parallel_step_equals_single_device_step_and_one_program():
   """Averaged per-device gradients on 4 devices == the full-batch gradient on 1

@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_classes = 1000
   # Keyword arguments of the model's constructor (see nfnets_jax.models).
   c.model_kwargs = ml_collections.ConfigDict({"stochdepth_rate": 0.25})
+  # How the model is lowered, never what it computes (models.transform): None
+  # is $NFNETS_JAX_CONV_IMPL (else 'auto') and 'auto'.
+  c.model_kwargs.conv_impl = config_dict.placeholder(str)
+  c.model_kwargs.block_loop = config_dict.placeholder(str)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "imagenet2012"
@@ -246,6 +250,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _parse("dataset.augment_name", augment_spec.parse_augment_name, config)
   _parse("dataset.train_preproc", preproc_spec.check_train_preproc, config)
   _parse("dataset.eval_preproc", preproc_spec.parse_eval_preproc, config)
+  for field, choices in (("model_kwargs.conv_impl", models.CONV_IMPLS),
+                         ("model_kwargs.block_loop", models.BLOCK_LOOPS)):
+    value = _get(config, field)
+    if value is not None and value not in choices:
+      _fail(field, value, f"expected one of {', '.join(choices)}, or None for the default")
   for field, (check, valid) in _RANGES.items():
     value = _get(config, field)
     if not check(value):
