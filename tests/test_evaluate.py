@@ -20,6 +20,7 @@ import pytest
 
 from demo_run import IMAGE_SIZE, REPO, trainer_env
 from nfnets_jax import checkpoint, evaluate, inference
+from nfnets_jax.train import experiment
 
 # The shared run's evaluation resolution and the demo config's eval preprocessing
 # (the digits are 8x8, no margin to crop).
@@ -143,7 +144,7 @@ def test_load_meta_reads_the_trainers_record(demo_run, tmp_path):
   spec = importlib.util.spec_from_file_location("demo_config", REPO / "experiments" / "demo.py")
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
-  assert meta["model_kwargs"] == dict(demo.get_config().model_kwargs)
+  assert meta["model_kwargs"] == experiment.model_kwargs(demo.get_config())  # None left out
   step_dir = pathlib.Path(demo_run["workdir"]) / "checkpoints" / str(meta["step"])
   assert checkpoint.load_meta(step_dir) == meta
   # A bare parameter file records nothing.

@@ -148,7 +148,9 @@ def nullable_fields() -> tuple[str, ...]:
         found.append(prefix + key)
     return found
 
-  return tuple(placeholders(base_config(), "")) + ("model_kwargs.*",)
+  wildcard = "model_kwargs.*"
+  return tuple(field for field in placeholders(base_config(), "")
+               if not fnmatch.fnmatchcase(field, wildcard)) + (wildcard,)
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
