@@ -1,8 +1,10 @@
 """NF-ResNets (Brock, De & Smith 2021a) on ImageNet, with this project's NFNet recipe.
 
 The NF-ResNet paper trained with batch 1024, 360 epochs, SGD + Nesterov and
-RandAugment/mixup variations per model; here the NFNet recipe (AGC included)
-is reused at 224 px, which is our choice, not a published configuration.
+RandAugment/mixup variations per model, and no experiment file for them was
+published. Here the NFNet recipe (AGC included) is reused at 224 px, with
+RandAugment before mixing (the data loader's default): our choice, not a
+published configuration.
 
   python -m nfnets_jax.train --config=experiments/nf_resnet.py:ResNet50 --workdir=...
 """

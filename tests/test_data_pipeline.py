@@ -12,6 +12,7 @@ from data_helpers import digits_data_dir, encode, random_image, write_folder  # 
 tf = pytest.importorskip("tensorflow")
 
 from nfnets_jax.data import MEAN_RGB, STDDEV_RGB, load, preprocess  # noqa: E402
+from nfnets_jax.data.augment_spec import parse_augment_name  # noqa: E402
 
 LOW = (0 - np.array(MEAN_RGB)) / np.array(STDDEV_RGB)
 HIGH = (255 - np.array(MEAN_RGB)) / np.array(STDDEV_RGB)
@@ -126,13 +127,55 @@ def test_mixup_cutmix_halves(digits_data_dir):
   assert not np.allclose(batch["ratio"][:32] * 256, np.round(batch["ratio"][:32] * 256), atol=1e-3)
 
 
-def test_augment_after_mix(digits_data_dir):
-  a = _take(_train(digits_data_dir, "mixup_randaugment_405", augment_before_mix=False), 2)
-  b = _take(_train(digits_data_dir, "mixup_randaugment_405", augment_before_mix=True), 2)
-  assert a[0]["images"].shape == b[0]["images"].shape
-  np.testing.assert_array_equal(a[0]["labels"], b[0]["labels"])  # Same examples, other augs.
-  assert not np.allclose(a[0]["images"], b[0]["images"])
-  assert a[0]["images"].min() >= LOW.min() - 1e-4 and a[0]["images"].max() <= HIGH.max() + 1e-4
+def _mix_then_augment(data_dir, augment_name, *, seed, image_size, batch_size):
+  """The published NFNet order, built from the library's pieces rather than the pipeline:
+  mix consecutive examples of the stream in pairs, then RandAugment each mixed image
+  once, with the seeds the pipeline gives each example (`rng`).
+
+  The stream is the files' seeded order (as the pipeline reads them, with a shuffle
+  buffer of 1) and 'resize' preprocessing (no random crop), so the examples need no
+  pipeline to find. Returns the first batch, as the pipeline's.
+  """
+  from nfnets_jax.data import mixing, randaugment, rng  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
+  spec = parse_augment_name(augment_name)
+  size = (image_size, image_size)
+  records, _ = open_source("digits", "train", data_dir=data_dir).read(
+      "train", process_index=0, process_count=1, shuffle_files=True, seed=seed)
+  key = rng.run_seed(seed, 0)
+  examples = []
+  for index, record in enumerate(records.take(2 * batch_size)):
+    crop_seed, augment_seed, mix_seed = rng.split_seed(rng.example_seed(key, index), 3)
+    examples.append({"images": preprocess.train_image(record["image"], size, crop_seed, "resize"),
+                     "labels": record["label"], "augment_seed": augment_seed,
+                     "mix_seed": mix_seed})
+  outputs = []
+  for pair_index in range(batch_size):
+    a, b = examples[2 * pair_index], examples[2 * pair_index + 1]
+    mixed = mixing.mix_pair(spec, a, b, a["mix_seed"],
+                            mixing.uses_cutmix(spec, pair_index, batch_size))
+    augmented = randaugment.randaugment_float(mixed["images"], spec.randaugment_layers,
+                                              spec.randaugment_magnitude, a["augment_seed"])
+    outputs.append({**mixed, "images": preprocess.normalize(augmented)})
+  return {name: np.stack([out[name].numpy() for out in outputs])
+          for name in ("images", "labels", "mix_labels", "ratio")}
+
+
+def test_augment_after_mix_is_mixing_then_one_randaugment_per_mixed_image(digits_data_dir):
+  """augment_before_mix=False (the published NFNet experiment): each output image is the
+  mix of a pair, RandAugment-ed once; the mixing (pairs, ratios, labels) is that of the
+  other order, and only the images differ from it."""
+  name, seed = "cutmix_mixup_randaugment_405", 3
+  kwargs = dict(batch_dims=(8,), seed=seed, shuffle_buffer=1, train_preproc="resize")
+  after = next(_train(digits_data_dir, name, augment_before_mix=False, **kwargs))
+  before = next(_train(digits_data_dir, name, augment_before_mix=True, **kwargs))
+  want = _mix_then_augment(digits_data_dir, name, seed=seed, image_size=16, batch_size=8)
+  for key in ("labels", "mix_labels", "ratio"):
+    np.testing.assert_array_equal(after[key], want[key], err_msg=key)
+    np.testing.assert_array_equal(before[key], want[key], err_msg=key)
+  np.testing.assert_allclose(after["images"], want["images"], atol=1e-5)
+  assert not np.allclose(before["images"], want["images"], atol=0.1)
+  assert after["images"].min() >= LOW.min() - 1e-4 and after["images"].max() <= HIGH.max() + 1e-4
 
 
 def test_eval_is_deterministic_padded_and_masked(digits_data_dir):

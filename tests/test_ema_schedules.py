@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import optim_reference as ref
-from nfnets_jax.optim import (ema_decay, nfnet_lr_schedule, params_ema, scaled_learning_rate)
+from nfnets_jax.optim import (ema_decay, nfnet_lr_schedule, params_ema, peak_learning_rate,
+                              scaled_learning_rate)
 
 
 @pytest.mark.parametrize("base_lr,batch_size,total,warmup,min_lr", [
@@ -33,6 +34,21 @@ def test_learning_rate_scales_with_batch_size():
   assert scaled_learning_rate(0.1, 256) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("batch_size", [64, 1024, 4096])
+def test_unscaled_schedule_peaks_at_base_lr_whatever_the_batch(batch_size):
+  """scale_by_batch=False (the published NF-RegNet recipe: peak 0.4, cosine to 0.001):
+  the same warm-up and cosine, with base_lr itself as the peak."""
+  total, warmup = 40, 8
+  schedule = nfnet_lr_schedule(0.4, batch_size=batch_size, total_steps=total,
+                               warmup_steps=warmup, min_lr=0.001, scale_by_batch=False)
+  steps = np.arange(total + 3)
+  got = np.asarray(jax.jit(jax.vmap(schedule))(steps))
+  want = [ref.warmup_cosine(int(t), 0.4, warmup, total, 0.001) for t in steps]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert peak_learning_rate(0.4, batch_size, scale_by_batch=False) == 0.4
+  assert peak_learning_rate(0.4, batch_size) == pytest.approx(0.4 * batch_size / 256)
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(batch_size=0, total_steps=10, warmup_steps=1), r"batch_size must be an integer >= 1, got 0"),
     (dict(batch_size=32.0, total_steps=10, warmup_steps=1), r"batch_size must be an integer"),
@@ -40,6 +56,12 @@ def test_learning_rate_scales_with_batch_size():
     (dict(batch_size=32, total_steps=10, warmup_steps=-1), r"warmup_steps must be an integer >= 0"),
     (dict(base_lr=-0.1, batch_size=32, total_steps=10, warmup_steps=1), r"base_lr must be a number > 0, got -0.1"),
     (dict(batch_size=256, total_steps=10, warmup_steps=1, min_lr=0.5), r"min_lr must be in \[0, peak"),
+    (dict(base_lr=0.4, batch_size=4096, total_steps=10, warmup_steps=1, min_lr=0.5,
+          scale_by_batch=False), r"min_lr must be in \[0, peak learning rate = 0.4\]"),
+    (dict(base_lr=-0.4, batch_size=32, total_steps=10, warmup_steps=1, scale_by_batch=False),
+     r"base_lr must be a number > 0, got -0.4"),
+    (dict(batch_size=32, total_steps=10, warmup_steps=1, scale_by_batch="no"),
+     r"scale_by_batch must be True or False, got 'no'"),
 ])
 def test_schedule_rejects_bad_arguments(kw, message):
   with pytest.raises(ValueError, match=message):

@@ -20,6 +20,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from data_helpers import digits_data_dir  # noqa: F401  (a fixture)
 from demo_run import (REPO, SHARED_DEVICES, SHARED_EXTRA, checkpoint_steps, final_json,
                       run_trainer, trainer_args, trainer_command, trainer_env)
 from nfnets_jax.train import config as config_lib
@@ -208,6 +209,83 @@ def test_the_lowering_is_a_model_argument_of_the_config():
     with pytest.raises(config_lib.ConfigError,
                        match=f"config.model_kwargs.{field} = '{value}'.*{choices}"):
       config_lib.validate(bad)
+
+
+def _base_config_with(**fields):
+  """`base_config()` with dotted fields set, e.g. `**{"optimizer.min_lr": 1.0}`."""
+  config = config_lib.base_config()
+  for name, value in fields.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"optimizer.base_lr": 0.0}, "config.optimizer.base_lr = 0.0 is invalid: expected a number > 0."),
+    ({"optimizer.min_lr": -0.1}, "config.optimizer.min_lr = -0.1 is invalid: expected a number >= 0."),
+    # The default peak: 0.1 x 4096 / 256 = 1.6.
+    ({"optimizer.min_lr": 2.0}, "config.optimizer.min_lr = 2.0 is invalid: expected a number in "
+     "[0, the peak learning rate 1.6] (the peak is optimizer.base_lr x train_batch_size / 256 = "
+     "0.1 x 4096 / 256)."),
+    ({"optimizer.min_lr": 0.2, "optimizer.scale_lr_by_batch": False},
+     "config.optimizer.min_lr = 0.2 is invalid: expected a number in [0, the peak learning rate "
+     "0.1] (the peak is optimizer.base_lr, as optimizer.scale_lr_by_batch is False)."),
+    ({"optimizer.scale_lr_by_batch": None}, "config.optimizer.scale_lr_by_batch = None is not "
+     "allowed: expected true or false."),
+    ({"dataset.augment_before_mix": None}, "config.dataset.augment_before_mix = None is not "
+     "allowed: expected true or false."),
+])
+def test_learning_rate_and_augmentation_order_fields_are_checked(fields, message):
+  """A bad peak/floor of the schedule or augmentation order is refused by the config check
+  (before TensorFlow's import), with one message naming the field and what is valid."""
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(_base_config_with(**fields))
+  assert str(err.value).startswith(message)
+
+
+def test_unscaled_peak_allows_a_floor_the_scaled_one_would_not():
+  """min_lr is checked against the peak the schedule will have: with scale_lr_by_batch
+  False and a batch below 256, a floor above the scaled peak is still valid."""
+  fields = {"train_batch_size": 64, "optimizer.base_lr": 0.4, "optimizer.min_lr": 0.2}
+  with pytest.raises(config_lib.ConfigError, match="optimizer.min_lr = 0.2"):
+    config_lib.validate(_base_config_with(**fields))  # scaled peak: 0.1
+  config_lib.validate(_base_config_with(**fields, **{"optimizer.scale_lr_by_batch": False}))
+
+
+@pytest.mark.slow
+def test_recipe_fields_reach_the_schedule_and_the_input_pipeline(digits_data_dir, tmp_path):
+  """The experiment builds its schedule and training stream from the config's
+  scale_lr_by_batch, min_lr and augment_before_mix: its batches are those of the
+  pipeline with RandAugment after mixing, not before."""
+  from nfnets_jax.data import load  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.train import experiment  # pylint: disable=import-outside-toplevel
+  config = _base_config_with(**{
+      "model": "nfnet:nano", "num_classes": 10, "dataset.name": "digits",
+      "dataset.data_dir": digits_data_dir, "dataset.eval_split": "test",
+      "dataset.image_size": 16, "dataset.train_preproc": "resize", "dataset.deterministic": True,
+      "dataset.autotune": False, "dataset.augment_before_mix": False,
+      "train_batch_size": 8, "num_epochs": 1.0, "warmup_epochs": 0.5,
+      "optimizer.base_lr": 0.4, "optimizer.scale_lr_by_batch": False,
+      "optimizer.min_lr": 0.001, "compute_dtype": "float32", "async_checkpoints": False})
+  config_lib.finalize(config)
+  run = experiment.Experiment(config, str(tmp_path))
+  try:
+    warmup = int(0.5 * run.steps_per_epoch)
+    assert float(run.schedule(warmup)) == pytest.approx(0.4)  # unscaled: not 0.4 x 8 / 256
+    assert float(run.schedule(run.total_steps)) == pytest.approx(0.001)
+    got = next(run._train_batches(0))  # pylint: disable=protected-access
+  finally:
+    run.close()
+  stream = dict(is_training=True, batch_dims=(8,), image_size=16,
+                augment_name=config.dataset.augment_name, data_dir=digits_data_dir,
+                train_preproc="resize", seed=config.seed, deterministic=True, autotune=False)
+  after = next(load("digits", "train", augment_before_mix=False, **stream))
+  before = next(load("digits", "train", augment_before_mix=True, **stream))
+  np.testing.assert_array_equal(got["images"], after["images"])
+  assert not np.allclose(got["images"], before["images"], atol=0.1)
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
   optional clip-fraction record (`agc_clip_fraction`).
 * `nfnet_optimizer`: SGD + Nesterov momentum + weight decay + AGC, with the
   published parameter groups (`param_labels`, `is_gain_or_bias`, `is_classifier`).
-* `nfnet_lr_schedule`: linear warm-up + cosine, learning rate scaled by batch/256.
+* `nfnet_lr_schedule`: linear warm-up + cosine, learning rate scaled by batch/256
+  (or not: `scale_by_batch=False`; `peak_learning_rate`).
 * `sam_grad`: SAM gradients with a cheap, per-device ascent step.
 * `params_ema`: EMA of the parameters with the TF1 warm-up.
 """
@@ -16,7 +17,7 @@ from nfnets_jax.optim.groups import (ParamPredicate, is_classifier, is_gain_or_b
                                      split_path, stacked_layers)
 from nfnets_jax.optim.optimizer import nfnet_optimizer
 from nfnets_jax.optim.sam import ascent_batch_size, sam_grad, sam_perturbation
-from nfnets_jax.optim.schedules import nfnet_lr_schedule, scaled_learning_rate
+from nfnets_jax.optim.schedules import nfnet_lr_schedule, peak_learning_rate, scaled_learning_rate
 
 __all__ = [
     "AdaptiveGradClipState", "adaptive_grad_clip", "agc_clip_fraction", "unit_axes",
@@ -25,5 +26,5 @@ __all__ = [
     "stacked_layers",
     "nfnet_optimizer",
     "ascent_batch_size", "sam_grad", "sam_perturbation",
-    "nfnet_lr_schedule", "scaled_learning_rate",
+    "nfnet_lr_schedule", "peak_learning_rate", "scaled_learning_rate",
 ]

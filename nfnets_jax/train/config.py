@@ -26,7 +26,10 @@ TRAIN_COMPUTE_DTYPES = tuple(dtype for dtype in COMPUTE_DTYPES if dtype != "floa
 def base_config() -> ml_collections.ConfigDict:
   """The paper's NFNet-F0 ImageNet recipe (Brock et al. 2021), unlocked for editing.
 
-  Call `.lock()` (or let `finalize` do it) once the experiment file is done.
+  One field keeps the published data loader's default rather than the NFNet
+  experiment's value: `dataset.augment_before_mix` (True; experiments/nfnet.py
+  sets the published False). Call `.lock()` (or let `finalize` do it) once the
+  experiment file is done.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -50,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   # flags alike (--config.dataset.augment_name=None).
   c.dataset.augment_name = config_dict.placeholder(str)
   c.dataset.augment_name = "cutmix_mixup_randaugment_405"
+  # With mixing: RandAugment each image before it is mixed (True, the published
+  # data loader's default) or each mixed image, once per output image (False,
+  # the published NFNet experiment). The mixing itself is the same either way.
+  c.dataset.augment_before_mix = True
   c.dataset.eval_preproc = "resize_crop_32"
   c.dataset.train_preproc = "inception_crop"  # or "resize" (no crop/flip)
   # Deterministic: seeded, ordered input, so a resumed run replays exactly the
@@ -65,8 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 5.0
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.base_lr = 0.1  # at batch 256; scaled by train_batch_size / 256
-  c.optimizer.min_lr = 0.0
+  c.optimizer.base_lr = 0.1  # at batch 256, see scale_lr_by_batch
+  # True: the peak learning rate is base_lr x train_batch_size / 256 (NFNets);
+  # False: base_lr is the peak, whatever the batch (the published NF-RegNets).
+  c.optimizer.scale_lr_by_batch = True
+  c.optimizer.min_lr = 0.0  # where the cosine ends
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = True
   c.optimizer.weight_decay = 2e-5
@@ -212,6 +222,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sam.rho": (lambda v: v >= 0, "a number >= 0 (0 disables SAM)"),
     "sam.ascent_fraction": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "optimizer.clipping": (lambda v: v >= 0, "a number >= 0 (0 disables AGC)"),
+    "optimizer.base_lr": (lambda v: v > 0, "a number > 0"),
+    "optimizer.min_lr": (lambda v: v >= 0, "a number >= 0"),
 }
 #: The fields a library parser checks (see `validate`) that may not be None, and what they take.
 _PARSED_FIELDS = {
@@ -263,7 +275,26 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(field, value, f"expected {valid}")
   if config.num_train_steps == -1 and not config.num_epochs > 0:
     _fail("num_epochs", config.num_epochs, "expected a number > 0")
+  _check_min_lr_below_peak(config)
   return config
+
+
+def _check_min_lr_below_peak(config: ml_collections.ConfigDict) -> None:
+  """The cosine ends at `optimizer.min_lr`, so it may not exceed the peak it decays from.
+
+  Checked here rather than by the schedule, which the trainer builds only after
+  TensorFlow's import and the dataset's opening.
+  """
+  from nfnets_jax import optim  # pylint: disable=import-outside-toplevel  (no TensorFlow)
+  opt = config.optimizer
+  peak = optim.peak_learning_rate(opt.base_lr, config.train_batch_size,
+                                  scale_by_batch=opt.scale_lr_by_batch)
+  if opt.min_lr > peak:
+    how = (f"optimizer.base_lr x train_batch_size / 256 = {opt.base_lr} x "
+           f"{config.train_batch_size} / 256" if opt.scale_lr_by_batch else
+           "optimizer.base_lr, as optimizer.scale_lr_by_batch is False")
+    _fail("optimizer.min_lr", opt.min_lr,
+          f"expected a number in [0, the peak learning rate {peak:g}] (the peak is {how})")
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -95,7 +95,8 @@ class Experiment:
     warmup = min(int(config.warmup_epochs * self.steps_per_epoch), self.total_steps - 1)
     self.schedule = optim.nfnet_lr_schedule(
         config.optimizer.base_lr, batch_size=config.train_batch_size,
-        total_steps=self.total_steps, warmup_steps=warmup, min_lr=config.optimizer.min_lr)
+        total_steps=self.total_steps, warmup_steps=warmup, min_lr=config.optimizer.min_lr,
+        scale_by_batch=config.optimizer.scale_lr_by_batch)
     clipping = config.optimizer.clipping or None
     self.optimizer = optim.nfnet_optimizer(
         self.schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
@@ -144,7 +145,8 @@ class Experiment:
     ds = self.config.dataset
     return self._data.load(
         ds.name, ds.train_split, is_training=True, batch_dims=(self.local_train_batch,),
-        image_size=ds.image_size, augment_name=ds.augment_name, data_dir=ds.data_dir,
+        image_size=ds.image_size, augment_name=ds.augment_name,
+        augment_before_mix=ds.augment_before_mix, data_dir=ds.data_dir,
         train_preproc=ds.train_preproc,
         seed=self.config.seed if ds.deterministic else None, deterministic=ds.deterministic,
         start_step=start_step, autotune=ds.autotune)
