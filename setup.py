@@ -1,7 +1,8 @@
 """Packaging for nfnets-jax.
 
-The core (models + optimizers) needs only JAX, Haiku, optax and chex, so that
-projects importing AGC do not pull in TensorFlow. Input pipelines, training and
+The core (models, optimizers, the published weights) needs only JAX, Haiku,
+optax and chex, plus filelock and tqdm for downloads, so that projects
+importing AGC do not pull in TensorFlow. Input pipelines, training and
 the command-line tools live behind extras; `all` installs every one of them.
 """
 import setuptools
@@ -13,6 +14,10 @@ CORE = [
     "optax",
     "chex",
     "numpy",
+    # The published weights' downloader (nfnets_jax/weights.py): one download per
+    # job under a file lock, with a progress bar.
+    "filelock",
+    "tqdm",
 ]
 # TensorFlow only serves the input pipelines. The CPU build is enough there and
 # is much smaller; it exists for x86-64 Linux and Windows only.

@@ -29,7 +29,7 @@ from nfnets_jax.models.nf_resnet import NFResNet
 from nfnets_jax.models.nfnet import NFNet
 from nfnets_jax.models.registry import (FAMILIES, count_flops, count_params, create_model,
                                         is_stateful, list_models, model_plan, param_shapes,
-                                        parse_model_name, stacked_layout, transform,
+                                        parse_model_name, pretrained, stacked_layout, transform,
                                         transform_with_state)
 from nfnets_jax.models.stacking import StackedLayout
 
@@ -40,6 +40,7 @@ __all__ = [
     "CONV_IMPLS", "BLOCK_LOOPS",
     "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet",
     "FAMILIES", "count_flops", "count_params", "create_model", "is_stateful", "list_models",
-    "model_plan", "param_shapes", "parse_model_name", "transform", "transform_with_state",
+    "model_plan", "param_shapes", "parse_model_name", "pretrained", "transform",
+    "transform_with_state",
     "StackedLayout", "stacked_layout", "fast_init",
 ]

@@ -171,6 +171,24 @@ def transform_with_state(name: str, num_classes: int = 1000, *,
   return hk.transform_with_state(_forward(name, num_classes, {**kwargs, **lowering}))
 
 
+def pretrained(name: str, *, conv_impl: Optional[str] = None, block_loop: Optional[str] = None,
+               **fetch_kwargs: Any) -> tuple[hk.Transformed, dict[str, dict[str, Any]]]:
+  """`(model, params)`: the published ImageNet weights of `name` ('nfnet:F0'..'nfnet:F6')
+  and the model they fit, its parameters in the model's own layout.
+
+  The weights are downloaded once and verified (`nfnets_jax.weights.fetch`,
+  whose keywords pass through), and never unpickled after the first load
+  (`nfnets_jax.pretrained`).
+  """
+  from nfnets_jax import pretrained as published  # pylint: disable=import-outside-toplevel
+
+  variant = published.variant_of(name)
+  model_name = published.model_name(variant)
+  model = transform(model_name, 1000, conv_impl=conv_impl, block_loop=block_loop)
+  layout = stacked_layout(model_name, 1000, block_loop=network.check_block_loop(block_loop))
+  return model, layout.stack(published.load(variant, **fetch_kwargs))
+
+
 def stacked_layout(name: str, num_classes: int = 1000, **kwargs: Any) -> StackedLayout:
   """The parameter layout of `transform(name, num_classes, **kwargs)` (see
   `stacking.py`): the runs of blocks that model scans (under the default
