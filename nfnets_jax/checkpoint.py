@@ -9,10 +9,14 @@ models' `apply` takes, from any of:
   opening it can never run code. Module paths contain `/~/`, so a key is split
   on its *last* `/`.
 * **the published DeepMind files** (`F0_haiku.npz` ... `F6_haiku.npz`): despite
-  the suffix these are dill pickles of the nested dict. Unpickling runs
-  whatever code the file names, so they load only with `trust_pickle=True`;
-  convert them once to the safe format with
-  `python -m nfnets_jax.convert --from_pickle=F0_haiku.npz --trust_pickle --out=F0_safe.npz`.
+  the suffix these are dill pickles of the nested dict. A plain unpickler runs
+  whatever code a file names, so pickles are read with `safe_pickle`, which
+  rebuilds only dicts and NumPy arrays (and the 2021 Haiku/JAX containers of
+  them) and refuses any other class or function by name, unrun
+  (`UntrustedPickleError`). The published files load that way with no flag;
+  `trust_pickle=True` reads other pickles with full dill, running their code.
+  Convert a published file once to the safe format with
+  `python -m nfnets_jax.convert --from_pickle=F0_haiku.npz --out=F0_safe.npz`.
   Files are recognised by their first bytes, never by their suffix.
 * **an orbax checkpoint directory** holding just a params tree
   (`save_params_orbax`, or any `StandardCheckpointer`/`PyTreeCheckpointer` save).
@@ -57,6 +61,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Optional, 
 
 import numpy as np
 
+from nfnets_jax import safe_pickle
+
 if TYPE_CHECKING:
   import orbax.checkpoint as ocp
 
@@ -71,9 +77,8 @@ META_ITEM = "meta"
 #: Subdirectory of a training workdir that holds the CheckpointManager.
 CHECKPOINTS_SUBDIR = "checkpoints"
 
-#: How to turn an untrusted published pickle into the safe format.
-CONVERT_PICKLE_COMMAND = (
-    "python -m nfnets_jax.convert --from_pickle={src} --trust_pickle --out={dst}")
+#: How to turn a published pickle into the safe format.
+CONVERT_PICKLE_COMMAND = "python -m nfnets_jax.convert --from_pickle={src} --out={dst}"
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _PICKLE_PROTO = b"\x80"
@@ -120,8 +125,9 @@ def _listing(title: str, items: list[str]) -> list[str]:
   return [f"  {title}: {len(items)}"] + shown
 
 
-class UntrustedPickleError(ValueError):
-  """A pickle was found where `trust_pickle=False` forbids unpickling it."""
+#: A pickle names a class or function that a parameter file never holds (the error
+#: names it); raised, with nothing run, when loading without `trust_pickle=True`.
+UntrustedPickleError = safe_pickle.UntrustedPickleError
 
 
 # ----------------------------------------------------------------------------- saving
@@ -221,8 +227,10 @@ def load_params(path: PathLike, *, trust_pickle: bool = False, model: Optional[s
     path: a safe `.npz`, a published pickle, an orbax params checkpoint, a
       training workdir, its `checkpoints/` directory, or one step directory.
       The format is read from the content, not the name.
-    trust_pickle: allow unpickling (the published `*_haiku.npz` files).
-      Unpickling executes code named in the file: only for files you trust.
+    trust_pickle: read a pickle with full dill instead of the restricted
+      unpickler. Not needed for the published `*_haiku.npz` files (plain
+      dicts of arrays); for other pickles it executes code named in the
+      file: only for files you trust.
     model: e.g. `'nfnet:F0'`; when given, the tree is checked against that
       model's parameter shapes and a mismatch raises `ParameterMismatchError`.
     num_classes: classifier size for that check; by default read from the
@@ -334,14 +342,11 @@ def _load_npz(path: pathlib.Path) -> Params:
 
 
 def _load_pickle(path: pathlib.Path, *, trust_pickle: bool) -> Params:
+  """A pickled parameter tree: restricted unpickling unless `trust_pickle` (then full dill)."""
   if not trust_pickle:
-    safe = path.with_name(path.stem.replace("_haiku", "") + "_safe.npz")
-    raise UntrustedPickleError(
-        f"{str(path)!r} is a Python pickle (the format of the published *_haiku.npz files, "
-        "whatever their suffix says). Unpickling runs code named inside the file, so it is "
-        "refused unless you trust the file: pass trust_pickle=True, or convert it once to the "
-        "safe format with\n    "
-        + CONVERT_PICKLE_COMMAND.format(src=path, dst=safe))
+    with open(path, "rb") as f:
+      tree = safe_pickle.load(f, source=repr(str(path)))
+    return _as_params(tree, source=str(path))
   try:
     import dill  # The published files were written with dill; it reads plain pickles too.
     loader = dill.load

@@ -2,8 +2,9 @@
 
 Command line (absl flags; exactly one of --from_pickle, --from_timm, --to_timm)::
 
-  # A published DeepMind file (a dill pickle) to the safe format, once:
-  python -m nfnets_jax.convert --from_pickle=F0_haiku.npz --trust_pickle --out=F0_safe.npz
+  # A published DeepMind file (a dill pickle, read without running code) to the
+  # safe format, once (--trust_pickle only for other pickles, see checkpoint.py):
+  python -m nfnets_jax.convert --from_pickle=F0_haiku.npz --out=F0_safe.npz
   # A timm `dm_nfnet_f*` state dict (.safetensors, or .pth with PyTorch installed):
   python -m nfnets_jax.convert --from_timm=dm_nfnet_f0.safetensors --out=F0.npz
   # Ours (any source `checkpoint.load_params` reads) to a timm .safetensors:
@@ -355,7 +356,8 @@ def _define_flags():
   fv = flags.FlagValues()
   flags.DEFINE_string("from_pickle", None,
                       "A published DeepMind *_haiku.npz (a dill pickle) to convert to the safe "
-                      ".npz. Needs --trust_pickle.", flag_values=fv)
+                      ".npz. Read with a restricted unpickler (dicts and arrays only); other "
+                      "pickles need --trust_pickle.", flag_values=fv)
   flags.DEFINE_string("from_timm", None,
                       "A timm dm_nfnet_f* state dict (.safetensors; .pth/.pt/.bin need PyTorch) to "
                       "convert to the safe .npz.", flag_values=fv)
@@ -365,8 +367,9 @@ def _define_flags():
   flags.DEFINE_string("out", None, "Output file: .npz, or .safetensors for --to_timm.",
                       flag_values=fv)
   flags.DEFINE_bool("trust_pickle", False,
-                    "Allow unpickling the input. Unpickling runs code named inside the file: "
-                    "only for files from a source you trust.", flag_values=fv)
+                    "Unpickle the input with full dill. Not needed for the published files "
+                    "(plain dicts of arrays, read safely); for other pickles it runs code named "
+                    "inside the file: only for files from a source you trust.", flag_values=fv)
   flags.DEFINE_string("model", None,
                       "Model name, e.g. nfnet:F0. Inferred for timm conversions when omitted; "
                       "optional for --from_pickle (then used to check the parameters).",
@@ -401,12 +404,7 @@ def _convert(fv) -> str:
     raise cli.UsageError(f"{fv.out} exists; pass --overwrite to replace it.")
 
   if mode == "from_pickle":
-    if not fv.trust_pickle:
-      raise cli.UsageError(
-          f"--from_pickle unpickles {src}, which runs code named inside the file. Add "
-          "--trust_pickle if you trust where it came from:\n    "
-          + checkpoint.CONVERT_PICKLE_COMMAND.format(src=src, dst=fv.out))
-    params = checkpoint.load_params(src, trust_pickle=True, model=fv.model,
+    params = checkpoint.load_params(src, trust_pickle=fv.trust_pickle, model=fv.model,
                                     num_classes=fv.num_classes)
     checkpoint.save_params_npz(params, out)
     model = fv.model or "not checked: no --model given"

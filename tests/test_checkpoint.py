@@ -1,4 +1,4 @@
-"""Checkpoint loading: published pickles (only when trusted), the safe .npz,
+"""Checkpoint loading: published pickles (restricted unpickling unless trusted), the safe .npz,
 orbax directories and training workdirs, and shape validation."""
 
 import os
@@ -52,18 +52,14 @@ def _write_published(params, path):
 
 
 @pytest.mark.slow
-def test_published_pickle_refused_unless_trusted_and_reproduces_golden_logits(tmp_path):
+def test_published_pickle_loads_without_trust_and_reproduces_golden_logits(tmp_path):
+  """The published format (a dill pickle of plain arrays) needs no trust flag."""
   params = rebuild_params(param_trees()["nfnet:F0"])
   path = _write_published(params, tmp_path / "F0_haiku.npz")
 
-  with pytest.raises(checkpoint.UntrustedPickleError) as err:
-    checkpoint.load_params(path)
-  message = str(err.value)
-  assert "pickle" in message and "runs code" in message
-  assert f"python -m nfnets_jax.convert --from_pickle={path} --trust_pickle --out=" in message
-
-  loaded = checkpoint.load_params(path, trust_pickle=True, model="nfnet:F0")
+  loaded = checkpoint.load_params(path, model="nfnet:F0")
   _assert_identical(loaded, params)
+  _assert_identical(checkpoint.load_params(path, trust_pickle=True), params)
   golden = golden_outputs()
   model = models.transform("nfnet:F0")
   logits = jax.jit(lambda p, x: model.apply(p, None, x, is_training=False)["logits"])(
@@ -73,11 +69,37 @@ def test_published_pickle_refused_unless_trusted_and_reproduces_golden_logits(tm
   assert error <= 1e-4, error
 
 
+class _RunsCode:
+  """Pickles as a call of `print`: harmless, but a function no parameter file holds."""
+
+  def __reduce__(self):
+    return (print, ("unpickled",))
+
+
+def test_pickle_naming_code_is_refused_unless_trusted(tmp_path, nano, capfd):
+  path = tmp_path / "weights.pkl"
+  tree = {m: dict(g) for m, g in nano.items()}
+  tree["NFNet/~/linear"]["extra"] = _RunsCode()
+  with open(path, "wb") as f:
+    dill.dump(tree, f)
+  with pytest.raises(checkpoint.UntrustedPickleError) as err:
+    checkpoint.load_params(path)
+  message = str(err.value)
+  assert "builtins.print" in message and "not a plain parameter file" in message
+  assert "trust_pickle=True" in message and str(path) in message
+  assert (err.value.module, err.value.name) == ("builtins", "print")
+  assert "unpickled" not in capfd.readouterr().out
+  # Trusted, dill runs it (and the tree is then not all arrays).
+  checkpoint.load_params(path, trust_pickle=True)
+  assert "unpickled" in capfd.readouterr().out
+
+
 def test_plain_pickle_and_suffix_do_not_matter(tmp_path, nano):
   """Formats are recognised by content: a plain-pickle file named .pkl loads too."""
   path = tmp_path / "weights.pkl"
   with open(path, "wb") as f:
     pickle.dump(nano, f, protocol=4)
+  _assert_identical(checkpoint.load_params(path), nano)
   _assert_identical(checkpoint.load_params(path, trust_pickle=True), nano)
   # And the safe format under a misleading name is still read as the safe format.
   safe = checkpoint.save_params_npz(nano, tmp_path / "weights.npz")
@@ -256,16 +278,23 @@ def test_cli_converts_published_pickle_to_safe_npz(tmp_path, nano):
   cmd = [sys.executable, "-m", "nfnets_jax.convert", f"--from_pickle={src}", f"--out={out}"]
   env = {**os.environ, "PYTHONPATH": str(REPO)}
 
-  refused = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
-  assert refused.returncode == 2, refused.stderr
-  assert "--trust_pickle" in refused.stderr and not out.exists()
-
-  done = subprocess.run(cmd + ["--trust_pickle", "--model=nfnet:nano"], capture_output=True,
-                        text=True, env=env, cwd=tmp_path)
+  done = subprocess.run(cmd + ["--model=nfnet:nano"], capture_output=True, text=True, env=env,
+                        cwd=tmp_path)
   assert done.returncode == 0, done.stderr
   assert str(out) in done.stdout
   _assert_identical(checkpoint.load_params(out), nano)
 
-  again = subprocess.run(cmd + ["--trust_pickle"], capture_output=True, text=True, env=env,
-                         cwd=tmp_path)
+  again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
   assert again.returncode == 2 and "--overwrite" in again.stderr
+
+  # A pickle that names code is refused by name, and --out is not written.
+  hostile = tmp_path / "hostile.pkl"
+  with open(hostile, "wb") as f:
+    pickle.dump({"NFNet/~/linear": {"w": _RunsCode()}}, f)
+  other = tmp_path / "other.npz"
+  refused = subprocess.run(
+      [sys.executable, "-m", "nfnets_jax.convert", f"--from_pickle={hostile}", f"--out={other}"],
+      capture_output=True, text=True, env=env, cwd=tmp_path)
+  assert refused.returncode == 1, refused.stderr  # A bad input file: cli's EXIT_FAILURE.
+  assert "builtins.print" in refused.stderr and "trust_pickle" in refused.stderr
+  assert "unpickled" not in refused.stdout and not other.exists()
