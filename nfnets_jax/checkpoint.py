@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Optional, 
 
 import numpy as np
 
-from nfnets_jax import safe_pickle
+from nfnets_jax import pretrained, safe_pickle
 
 if TYPE_CHECKING:
   import orbax.checkpoint as ocp
@@ -243,6 +243,9 @@ def load_params(path: PathLike, *, trust_pickle: bool = False, model: Optional[s
   Returns:
     `{module_path: {name: np.ndarray}}`.
   """
+  if pretrained.is_published_name(path):
+    return _load_published(path, ema=ema, step=step, model=model, num_classes=num_classes,
+                           model_kwargs=model_kwargs)
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(
@@ -262,6 +265,19 @@ def load_params(path: PathLike, *, trust_pickle: bool = False, model: Optional[s
   return params
 
 
+def _load_published(name: str, *, ema: bool, step: Optional[int], **check: Any) -> Params:
+  """`load_params` of `'published:<variant>'`: downloaded once, verified, converted
+  (`nfnets_jax.pretrained`), then checked like any file when `model` is given."""
+  if ema or step is not None:
+    raise ValueError(f"{name!r} names one published parameter tree; ema= and step= apply only "
+                     "to training workdirs (and their checkpoint directories).")
+  params = pretrained.load(pretrained.variant_of(name))
+  if check["model"] is not None:
+    validate_params(params, check["model"], num_classes=check["num_classes"],
+                    model_kwargs=check["model_kwargs"], source=name)
+  return params
+
+
 def load_meta(path: PathLike, *, step: Optional[int] = None) -> Optional[dict[str, Any]]:
   """The `meta` JSON item saved with a training checkpoint step, if there is one.
 
@@ -273,8 +289,11 @@ def load_meta(path: PathLike, *, step: Optional[int] = None) -> Optional[dict[st
 
   Returns:
     The JSON object, or None when `path` is a file, an orbax checkpoint of a
-    bare parameter tree, or a step saved without a `meta` item.
+    bare parameter tree, or a step saved without a `meta` item. For published
+    weights (`'published:F0'`), what they are: `nfnet:F0`, 1000 classes.
   """
+  if pretrained.is_published_name(path):
+    return pretrained.meta(pretrained.variant_of(path))
   path = pathlib.Path(path)
   if not path.is_dir():
     if not path.exists():

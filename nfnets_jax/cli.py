@@ -28,6 +28,8 @@ import contextlib
 import sys
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from nfnets_jax.weights import WeightsError
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -35,9 +37,8 @@ EXIT_USAGE = 2
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull")
 #: What a run may fail on with a one-line `error:` (EXIT_FAILURE) instead of a
 #: traceback: bad values in its inputs, files missing or unreadable, an
-#: optional package not installed.
-FAILURES = (ValueError, OSError, ImportError)
-
+#: optional package not installed, published weights that cannot be had.
+FAILURES = (ValueError, OSError, ImportError, WeightsError)
 
 
 class UsageError(ValueError):

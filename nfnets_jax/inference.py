@@ -157,8 +157,9 @@ def define_model_flags(fv) -> None:
 
   flags.DEFINE_string(
       "checkpoint", None,
-      "The weights: this project's .npz, a published *_haiku.npz (with --trust_pickle), an "
-      "orbax directory or a training workdir.", flag_values=fv)
+      "The weights: published:F0 .. published:F6 (the published ImageNet NFNets, downloaded "
+      "once into $NFNETS_JAX_HOME), this project's .npz, a published *_haiku.npz, an orbax "
+      "directory or a training workdir.", flag_values=fv)
   flags.DEFINE_string(
       "model", None,
       "Model name, e.g. nfnet:F0. Default: the one a training workdir records, else inferred "
@@ -177,8 +178,9 @@ def define_model_flags(fv) -> None:
                        flag_values=fv)
   flags.DEFINE_bool(
       "trust_pickle", False,
-      "Allow unpickling the checkpoint (the published *_haiku.npz files). Unpickling runs code "
-      "named inside the file: only for files from a source you trust.", flag_values=fv)
+      "Allow full unpickling of a checkpoint that is not a plain parameter file (the published "
+      "*_haiku.npz files do not need it). Unpickling runs code named inside the file: only "
+      "for files from a source you trust.", flag_values=fv)
   flags.DEFINE_integer(
       "image_size", None, "Side of the network input. Default: the model's published test "
       "resolution (e.g. 256 for nfnet:F0).", flag_values=fv)
@@ -193,8 +195,8 @@ def define_model_flags(fv) -> None:
 def load_model_from_flags(fv) -> LoadedModel:
   """`load_model` with the values of the flags `define_model_flags` registered."""
   if not fv.checkpoint:
-    raise UsageError("--checkpoint is required (a .npz file, orbax directory or training "
-                     "workdir).")
+    raise UsageError("--checkpoint is required (published:F0 .. published:F6, a .npz file, "
+                     "orbax directory or training workdir).")
   if fv.num_classes is not None and fv.num_classes < 1:
     raise UsageError(f"--num_classes must be >= 1, got {fv.num_classes}.")
   if fv.model is not None:

@@ -4,7 +4,7 @@
 (downloaded once and verified by `weights.fetch`). The first load reads the
 pickle with the restricted unpickler, checks every name and shape against
 the model's own tree, and writes this project's safe `.npz` next to it, so
-later loads never unpickle. `checkpoint.load_params("published:F0")`, the
+later loads never unpickle (nor need the pickle or the network). `checkpoint.load_params("published:F0")`, the
 tools' `--checkpoint=published:F0` and `models.pretrained("nfnet:F0")` all
 come here.
 """
@@ -43,23 +43,31 @@ def meta(variant: str) -> dict[str, Any]:
   return {"model": model_name(variant), "num_classes": 1000, "model_kwargs": {}}
 
 
-def safe_path(pickle_path: pathlib.Path, variant: str) -> pathlib.Path:
-  """Where the safe `.npz` converted from a downloaded pickle is kept: beside it."""
-  return pickle_path.with_name(f"{variant}_safe.npz")
+def converted_path(variant: str, **fetch_kwargs: Any) -> pathlib.Path:
+  """Where the safe `.npz` converted from `variant`'s download is kept: beside the
+  download, in the same cache (`fetch_kwargs` as for `weights.fetch`)."""
+  from nfnets_jax import weights  # pylint: disable=import-outside-toplevel
+
+  location = {key: fetch_kwargs[key] for key in ("table", "cache_dir") if key in fetch_kwargs}
+  return weights.cache_path(variant, **location).with_name(f"{variant}_safe.npz")
 
 
 def load(variant: str, **fetch_kwargs: Any) -> dict[str, dict[str, Any]]:
   """The published parameters of NFNet-`variant` (`weights.fetch` keywords pass through).
+
+  The converted `.npz` is read when it is there (it is only ever written from
+  a verified download, and it holds no code); otherwise the pickle is fetched,
+  read with the restricted unpickler and converted.
 
   Raises whatever `weights.fetch` raises (offline, checksum mismatch, ...)
   and `checkpoint.ParameterMismatchError` if the file does not fit the model.
   """
   from nfnets_jax import checkpoint, weights  # pylint: disable=import-outside-toplevel
 
-  pickle_path = pathlib.Path(weights.fetch(variant, **fetch_kwargs))
-  converted = safe_path(pickle_path, variant)
+  converted = converted_path(variant, **fetch_kwargs)
   if converted.exists():
     return checkpoint.load_params(converted, model=model_name(variant))
+  pickle_path = pathlib.Path(weights.fetch(variant, **fetch_kwargs))
   params = checkpoint.load_params(pickle_path, model=model_name(variant))
   checkpoint.save_params_npz(params, converted)  # written beside, renamed into place
   return params
