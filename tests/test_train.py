@@ -157,6 +157,15 @@ def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
   assert not checkpoint_steps(tmp_path)
 
 
+def test_accumulation_must_divide_each_devices_share(shared, tmp_path):
+  proc = run_trainer(shared, tmp_path, "--config.train_batch_size=8",
+                     "--config.grad_accum_steps=4", devices=4, check=False, timeout=300)
+  assert proc.returncode == 1
+  assert ("config.grad_accum_steps = 4 must divide each device's share of the batch "
+          "(8 / 4 devices = 2)") in proc.stderr, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+
+
 def test_none_is_accepted_where_a_field_may_be_none(shared, tmp_path):
   """None for the placeholders and a model argument passes the flags and the config
   checks: the run gets as far as the device check of the batch size."""

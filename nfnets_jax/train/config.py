@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.autotune = True
 
   c.train_batch_size = 4096  # global, across all devices and hosts
+  # Each device splits its share of a step into this many micro-batches, whose
+  # gradients are averaged before one update: the same step, in 1/K the memory.
+  c.grad_accum_steps = 1
   c.eval_batch_size = 1024
   c.num_epochs = 360.0
   c.num_train_steps = -1  # > 0 overrides num_epochs
@@ -212,7 +215,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{field: (_is_positive_int, "a positive integer") for field in (
         "num_classes", "train_batch_size", "eval_batch_size", "dataset.image_size",
         "dataset.eval_image_size", "log_every_steps", "checkpoint_every_steps",
-        "keep_checkpoints")},
+        "keep_checkpoints", "grad_accum_steps")},
     "num_train_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_epochs) or >= 1"),
     "warmup_epochs": (lambda v: v >= 0, "a number >= 0"),
     "eval_every_steps": (lambda v: v >= 0, "0 (end only) or a step interval"),
@@ -275,6 +278,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(field, value, f"expected {valid}")
   if config.num_train_steps == -1 and not config.num_epochs > 0:
     _fail("num_epochs", config.num_epochs, "expected a number > 0")
+  if config.train_batch_size % config.grad_accum_steps:
+    _fail("grad_accum_steps", config.grad_accum_steps,
+          f"expected a divisor of train_batch_size = {config.train_batch_size} (each step's "
+          "batch is split into that many micro-batches)")
   _check_min_lr_below_peak(config)
   return config
 

@@ -68,6 +68,11 @@ class Experiment:
             f"config.{field} = {config[field]} must be divisible by the number of devices "
             f"({num_devices}: {jax.local_device_count()} per process x {num_processes} "
             "processes).")
+    per_device = config.train_batch_size // num_devices
+    if per_device % config.grad_accum_steps:
+      raise config_lib.ConfigError(
+          f"config.grad_accum_steps = {config.grad_accum_steps} must divide each device's share "
+          f"of the batch ({config.train_batch_size} / {num_devices} devices = {per_device}).")
     self.local_train_batch = config.train_batch_size // num_processes
     self.local_eval_batch = config.eval_batch_size // num_processes
     self.image_shape = (config.dataset.image_size, config.dataset.image_size)
@@ -107,7 +112,8 @@ class Experiment:
     step_config = steps.StepConfig(
         num_classes=config.num_classes, label_smoothing=config.label_smoothing,
         compute_dtype=self.compute_dtype, sam_rho=config.sam.rho,
-        sam_ascent_fraction=config.sam.ascent_fraction, record_clip_fraction=clipping is not None)
+        sam_ascent_fraction=config.sam.ascent_fraction, record_clip_fraction=clipping is not None,
+        grad_accum_steps=config.grad_accum_steps)
     self.train_step = steps.make_train_step(
         self.model, self.optimizer, self.ema, self.schedule, step_config, self.mesh,
         jax.random.key(config.seed + 1))

@@ -60,6 +60,8 @@ class StepConfig:
   # Gradients and update as two programs (True), one (False), or by model size
   # (None: two from SEPARATE_UPDATE_MIN_LEAVES parameter arrays); see make_train_step.
   separate_update: Optional[bool] = None
+  # Micro-batches each device's share of a step is split into (see `accumulated`).
+  grad_accum_steps: int = 1
 
 
 #: From this many parameter arrays in the train state the update compiles as
@@ -130,6 +132,7 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
     grad_fn = sam_grad(loss_fn, rho=config.sam_rho, ascent_fraction=config.sam_ascent_fraction)
   else:
     grad_fn = jax.grad(loss_fn, has_aux=True)
+  grad_fn = accumulated(grad_fn, config.grad_accum_steps)
 
   def per_device(state: TrainState, batch: Batch) -> tuple[optax.Updates, Metrics]:
     rng = jax.random.fold_in(jax.random.fold_in(base_key, state.step),
@@ -175,6 +178,40 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
     return update(state, grads, metrics)
 
   return step
+
+
+def accumulated(grad_fn: Callable[..., tuple[optax.Updates, Metrics]],
+                num_micro_batches: int) -> Callable[..., tuple[optax.Updates, Metrics]]:
+  """`grad_fn(params, batch, rng)` over `num_micro_batches` equal slices of the batch.
+
+  NF networks have no batch statistics, so the mean of the slices' mean-loss
+  gradients is the whole batch's gradient (to float32 round-off): a large
+  batch fits in the memory of one slice. The slices run in a `jax.lax.scan`
+  with a float32 running sum of the gradients; slice i draws its randomness
+  from `fold_in(rng, i)`, and its metrics are averaged. Under SAM each slice
+  takes its own ascent step on its own part, as each device does in the
+  paper. One slice is `grad_fn` itself.
+  """
+  if num_micro_batches == 1:
+    return grad_fn
+
+  def split(leaf: jax.Array) -> jax.Array:
+    return leaf.reshape(num_micro_batches, leaf.shape[0] // num_micro_batches, *leaf.shape[1:])
+
+  def accumulated_grad_fn(params, batch, rng):
+    def add_slice(total, xs):
+      index, micro_batch = xs
+      grads, aux = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+      return jax.tree_util.tree_map(lambda t, g: t + g.astype(jnp.float32), total, grads), aux
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    slices = (jnp.arange(num_micro_batches), jax.tree_util.tree_map(split, dict(batch)))
+    total, aux = jax.lax.scan(add_slice, zeros, slices)
+    grads = jax.tree_util.tree_map(lambda t, p: (t / num_micro_batches).astype(p.dtype),
+                                   total, params)
+    return grads, jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), aux)
+
+  return accumulated_grad_fn
 
 
 def make_eval_step(model: hk.Transformed, num_classes: int, compute_dtype: Any,
