@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 from collections.abc import Mapping
 from typing import Any, BinaryIO, Callable
 
@@ -210,6 +211,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     self._source = source
 
   def find_class(self, module: str, name: str) -> Any:
+    # The audit event Python's own find_class raises, so audit hooks see this unpickler too.
+    sys.audit("pickle.find_class", module, name)
     builder = ALLOWED_GLOBALS.get((module, name))
     if builder is None:
       raise UntrustedPickleError(module, name, self._source)
