@@ -244,38 +244,38 @@ def load_params(path: PathLike, *, trust_pickle: bool = False, model: Optional[s
     `{module_path: {name: np.ndarray}}`.
   """
   if pretrained.is_published_name(path):
-    return _load_published(path, ema=ema, step=step, model=model, num_classes=num_classes,
-                           model_kwargs=model_kwargs)
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(
-        f"No checkpoint at {str(path)!r}: expected a .npz file, a published *_haiku.npz pickle, "
-        "an orbax checkpoint directory or a training workdir.")
-  if path.is_dir():
-    params = _load_directory(path, ema=ema, step=step)
+    params = _load_published(path, ema=ema, step=step)
   else:
-    if ema or step is not None:
-      raise ValueError(
-          f"{str(path)!r} is a single file holding one parameter tree; ema= and step= apply only "
-          "to training workdirs (and their checkpoint directories).")
-    params = _load_file(path, trust_pickle=trust_pickle)
+    params = _load_path(pathlib.Path(path), trust_pickle=trust_pickle, ema=ema, step=step)
   if model is not None:
     validate_params(params, model, num_classes=num_classes, model_kwargs=model_kwargs,
                     source=str(path))
   return params
 
 
-def _load_published(name: str, *, ema: bool, step: Optional[int], **check: Any) -> Params:
+def _load_path(path: pathlib.Path, *, trust_pickle: bool, ema: bool,
+               step: Optional[int]) -> Params:
+  """`load_params` of a file or directory."""
+  if not path.exists():
+    raise FileNotFoundError(
+        f"No checkpoint at {str(path)!r}: expected a .npz file, a published *_haiku.npz pickle, "
+        "an orbax checkpoint directory or a training workdir.")
+  if path.is_dir():
+    return _load_directory(path, ema=ema, step=step)
+  if ema or step is not None:
+    raise ValueError(
+        f"{str(path)!r} is a single file holding one parameter tree; ema= and step= apply only "
+        "to training workdirs (and their checkpoint directories).")
+  return _load_file(path, trust_pickle=trust_pickle)
+
+
+def _load_published(name: str, *, ema: bool, step: Optional[int]) -> Params:
   """`load_params` of `'published:<variant>'`: downloaded once, verified, converted
-  (`nfnets_jax.pretrained`), then checked like any file when `model` is given."""
+  (`nfnets_jax.pretrained`)."""
   if ema or step is not None:
     raise ValueError(f"{name!r} names one published parameter tree; ema= and step= apply only "
                      "to training workdirs (and their checkpoint directories).")
-  params = pretrained.load(pretrained.variant_of(name))
-  if check["model"] is not None:
-    validate_params(params, check["model"], num_classes=check["num_classes"],
-                    model_kwargs=check["model_kwargs"], source=name)
-  return params
+  return pretrained.load(pretrained.variant_of(name))
 
 
 def load_meta(path: PathLike, *, step: Optional[int] = None) -> Optional[dict[str, Any]]:
