@@ -77,9 +77,6 @@ META_ITEM = "meta"
 #: Subdirectory of a training workdir that holds the CheckpointManager.
 CHECKPOINTS_SUBDIR = "checkpoints"
 
-#: How to turn a published pickle into the safe format.
-CONVERT_PICKLE_COMMAND = "python -m nfnets_jax.convert --from_pickle={src} --out={dst}"
-
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _PICKLE_PROTO = b"\x80"
 # Files orbax writes at the top of a checkpoint directory (any of them suffices).

@@ -392,7 +392,7 @@ def _convert(fv) -> str:
              if getattr(fv, name)}
   if len(sources) != 1:
     raise cli.UsageError("Give exactly one of --from_pickle, --from_timm, --to_timm (got "
-                      f"{', '.join('--' + s for s in sources) or 'none'}).")
+                         f"{', '.join('--' + s for s in sources) or 'none'}).")
   if not fv.out:
     raise cli.UsageError("--out is required.")
   (mode, src), = sources.items()
