@@ -19,18 +19,26 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nfnets_jax.optim import ParamsEma, agc_clip_fraction, sam_grad
+from nfnets_jax.train import sharding
 from nfnets_jax.train.losses import cross_entropy, mixed_targets, mixed_topk_correct, topk_correct
 from nfnets_jax.train.state import TrainState
 
-DATA_AXIS = "data"
+DATA_AXIS = sharding.DATA_AXIS
+#: How a sharded state's parameters are gathered (`StepConfig.gather_params`).
+GATHER_MODES = ("step", "use")
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
 
 
 def make_mesh(devices: Optional[list] = None) -> Mesh:
-  """A 1-D mesh over every device of every process, axis `DATA_AXIS`."""
+  """A 1-D mesh over every device of every process, axis `DATA_AXIS`.
+
+  The axis is `Auto`: a sharded state's update (`shard_state`) is written as
+  whole-array code that XLA's partitioner splits, collectives included.
+  """
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -62,6 +70,21 @@ class StepConfig:
   separate_update: Optional[bool] = None
   # Micro-batches each device's share of a step is split into (see `accumulated`).
   grad_accum_steps: int = 1
+  # The state split over the devices (`sharding`; ZeRO/FSDP style) instead of replicated.
+  shard_state: bool = False
+  # With `shard_state`: gather the whole parameters once per step, before the
+  # micro-batches ('step'), or inside the differentiated loss of each
+  # micro-batch ('use': the gather's transpose reduce-scatters each gradient,
+  # so the accumulator is split too; no SAM, whose ascent must stay local).
+  gather_params: str = "step"
+
+  def __post_init__(self):
+    if self.gather_params not in GATHER_MODES:
+      raise ValueError(f"gather_params = {self.gather_params!r} is invalid: expected one of "
+                       f"{', '.join(GATHER_MODES)}.")
+    if self.shard_state and self.gather_params == "use" and self.sam_rho > 0:
+      raise ValueError("gather_params = 'use' cannot run SAM (sam_rho > 0): its per-device "
+                       "ascent gradient would be reduced across devices; use 'step'.")
 
 
 #: From this many parameter arrays in the train state the update compiles as
@@ -81,32 +104,68 @@ def _init_state(model, optimizer, ema, rng, image_shape) -> TrainState:
 
 
 def init_state(model: hk.Transformed, optimizer: optax.GradientTransformation, ema: ParamsEma,
-               rng: jax.Array, image_shape: tuple[int, int], mesh: Mesh) -> TrainState:
-  """Initialises parameters, optimizer and EMA state, replicated on every device.
+               rng: jax.Array, image_shape: tuple[int, int], mesh: Mesh,
+               shard: bool = False) -> TrainState:
+  """Initialises parameters, optimizer and EMA state, replicated on every device
+  or, with `shard`, split over them (`sharding.state_shardings`).
 
   Built inside `jit` from the same seed on every process, so all processes
-  start from identical parameters without any transfer. The parameters are
+  start from identical parameters without any transfer; a sharded state is
+  created in place, each device computing only its part. The parameters are
   in the model's own layout (`models.transform`).
   """
-  return jax.jit(lambda r: _init_state(model, optimizer, ema, r, image_shape),
-                 out_shardings=replicated(mesh))(rng)
+  init = lambda r: _init_state(model, optimizer, ema, r, image_shape)
+  shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, shard)
+  return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def abstract_state(model: hk.Transformed, optimizer: optax.GradientTransformation,
-                   ema: ParamsEma, image_shape: tuple[int, int], mesh: Mesh) -> TrainState:
+                   ema: ParamsEma, image_shape: tuple[int, int], mesh: Mesh,
+                   shard: bool = False) -> TrainState:
   """Shapes, dtypes and shardings of `init_state`'s result, computing nothing
   (the target a checkpoint is restored into)."""
   shapes = jax.eval_shape(lambda r: _init_state(model, optimizer, ema, r, image_shape),
                           jax.random.key(0))
-  sharding = replicated(mesh)
   return jax.tree_util.tree_map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
+      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+      shapes, sharding.state_shardings(shapes, mesh, shard))
+
+
+class TrainStep:
+  """The train step: `step(state, batch) -> (state, metrics)`.
+
+  `lower(state, batch)` lowers the one-program form for abstract arguments
+  (shape structs with shardings), for compiled-memory and cost analyses.
+  """
+
+  def __init__(self, programs: Callable[[TrainState], tuple[Callable, Callable, Callable]],
+               separate_update: Optional[bool]):
+    self._programs = programs  # state -> (one_program, gradients, update), built once per tree
+    self._built: dict[Any, tuple[Callable, Callable, Callable]] = {}
+    self._separate = separate_update
+
+  def _for(self, state: TrainState) -> tuple[Callable, Callable, Callable]:
+    treedef = jax.tree_util.tree_structure(state)
+    if treedef not in self._built:
+      self._built[treedef] = self._programs(state)
+    return self._built[treedef]
+
+  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    one_program, gradients, update = self._for(state)
+    if self._separate is None:  # decided once: the state's tree is the same at every step
+      self._separate = len(jax.tree_util.tree_leaves(state.params)) >= SEPARATE_UPDATE_MIN_LEAVES
+    if not self._separate:
+      return one_program(state, batch)
+    grads, metrics = gradients(state, batch)
+    return update(state, grads, metrics)
+
+  def lower(self, state: TrainState, batch: Batch) -> Any:
+    return self._for(state)[0].lower(state, batch)
 
 
 def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformation,
                     ema: ParamsEma, schedule: Callable[[jax.Array], jax.Array],
-                    config: StepConfig, mesh: Mesh, base_key: jax.Array
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    config: StepConfig, mesh: Mesh, base_key: jax.Array) -> TrainStep:
   """Builds the jitted, state-donating data-parallel train step.
 
   Per device: forward/backward on its slice in `config.compute_dtype` (the
@@ -116,6 +175,13 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
   applied identically everywhere. Randomness is `fold_in(base_key, step,
   device index)`, reproducible on resume. Large models compile the gradient
   and the update as separate programs (`StepConfig.separate_update`).
+
+  With `config.shard_state` the state is split over the devices
+  (`sharding`): the parameters are all-gathered for the forward/backward
+  (`config.gather_params`), the gradients' mean is reduce-scattered, and the
+  optimizer and EMA update each device's part (XLA's partitioner adds the
+  cross-device sums AGC's unit norms and the gradient norm need). Same
+  values as the replicated step.
   """
 
   def loss_fn(params, batch, rng):
@@ -128,16 +194,21 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
                               batch.get("ratio"))
     return loss, {"loss": loss, "top1": jnp.mean(top1)}
 
-  if config.sam_rho > 0:
-    grad_fn = sam_grad(loss_fn, rho=config.sam_rho, ascent_fraction=config.sam_ascent_fraction)
-  else:
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-  grad_fn = accumulated(grad_fn, config.grad_accum_steps)
+  def make_grad_fn(loss):
+    if config.sam_rho > 0:
+      grad_fn = sam_grad(loss, rho=config.sam_rho, ascent_fraction=config.sam_ascent_fraction)
+    else:
+      grad_fn = jax.grad(loss, has_aux=True)
+    return accumulated(grad_fn, config.grad_accum_steps)
+
+  grad_fn = make_grad_fn(loss_fn)
+
+  def device_rng(state: TrainState) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(base_key, state.step),
+                              jax.lax.axis_index(DATA_AXIS))
 
   def per_device(state: TrainState, batch: Batch) -> tuple[optax.Updates, Metrics]:
-    rng = jax.random.fold_in(jax.random.fold_in(base_key, state.step),
-                             jax.lax.axis_index(DATA_AXIS))
-    grads, aux = grad_fn(state.params, batch, rng)
+    grads, aux = grad_fn(state.params, batch, device_rng(state))
     return jax.lax.pmean(grads, DATA_AXIS), jax.lax.pmean(aux, DATA_AXIS)
 
   def apply_gradients(state: TrainState, grads: optax.Updates,
@@ -152,32 +223,54 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
                            ema=ema.update(params, state.ema))
     return new_state, metrics
 
-  # check_vma=False gives pmap's semantics: each device's gradient is its own
-  # (not implicitly summed over the replicated parameters' axis), and the
-  # explicit pmean above averages it.
-  def data_parallel(fn):
-    return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
-                         check_vma=False)
+  def replicated_programs(_: TrainState) -> tuple[Callable, Callable, Callable]:
+    # check_vma=False gives pmap's semantics: each device's gradient is its own
+    # (not implicitly summed over the replicated parameters' axis), and the
+    # explicit pmean above averages it.
+    def data_parallel(fn):
+      return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
+                           check_vma=False)
 
-  one_program = jax.jit(data_parallel(lambda state, batch: apply_gradients(
-      state, *per_device(state, batch))), donate_argnums=0)
-  # Two programs give the same values (tests/train_step_script.py): XLA compiles
-  # a large model's two halves faster than the whole (SEPARATE_UPDATE_MIN_LEAVES).
-  gradients = jax.jit(data_parallel(per_device))
-  update = jax.jit(apply_gradients, donate_argnums=0)
+    one_program = jax.jit(data_parallel(lambda state, batch: apply_gradients(
+        state, *per_device(state, batch))), donate_argnums=0)
+    # Two programs give the same values (tests/train_step_script.py): XLA compiles
+    # a large model's two halves faster than the whole (SEPARATE_UPDATE_MIN_LEAVES).
+    return one_program, jax.jit(data_parallel(per_device)), jax.jit(apply_gradients,
+                                                                     donate_argnums=0)
 
-  separate = config.separate_update
+  def sharded_programs(state: TrainState) -> tuple[Callable, Callable, Callable]:
+    num_devices = mesh.devices.size
+    state_specs = sharding.state_specs(state, num_devices)
+    param_specs = state_specs.params
+    shardings = sharding.state_shardings(state, mesh, True)
 
-  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    nonlocal separate
-    if separate is None:  # decided once: the state's tree is the same at every step
-      separate = len(jax.tree_util.tree_leaves(state.params)) >= SEPARATE_UPDATE_MIN_LEAVES
-    if not separate:
-      return one_program(state, batch)
-    grads, metrics = gradients(state, batch)
-    return update(state, grads, metrics)
+    def gathered_loss(local_params, batch, rng):
+      return loss_fn(sharding.gather(local_params, param_specs), batch, rng)
+    gathered_grad_fn = make_grad_fn(gathered_loss)
 
-  return step
+    def per_device_sharded(state: TrainState, batch: Batch) -> tuple[optax.Updates, Metrics]:
+      rng = device_rng(state)
+      if config.gather_params == "step":
+        grads, aux = grad_fn(sharding.gather(state.params, param_specs), batch, rng)
+        grads = sharding.mean_scatter(grads, param_specs)
+      else:  # the gather's transpose already summed split leaves' gradients over devices
+        grads, aux = gathered_grad_fn(state.params, batch, rng)
+        grads = jax.tree_util.tree_map(
+            lambda g, spec: jax.lax.pmean(g, DATA_AXIS) if spec == P() else g / num_devices,
+            grads, param_specs)
+      return grads, jax.lax.pmean(aux, DATA_AXIS)
+
+    gradients = jax.shard_map(per_device_sharded, mesh=mesh, in_specs=(state_specs, P(DATA_AXIS)),
+                              out_specs=(param_specs, P()), check_vma=False)
+    metrics_sharding = replicated(mesh)
+    one_program = jax.jit(lambda state, batch: apply_gradients(state, *gradients(state, batch)),
+                          out_shardings=(shardings, metrics_sharding), donate_argnums=0)
+    update = jax.jit(apply_gradients, out_shardings=(shardings, metrics_sharding),
+                     donate_argnums=0)
+    return one_program, jax.jit(gradients), update
+
+  return TrainStep(sharded_programs if config.shard_state else replicated_programs,
+                   config.separate_update)
 
 
 def accumulated(grad_fn: Callable[..., tuple[optax.Updates, Metrics]],
