@@ -2,6 +2,13 @@
 
     python -m nfnets_jax.report [--format=table|markdown|json] [--families=nfnet,nf_resnet]
     python -m nfnets_jax.report --models=nfnet:F0,nfnet:F0+ --format=json
+    python -m nfnets_jax.report --memory --devices=8 --per_device_batch=512 [--image_size=192]
+        [--variants=F0,F7] [--grad_accum_steps=32]
+
+`--memory` prints each NFNet variant's per-device memory in training
+instead: the compiled train step's peak, replicated and sharded
+(`config.shard_state`), without and with gradient accumulation, and the
+smallest accelerator (16, 24, 40, 80 GiB) it fits; see `memory_report`.
 
 Every number is computed from the models themselves: parameters by tracing
 each model's `init` abstractly (`registry.count_params`, no weights are
@@ -17,6 +24,9 @@ how long that takes).
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from typing import Any, Optional, Sequence
 
 from nfnets_jax import cli
@@ -155,6 +165,117 @@ def render(rows: Sequence[ModelCost], fmt: str = "table") -> str:
   return "\n".join(lines) + "\n\nFLOPs are multiply-adds for one image.\n"
 
 
+# ----------------------------------------------------------------------------- memory
+
+#: Accelerator memory sizes the memory report checks the peak against, GiB.
+ACCELERATORS_GIB = (16, 24, 40, 80)
+#: Default micro-batch of the memory report's accumulation columns.
+DEFAULT_MICRO_BATCH = 16
+#: Set in the child process the memory report starts with enough host devices.
+_CHILD_ENV = "NFNETS_JAX_MEMORY_REPORT_CHILD"
+
+
+def smallest_fit(peak_bytes: int) -> str:
+  """The smallest of `ACCELERATORS_GIB` holding `peak_bytes`, as '40 GiB', or 'none'."""
+  for size in ACCELERATORS_GIB:
+    if peak_bytes <= size * 2 ** 30:
+      return f"{size} GiB"
+  return "none"
+
+
+def memory_report(variants: Sequence[str], per_device_batch: int, grad_accum_steps: int,
+                  image_size: Optional[int] = None, mesh: Any = None) -> list[dict[str, Any]]:
+  """`train.memory.train_step_memory` of each `nfnet:<variant>` on `mesh`: replicated and
+  sharded, with one micro-batch and (if `grad_accum_steps` > 1) with that many.
+
+  `image_size` None: each variant's train resolution. Each row is a
+  `StepMemory` dict plus `fits`, the smallest accelerator the peak fits.
+  """
+  from nfnets_jax.train import memory  # pylint: disable=import-outside-toplevel  (jax-heavy)
+  rows = []
+  for variant in variants:
+    name = variant if ":" in variant else f"nfnet:{variant}"
+    size = image_size or image_sizes(name)[0]
+    for accum in sorted({1, grad_accum_steps}):
+      for shard in (False, True):
+        row = memory.train_step_memory(name, mesh, per_device_batch, size, accum, shard)
+        rows.append({**row.as_dict(), "fits": smallest_fit(row.peak_bytes)})
+  return rows
+
+
+MEMORY_HEADER = ("model", "px", "batch/device", "accum", "state", "peak", "fits", "sharded state",
+                 "sharded peak", "sharded fits")
+
+
+def render_memory(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
+  """Memory rows (replicated then sharded, per setting) as a table, Markdown or JSON."""
+  check_format(fmt)
+  if fmt == "json":
+    return json.dumps(list(rows), indent=2)
+  gib = lambda n: f"{n / 2 ** 30:.2f}"
+  cells = [MEMORY_HEADER]
+  for replicated, sharded in zip(rows[::2], rows[1::2]):
+    cells.append((replicated["model"], str(replicated["image_size"]),
+                  str(replicated["per_device_batch"]), str(replicated["grad_accum_steps"]),
+                  gib(replicated["state_bytes"]), gib(replicated["peak_bytes"]),
+                  replicated["fits"], gib(sharded["state_bytes"]), gib(sharded["peak_bytes"]),
+                  sharded["fits"]))
+  devices = rows[0]["devices"] if rows else 0
+  note = (f"\nPer device, GiB, on {devices} devices: XLA's memory analysis of the compiled "
+          "train step (bfloat16 compute, float32 state). 'accum' is grad_accum_steps.\n")
+  if fmt == "markdown":
+    lines = ["| " + " | ".join(c) + " |" for c in cells]
+    lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(MEMORY_HEADER) - 1)) + "|")
+    return "\n".join(lines) + "\n" + note
+  widths = [max(len(c[i]) for c in cells) for i in range(len(MEMORY_HEADER))]
+  lines = ["  ".join(text.ljust(width) if i == 0 else text.rjust(width)
+                     for i, (text, width) in enumerate(zip(c, widths))).rstrip() for c in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines) + "\n" + note
+
+
+def _memory_from_flags(fv, argv: Sequence[str]) -> Optional[int]:
+  """The memory report for the parsed flags, on `--devices` devices of this process or,
+  with too few, in a child process given that many CPU host devices."""
+  with cli.usage_errors():
+    check_format(fv.format, "--format")
+    if fv.devices < 1:
+      raise ValueError(f"--devices={fv.devices} is invalid: expected a positive integer.")
+    per_device = fv.per_device_batch or max(1, 4096 // fv.devices)
+    accum = fv.grad_accum_steps or max(1, per_device // DEFAULT_MICRO_BATCH)
+    if per_device < 1 or per_device % accum:
+      raise ValueError(f"--grad_accum_steps={accum} is invalid: expected a divisor of "
+                       f"--per_device_batch={per_device}.")
+    if fv.image_size is not None and fv.image_size < 1:
+      raise ValueError(f"--image_size={fv.image_size} is invalid: expected a positive integer.")
+    variants = fv.variants or [v for v in registry.FAMILIES["nfnet"].variants
+                               if v.startswith("F") and not v.endswith("+")]
+    for variant in variants:
+      registry.parse_model_name(variant if ":" in variant else f"nfnet:{variant}")
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.device_count() < fv.devices:
+    return _memory_in_child(fv.devices, argv)
+  from nfnets_jax.train import steps  # pylint: disable=import-outside-toplevel
+  mesh = steps.make_mesh(jax.devices()[:fv.devices])
+  print(render_memory(memory_report(variants, per_device, accum, fv.image_size, mesh),
+                      fv.format), end="")
+  return None
+
+
+def _memory_in_child(devices: int, argv: Sequence[str]) -> int:
+  """Runs this report again in a process with `devices` CPU host devices; its exit status."""
+  if os.environ.get(_CHILD_ENV):
+    raise ValueError(f"--devices={devices}: this process was started with that many CPU host "
+                     "devices and has fewer.")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={devices}").strip()
+  proc = subprocess.run([sys.executable, "-m", "nfnets_jax.report", *argv[1:]], env=env,
+                        stdout=subprocess.PIPE, check=False, text=True)
+  print(proc.stdout, end="")
+  return proc.returncode
+
+
 def _define_flags():
   """A private flag set: importing this module never clashes with other CLIs' flags."""
   from absl import flags
@@ -167,6 +288,19 @@ def _define_flags():
   flags.DEFINE_list("models", None,
                     "Exact models to list instead, e.g. nfnet:F0,nfnet:F7+ (any variant).",
                     flag_values=fv)
+  flags.DEFINE_bool("memory", False, "Report per-device train-step memory instead.",
+                    flag_values=fv)
+  flags.DEFINE_integer("devices", 8, "--memory: devices the batch and the state are split "
+                       "over (CPU host devices where this process has fewer).", flag_values=fv)
+  flags.DEFINE_integer("per_device_batch", None, "--memory: examples per device and step "
+                       "(default: 4096 / devices, the paper's batch).", flag_values=fv)
+  flags.DEFINE_integer("image_size", None, "--memory: train resolution (default: each "
+                       "variant's own).", flag_values=fv)
+  flags.DEFINE_list("variants", None, "--memory: NFNet variants (default F0..F7).",
+                    flag_values=fv)
+  flags.DEFINE_integer("grad_accum_steps", None, "--memory: micro-batches of the accumulation "
+                       f"columns (default: micro-batches of {DEFAULT_MICRO_BATCH}).",
+                       flag_values=fv)
   return fv
 
 
@@ -177,7 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   with 2 and a message naming the value and the valid choices.
   """
   fv = _define_flags()
-  return cli.run_tool(argv, fv, __doc__ or "", lambda _: _report_from_flags(fv))
+  argv = list(sys.argv if argv is None else argv)
+  return cli.run_tool(argv, fv, __doc__ or "", lambda _: (
+      _memory_from_flags(fv, argv) if fv.memory else _report_from_flags(fv)))
 
 
 def _report_from_flags(fv) -> None:

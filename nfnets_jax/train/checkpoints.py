@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from nfnets_jax import checkpoint
 from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.optim import EmaState
+from nfnets_jax.train import sharding as sharding_lib
 from nfnets_jax.train.state import TrainState
 
 
@@ -78,7 +79,6 @@ class Checkpointer:
     self._layout = layout if layout is not None and not layout.is_identity else None
     if self._layout is not None:
       self._to_published = jax.jit(self._layout.unstack_all)
-      self._to_stacked = jax.jit(self._layout.stack_all)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -95,15 +95,19 @@ class Checkpointer:
         **{checkpoint.META_ITEM: ocp.args.JsonSave(meta)}))
 
   def restore(self, target: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
-    """Restores step `step` (default: the latest) into the shapes/shardings of `target`."""
+    """Restores step `step` (default: the latest) into the shapes/shardings of `target`.
+
+    Orbax reads each device's part of each array for `target`'s shardings,
+    whatever the device count and sharding of the run that saved it: a
+    checkpoint restores replicated or split (`shard_state`), onto any number
+    of devices.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError("No complete checkpoint to restore.")
+    state_target = target
     if self._layout is not None:
-      sharding = target.step.sharding
-      target = jax.tree_util.tree_map(
-          lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-          jax.eval_shape(self._layout.unstack_all, target))
+      target = self._published_target(target)
     trees = (target.params, target.ema.ema, target.opt_state)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{item: ocp.args.PyTreeRestore(tree, ocp.checkpoint_utils.construct_restore_args(tree))
@@ -117,8 +121,18 @@ class Checkpointer:
         ema=EmaState(count=_scalar(meta["ema_count"], target.step.sharding),
                      ema=restored[checkpoint.EMA_PARAMS_ITEM]))
     if self._layout is not None:
-      state = self._to_stacked(state)
+      state = jax.jit(self._layout.stack_all, out_shardings=jax.tree_util.tree_map(
+          lambda leaf: leaf.sharding, state_target))(state)
     return state, meta
+
+  def _published_target(self, target: TrainState) -> TrainState:
+    """`target` in the published layout, split by the same rule if `target` is split."""
+    shapes = jax.eval_shape(self._layout.unstack_all, target)
+    shardings = sharding_lib.state_shardings(shapes, target.step.sharding.mesh,
+                                             sharding_lib.is_sharded(target))
+    return jax.tree_util.tree_map(
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+        shapes, shardings)
 
   def wait(self) -> None:
     """Blocks until any asynchronous save has been committed."""

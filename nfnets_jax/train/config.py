@@ -69,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Each device splits its share of a step into this many micro-batches, whose
   # gradients are averaged before one update: the same step, in 1/K the memory.
   c.grad_accum_steps = 1
+  # Split the parameters, optimizer state and EMA over the devices (ZeRO/FSDP
+  # style, nfnets_jax/train/sharding.py): about 1/N of the state per device.
+  # Needs more than one device.
+  c.shard_state = False
   c.eval_batch_size = 1024
   c.num_epochs = 360.0
   c.num_train_steps = -1  # > 0 overrides num_epochs

@@ -22,7 +22,7 @@ from absl import logging
 
 from nfnets_jax import models, optim
 from nfnets_jax.train import config as config_lib
-from nfnets_jax.train import steps
+from nfnets_jax.train import sharding, steps
 from nfnets_jax.train.checkpoints import Checkpointer, checkpoint_dir
 from nfnets_jax.train.eval_totals import EvalTotals
 from nfnets_jax.train.reporting import Reporter
@@ -52,6 +52,23 @@ def params_fingerprint(params: Any) -> str:
   return digest.hexdigest()[:16]
 
 
+def check_shard_state(config: ml_collections.ConfigDict, num_devices: int,
+                      state: Optional[TrainState] = None) -> None:
+  """A ConfigError if `config.shard_state` asks to split the state over one device, or
+  over `num_devices` where no array of `state` (shapes) would be split (`sharding`)."""
+  if not config.shard_state:
+    return
+  if num_devices == 1:
+    raise config_lib.ConfigError(
+        "config.shard_state = True needs more than one device (there is 1): it splits the "
+        "train state over the devices; set it to False.")
+  if state is not None and not sharding.splits_any(state, num_devices):
+    raise config_lib.ConfigError(
+        f"config.shard_state = True has nothing to shard: no array of {config.model}'s train "
+        f"state has {sharding.MIN_SHARD_SIZE} elements or more and an axis divisible by the "
+        f"{num_devices} devices; set it to False.")
+
+
 class Experiment:
   """One training/evaluation run of a config in a workdir."""
 
@@ -73,6 +90,7 @@ class Experiment:
       raise config_lib.ConfigError(
           f"config.grad_accum_steps = {config.grad_accum_steps} must divide each device's share "
           f"of the batch ({config.train_batch_size} / {num_devices} devices = {per_device}).")
+    check_shard_state(config, num_devices)
     self.local_train_batch = config.train_batch_size // num_processes
     self.local_eval_batch = config.eval_batch_size // num_processes
     self.image_shape = (config.dataset.image_size, config.dataset.image_size)
@@ -113,7 +131,9 @@ class Experiment:
         num_classes=config.num_classes, label_smoothing=config.label_smoothing,
         compute_dtype=self.compute_dtype, sam_rho=config.sam.rho,
         sam_ascent_fraction=config.sam.ascent_fraction, record_clip_fraction=clipping is not None,
-        grad_accum_steps=config.grad_accum_steps)
+        grad_accum_steps=config.grad_accum_steps, shard_state=config.shard_state)
+    if config.shard_state:
+      check_shard_state(config, num_devices, self._abstract_state())
     self.train_step = steps.make_train_step(
         self.model, self.optimizer, self.ema, self.schedule, step_config, self.mesh,
         jax.random.key(config.seed + 1))
@@ -127,7 +147,7 @@ class Experiment:
 
   def _abstract_state(self) -> TrainState:
     return steps.abstract_state(self.model, self.optimizer, self.ema, self.image_shape,
-                                self.mesh)
+                                self.mesh, shard=self.config.shard_state)
 
   def restore_or_init(self) -> TrainState:
     """The latest complete checkpoint in the workdir, or a freshly initialised state."""
@@ -136,7 +156,8 @@ class Experiment:
       logging.info("No checkpoint in %s; initialising %s.", checkpoint_dir(self.workdir),
                    self.config.model)
       return steps.init_state(self.model, self.optimizer, self.ema,
-                              jax.random.key(self.config.seed), self.image_shape, self.mesh)
+                              jax.random.key(self.config.seed), self.image_shape, self.mesh,
+                              shard=self.config.shard_state)
     state, _ = self.checkpointer.restore(self._abstract_state(), latest)
     logging.info("Resumed from step %d (%s).", latest, checkpoint_dir(self.workdir))
     return state
@@ -214,8 +235,9 @@ class Experiment:
     finally:
       self.checkpointer.wait()
     results = self.evaluate(state) if evaluate else {"step": step}
+    # Gathered whole (a sharded state's) so that every process hashes every value.
     results["params_fingerprint"] = params_fingerprint(
-        jax.jit(self.layout.unstack_all)(state.params))
+        jax.jit(self.layout.unstack_all, out_shardings=steps.replicated(self.mesh))(state.params))
     return results
 
   def evaluate(self, state: Optional[TrainState] = None) -> dict[str, float]:

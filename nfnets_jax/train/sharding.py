@@ -69,6 +69,12 @@ def state_shardings(tree: Any, mesh: Mesh, shard: bool,
                                 is_leaf=lambda x: isinstance(x, P))
 
 
+def splits_any(tree: Any, num_devices: int, min_shard_size: int = MIN_SHARD_SIZE) -> bool:
+  """Whether the rule splits any leaf of `tree` (shapes) over `num_devices`."""
+  return any(split_axis(path, tuple(leaf.shape), num_devices, min_shard_size) is not None
+             for path, leaf in jax.tree_util.tree_leaves_with_path(tree))
+
+
 def is_sharded(tree: Any) -> bool:
   """Whether any leaf of `tree` (arrays or shape structs with shardings) is split."""
   return any(not leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(tree))
