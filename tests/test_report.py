@@ -120,3 +120,50 @@ def test_module_runs_as_a_program():
   (row,) = json.loads(proc.stdout)
   assert (row["model"], row["train_size"], row["test_size"]) == ("nf_regnet:B0", 192, 224)
   assert row["params"] == models.count_params("nf_regnet:B0")
+
+
+# ----------------------------------------------------------------------------- --memory
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--devices=0"], "--devices=0 is invalid: expected a positive integer."),
+    (["--per_device_batch=6", "--grad_accum_steps=4"],
+     "--grad_accum_steps=4 is invalid: expected a divisor of --per_device_batch=6."),
+    (["--variants=F9"], "F9"),
+    (["--image_size=-3"], "--image_size=-3 is invalid"),
+])
+def test_memory_report_bad_values_are_usage_errors(capsys, flags, message):
+  code, out, err = _run(capsys, "--memory", *flags)
+  assert code == 2 and out == ""
+  assert err.startswith("usage error: ") and message in err
+
+
+def test_smallest_fit_names_the_smallest_accelerator_that_holds_the_peak():
+  gib = 2 ** 30
+  assert [report.smallest_fit(n) for n in (1, 16 * gib, 16 * gib + 1, 79 * gib, 81 * gib)] == [
+      "16 GiB", "16 GiB", "24 GiB", "80 GiB", "none"]
+
+
+@pytest.mark.slow
+def test_memory_report_compiles_replicated_and_sharded_steps_on_host_devices(capsys):
+  """This process has one device: the report reruns itself with two CPU host devices."""
+  code, out, err = _run(capsys, "--memory", "--devices=2", "--variants=nano",
+                        "--per_device_batch=4", "--image_size=16", "--grad_accum_steps=1",
+                        "--format=json")
+  assert code == 0, err
+  rows = json.loads(out)
+  # One micro-batch: no accumulation rows (tests/test_grad_accum.py covers accumulation).
+  assert [(r["grad_accum_steps"], r["shard_state"]) for r in rows] == [(1, False), (1, True)]
+  for row in rows:
+    assert (row["model"], row["devices"], row["per_device_batch"], row["image_size"]) == (
+        "nfnet:nano", 2, 4, 16)
+    assert row["peak_bytes"] == (row["argument_bytes"] + row["temp_bytes"] + row["output_bytes"]
+                                 - row["alias_bytes"]) > row["state_bytes"]
+    assert row["fits"] == "16 GiB"
+  whole = rows[0]["state_bytes"]
+  # Two devices: half of the state each, but for nano's small replicated leaves.
+  assert whole / 2 <= rows[1]["state_bytes"] < 0.6 * whole
+  assert rows[1]["argument_bytes"] < 0.6 * rows[0]["argument_bytes"]
+  table = report.render_memory(rows, "markdown")
+  assert table.splitlines()[0].startswith("| model | px | batch/device | accum | state |")
+  assert table.count("| nfnet:nano | 16 | 4 | 1 |") == 1 and "on 2 devices" in table
