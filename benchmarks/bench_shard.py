@@ -39,7 +39,8 @@ def main(argv):
   batch_size = args.devices * args.per_device_batch
   schedule = optim.nfnet_lr_schedule(0.1, batch_size=batch_size, total_steps=1000,
                                      warmup_steps=1)
-  optimizer, ema = optim.nfnet_optimizer(schedule, record_clip_fraction=True), optim.params_ema(0.99)
+  optimizer = optim.nfnet_optimizer(schedule, record_clip_fraction=True)
+  ema = optim.params_ema(0.99)
   mesh = steps.make_mesh()
   rng = np.random.default_rng(0)
   batch = steps.global_batch(mesh, {

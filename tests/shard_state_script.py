@@ -4,7 +4,8 @@ JAX fixes its device count at import, so each run is a fresh interpreter:
 
   shard_state_script.py train DEVICES OUT
       Two train steps of nfnet:nano from one seed and one batch, replicated and
-      sharded, each through its compiled program; saves both final states, the
+      sharded (parameters gathered per use and per step), each through its
+      compiled program; saves the final states, the
       compiled programs' memory analyses and the sharded state's per-device
       bytes to OUT/train.npz / OUT/train.json, and the sharded state as a
       checkpoint in OUT/ckpt_<DEVICES>.
@@ -51,11 +52,13 @@ def train(mesh, out):
       "images": rng.standard_normal((BATCH, IMAGE, IMAGE, 3)).astype(np.float32),
       "labels": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32)})
   arrays, report = {}, {}
-  for name, shard in (("replicated", False), ("sharded", True)):
+  # "sharded": the default gather (per use); "sharded_step": gathered once per step.
+  for name, shard, gather in (("replicated", False, None), ("sharded", True, None),
+                              ("sharded_step", True, "step")):
     state = steps.init_state(model, optimizer, ema, jax.random.key(0), (IMAGE, IMAGE), mesh,
                              shard=shard)
     config = steps.StepConfig(num_classes=NUM_CLASSES, grad_accum_steps=ACCUM,
-                              shard_state=shard, separate_update=False)
+                              shard_state=shard, gather_params=gather, separate_update=False)
     train_step = steps.make_train_step(model, optimizer, ema, schedule, config, mesh,
                                        jax.random.key(1))
     compiled = train_step.lower(state, batch).compile()
@@ -77,7 +80,7 @@ def train(mesh, out):
     report[name]["specs"] = sorted({str(leaf.sharding.spec)
                                     for leaf in jax.tree_util.tree_leaves(state)})
     arrays.update({f"{name}|{key}": value for key, value in flat(state).items()})
-    if shard:
+    if name == "sharded":
       save(state, out)
   np.savez(os.path.join(out, "train.npz"), **arrays)
   with open(os.path.join(out, "train.json"), "w") as f:

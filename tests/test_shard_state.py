@@ -126,18 +126,21 @@ def _load(path):
 
 
 @pytest.mark.slow
-def test_the_sharded_step_computes_the_replicated_steps_values(runs):
+@pytest.mark.parametrize("run", ["sharded", "sharded_step"])
+def test_the_sharded_step_computes_the_replicated_steps_values(runs, run):
+  """Two steps with 2 micro-batches each; parameters gathered per use (the default) or
+  once per step."""
   arrays = _load(runs / "train.npz")
   replicated = {k.partition("|")[2]: v for k, v in arrays.items() if k.startswith("replicated|")}
-  sharded = {k.partition("|")[2]: v for k, v in arrays.items() if k.startswith("sharded|")}
+  sharded = {k.partition("|")[2]: v for k, v in arrays.items() if k.startswith(run + "|")}
   assert replicated.keys() == sharded.keys() and len(replicated) > 50
   for key, value in replicated.items():
     np.testing.assert_allclose(sharded[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
   report = json.loads((runs / "train.json").read_text())
   for key, value in report["replicated"]["metrics"].items():
-    assert report["sharded"]["metrics"][key] == pytest.approx(value, rel=1e-5), key
+    assert report[run]["metrics"][key] == pytest.approx(value, rel=1e-5), key
   assert report["replicated"]["specs"] == ["P()"]
-  assert "P(None, None, None, 'data')" in report["sharded"]["specs"]
+  assert "P(None, None, None, 'data')" in report[run]["specs"]
 
 
 @pytest.mark.slow

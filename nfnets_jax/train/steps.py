@@ -72,17 +72,25 @@ class StepConfig:
   grad_accum_steps: int = 1
   # The state split over the devices (`sharding`; ZeRO/FSDP style) instead of replicated.
   shard_state: bool = False
-  # With `shard_state`: gather the whole parameters once per step, before the
-  # micro-batches ('step'), or inside the differentiated loss of each
-  # micro-batch ('use': the gather's transpose reduce-scatters each gradient,
-  # so the accumulator is split too; no SAM, whose ascent must stay local).
-  gather_params: str = "step"
+  # With `shard_state`: gather the whole parameters inside the differentiated
+  # loss of each micro-batch ('use': the gather's transpose reduce-scatters
+  # each gradient, so the accumulator is split too; no SAM, whose ascent must
+  # stay local), or once per step, before the micro-batches ('step'). None:
+  # 'use', the faster on CPU host devices (docs/performance.md), or 'step' under SAM.
+  gather_params: Optional[str] = None
+
+  @property
+  def gather(self) -> str:
+    """`gather_params` resolved: None is 'step' under SAM, else 'use'."""
+    if self.gather_params is not None:
+      return self.gather_params
+    return "step" if self.sam_rho > 0 else "use"
 
   def __post_init__(self):
-    if self.gather_params not in GATHER_MODES:
+    if self.gather_params is not None and self.gather_params not in GATHER_MODES:
       raise ValueError(f"gather_params = {self.gather_params!r} is invalid: expected one of "
                        f"{', '.join(GATHER_MODES)}.")
-    if self.shard_state and self.gather_params == "use" and self.sam_rho > 0:
+    if self.shard_state and self.gather == "use" and self.sam_rho > 0:
       raise ValueError("gather_params = 'use' cannot run SAM (sam_rho > 0): its per-device "
                        "ascent gradient would be reduced across devices; use 'step'.")
 
@@ -178,7 +186,7 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
 
   With `config.shard_state` the state is split over the devices
   (`sharding`): the parameters are all-gathered for the forward/backward
-  (`config.gather_params`), the gradients' mean is reduce-scattered, and the
+  (`config.gather`), the gradients' mean is reduce-scattered, and the
   optimizer and EMA update each device's part (XLA's partitioner adds the
   cross-device sums AGC's unit norms and the gradient norm need). Same
   values as the replicated step.
@@ -250,7 +258,7 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
 
     def per_device_sharded(state: TrainState, batch: Batch) -> tuple[optax.Updates, Metrics]:
       rng = device_rng(state)
-      if config.gather_params == "step":
+      if config.gather == "step":
         grads, aux = grad_fn(sharding.gather(state.params, param_specs), batch, rng)
         grads = sharding.mean_scatter(grads, param_specs)
       else:  # the gather's transpose already summed split leaves' gradients over devices
