@@ -1,9 +1,11 @@
 """The launchers: argument handling and the exact commands they would run."""
 
 import os
+import signal
 import pathlib
 import subprocess
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ["--config=experiments/nfnet.py:F0", "--workdir=gs://bucket/f0"]
@@ -73,3 +75,26 @@ def test_local_launcher_gives_each_process_its_coordinates():
   assert bad.returncode == 2 and "--num_processes must be >= 1" in bad.stderr
   bad = run([sys.executable, "launch/local.py", "--", "--workdir=y"])
   assert bad.returncode == 2 and "--config" in bad.stderr
+
+
+def test_slurm_script_passes_sigterm_to_the_trainer_and_requeues_on_a_saved_stop(tmp_path):
+  """SIGTERM to the batch script (what --signal=B:TERM sends) reaches srun's tasks; their
+  exit status 75 (stopped after saving) makes the script requeue the job and exit 75."""
+  fake_srun = tmp_path / "srun"
+  fake_srun.write_text("#!/bin/bash\ntrap 'echo task got TERM; exit 75' TERM\necho started\n"
+                       "while :; do sleep 0.05; done\n")
+  fake_srun.chmod(0o755)
+  out = tmp_path / "out"
+  with open(out, "w") as stdout:
+    script = subprocess.Popen(["bash", "launch/slurm.sbatch", *TRAIN], cwd=REPO, stdout=stdout,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "SRUN": str(fake_srun),
+                                   "SCONTROL": "echo scontrol", "SLURM_JOB_ID": "4242"})
+    deadline = time.time() + 30
+    while "started" not in out.read_text() and time.time() < deadline:
+      time.sleep(0.05)
+    script.send_signal(signal.SIGTERM)
+    _, stderr = script.communicate(timeout=30)
+  assert script.returncode == 75, stderr
+  assert out.read_text().splitlines() == ["started", "task got TERM", "scontrol requeue 4242"]
+  assert "requeueing job 4242" in stderr

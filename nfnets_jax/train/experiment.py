@@ -244,6 +244,7 @@ class Experiment:
       self._check_finite(metrics, step)
       self.checkpointer.save(state, self._meta())
     self.checkpointer.wait()
+    preemption.all_processes_reached("checkpoint of the stop step complete")
     raise preemption.Preempted(step, stop.signal_name, checkpoint_dir(self.workdir), during)
 
   def evaluate(self, state: Optional[TrainState] = None,

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 #: Exit status of a run that stopped on a signal after saving its step
@@ -103,6 +104,14 @@ def any_process(mesh: Mesh, flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(jax.device_get(_post(mesh, _any_program(mesh), flag)))
+
+
+def all_processes_reached(point: str) -> None:
+  """A barrier of the job's processes (no-op in one process): none exits before every
+  process has finished waiting for the stop step's checkpoint, so a launcher that ends
+  the job when one process exits (`srun --kill-on-bad-exit`) cannot cut another's save."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"nfnets_jax: {point}")
 
 
 class StopPoll:
