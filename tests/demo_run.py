@@ -19,6 +19,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 from typing import Any, Optional
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -83,11 +84,14 @@ def checkpoint_steps(workdir) -> list[int]:
 
 def local_launch(dirs: dict[str, str], workdir, *extra: str, num_processes: int = 2,
                  devices_per_process: int = 2, module: str = "nfnets_jax.train",
-                 env: Optional[dict[str, str]] = None) -> list[subprocess.Popen]:
-  """Starts the processes of a multi-host job on localhost, as launch/local.py builds them.
+                 env: Optional[dict[str, str]] = None,
+                 timeout: int = 900) -> list[tuple[int, str, str]]:
+  """Runs a multi-host job on localhost, its processes as launch/local.py builds them;
+  returns each one's (exit status, stdout, stderr).
 
-  `module` may be one in tests/ (it is on the processes' path). The caller
-  waits on them (`communicate`).
+  `module` may be one in tests/ (it is on the processes' path). Their output
+  goes to files, not pipes: a process blocked on a full pipe would hold up the
+  others in their collectives.
   """
   spec = importlib.util.spec_from_file_location("launch_local", REPO / "launch" / "local.py")
   local = importlib.util.module_from_spec(spec)
@@ -97,10 +101,18 @@ def local_launch(dirs: dict[str, str], workdir, *extra: str, num_processes: int 
                                   module=module)
   path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"),
                                        os.environ.get("PYTHONPATH")]))
-  return [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-                                           "PYTHONPATH": path, **command_env, **(env or {})})
-          for argv, command_env in commands]
+  with tempfile.TemporaryDirectory() as logs:
+    procs = []
+    for i, (argv, command_env) in enumerate(commands):
+      with open(f"{logs}/{i}.out", "w") as out, open(f"{logs}/{i}.err", "w") as err:
+        procs.append(subprocess.Popen(
+            argv, cwd=REPO, stdout=out, stderr=err,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path, **command_env,
+                 **(env or {})}))
+    for proc in procs:
+      proc.wait(timeout=timeout)
+    return [(proc.returncode, pathlib.Path(f"{logs}/{i}.out").read_text(),
+             pathlib.Path(f"{logs}/{i}.err").read_text()) for i, proc in enumerate(procs)]
 
 
 def train_two_process_demo(root: pathlib.Path) -> dict[str, Any]:

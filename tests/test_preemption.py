@@ -120,6 +120,19 @@ def test_no_readable_checkpoint_lists_every_step_and_moves_nothing(tmp_path):
   checkpointer.close()
 
 
+def test_tools_reading_a_damaged_step_get_a_clear_error_naming_the_other_steps(tmp_path):
+  """Evaluate/convert/classify read workdirs through checkpoint.load_params."""
+  from nfnets_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  _save_steps(tmp_path, 1, 2).close()
+  _truncate_array_file(tmp_path / "checkpoints" / "2")
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=r"\(step 2\): the 'params' item cannot be read \(.*\); the checkpoint may "
+                           r"be damaged .* Other saved steps in .*checkpoints: \[1\]; read one with "
+                           r"step= \(--step\)\."):
+    checkpoint.load_params(tmp_path)
+  assert checkpoint.load_params(tmp_path, step=1)["net/~/linear"]["w"][0, 0] == 1.0
+
+
 class ReadOnly:
   """Makes a directory unwritable, for root too: chmod for others, `chattr +i` as root."""
 
@@ -224,20 +237,18 @@ def test_sigterm_in_a_step_a_save_and_an_evaluation_loses_no_step(demo_run, tmp_
 def test_two_processes_signal_one_both_stop_at_the_same_step_and_resume_bitwise(
     two_process_run, tmp_path):
   dirs = {"data_dir": two_process_run["data_dir"], "cache": two_process_run["cache"]}
-  procs = local_launch(dirs, tmp_path, module="preemption_hook",
-                       env={"NFNETS_TEST_SIGNAL": "step:2", "NFNETS_TEST_SIGNAL_PROCESS": "1"})
-  outputs = [proc.communicate(timeout=600) for proc in procs]
-  for proc, (_, stderr) in zip(procs, outputs):
-    assert proc.returncode == preemption.EXIT_PREEMPTED, stderr[-3000:]
+  outputs = local_launch(dirs, tmp_path, module="preemption_hook",
+                         env={"NFNETS_TEST_SIGNAL": "step:2", "NFNETS_TEST_SIGNAL_PROCESS": "1"})
+  for status, _, stderr in outputs:
+    assert status == preemption.EXIT_PREEMPTED, stderr[-3000:]
   # The agreement is read one boundary after the signal: both stop after step 3.
-  assert _stopped_line(3) in outputs[1][1]
-  assert _stopped_line(3, signal_name="a stop request from another process") in outputs[0][1]
+  assert _stopped_line(3) in outputs[1][2]
+  assert _stopped_line(3, signal_name="a stop request from another process") in outputs[0][2]
   assert checkpoint_steps(tmp_path) == [3]
 
-  procs = local_launch(dirs, tmp_path)
-  outputs = [proc.communicate(timeout=600) for proc in procs]
-  for proc, (stdout, stderr) in zip(procs, outputs):
-    assert proc.returncode == 0, stderr[-3000:]
+  outputs = local_launch(dirs, tmp_path)
+  for status, _, stderr in outputs:
+    assert status == 0, stderr[-3000:]
     assert "Resumed from step 3" in stderr
   want = [_without_seconds(line) for line in two_process_run["reported"]]
-  assert [_without_seconds(final_json(stdout)) for stdout, _ in outputs] == want
+  assert [_without_seconds(final_json(stdout)) for _, stdout, _ in outputs] == want
