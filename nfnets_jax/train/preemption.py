@@ -84,7 +84,8 @@ class StopSignals:
 
   def __exit__(self, *exc_info) -> None:
     for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
+      # None: a handler installed outside Python (which Python cannot reinstall).
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     self._previous.clear()
 
 
