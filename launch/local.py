@@ -12,6 +12,10 @@ exactly as on a cluster. With --num_processes=1 it is the plain command.
 Everything after `--` goes to `python -m nfnets_jax.train` unchanged; XLA_FLAGS
 already set are kept, ahead of the device count. Exits
 with the first non-zero exit code of any process (and stops the others).
+A SIGTERM or SIGINT to the launcher goes to every process: the job saves the
+step it agreed on and exits with 75 (rerun the same command to resume); a
+process exiting with 75 does not stop the others, which are stopping at the
+same step by themselves.
 """
 
 import argparse
@@ -22,6 +26,9 @@ import socket
 import subprocess
 import sys
 import time
+
+#: The trainer's exit status after a signal-triggered save (nfnets_jax.train.preemption).
+EXIT_PREEMPTED = 75
 
 
 def free_port() -> int:
@@ -77,6 +84,11 @@ def main(argv: list[str]) -> int:
       print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv_))
     return 0
   procs = [subprocess.Popen(argv_, env={**os.environ, **env}) for argv_, env in commands]
+
+  def forward(signum, frame):  # pylint: disable=unused-argument
+    for proc in procs:
+      proc.send_signal(signum)
+  signal.signal(signal.SIGTERM, forward)
   exit_code = 0
   try:
     while procs:
@@ -87,6 +99,8 @@ def main(argv: list[str]) -> int:
         procs.remove(proc)
         if code and not exit_code:
           exit_code = code
+          if code == EXIT_PREEMPTED:  # the others stop at the same step on their own
+            continue
           for other in procs:  # One failed: the others would wait on it forever.
             other.send_signal(signal.SIGTERM)
       time.sleep(0.2)

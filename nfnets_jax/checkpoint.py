@@ -439,7 +439,10 @@ def _load_directory(path: pathlib.Path, *, ema: bool, step: Optional[int]) -> Pa
   if found.kind == "step":
     present = [child.name for child in found.directory.iterdir() if child.is_dir()]
     item = _item_name(ema, present, label=found.label)
-    return _restore_tree(found.directory / item, source=f"{found.label}, {item}")
+    try:
+      return _restore_tree(found.directory / item, source=f"{found.label}, {item}")
+    except Exception as err:  # orbax/tensorstore: ValueError, OSError, or a bare Exception
+      raise DamagedCheckpointError(found, item, err) from err
   if found.kind == "tree":
     if ema or step is not None:
       raise ValueError(
@@ -450,6 +453,25 @@ def _load_directory(path: pathlib.Path, *, ema: bool, step: Optional[int]) -> Pa
       f"{str(path)!r} is a directory but neither a training workdir (no {CHECKPOINTS_SUBDIR}/ "
       f"inside), a checkpoint step (no {PARAMS_ITEM}/ inside) nor an orbax checkpoint (none of "
       f"{', '.join(_ORBAX_MARKERS)}).")
+
+
+class DamagedCheckpointError(ValueError):
+  """A step of a workdir exists but its item cannot be read (a truncated or missing file).
+
+  The message names the step and lists the other saved steps, which the
+  trainer would fall back to (nfnets_jax/train/checkpoint_recovery.py); a
+  reader asks for one explicitly (`step=`, the tools' `--step`).
+  """
+
+  def __init__(self, found: "_Found", item: str, err: BaseException):
+    directory = found.directory.parent
+    others = sorted(int(p.name) for p in directory.iterdir()
+                    if p.name.isdigit() and p.is_dir() and p != found.directory)
+    cause = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    super().__init__(
+        f"{found.label}: the {item!r} item cannot be read ({cause}); the checkpoint may be "
+        f"damaged (a truncated or missing file). Other saved steps in {directory}: "
+        f"{others or 'none'}" + ("; read one with step= (--step)." if others else "."))
 
 
 def _is_orbax_dir(path: pathlib.Path) -> bool:

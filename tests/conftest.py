@@ -24,3 +24,10 @@ def demo_run(tmp_path_factory):
   """The session's one trained demo workdir (see tests/demo_run.py); read it, never write."""
   return once(session_root(tmp_path_factory) / "shared_demo_run",
               demo_run_lib.train_shared_demo)
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory):
+  """The session's one demo job of two processes (tests/demo_run.py); read it, never write."""
+  return once(session_root(tmp_path_factory) / "two_process_demo_run",
+              demo_run_lib.train_two_process_demo)

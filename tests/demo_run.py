@@ -8,14 +8,18 @@ files, and resumes a killed copy of it against its result; test_evaluate
 scores its checkpoints. `session_share.once` makes it once per session, not
 once per xdist worker. The run's compilation cache comes with it, so a later
 run of the same programs (the killed copy, its resumption, the evaluations)
-compiles nothing.
+compiles nothing. `train_two_process_demo` is the same run as a job of two
+processes (its numbers differ from the one-process run's: each process
+reads its own shard of the data), shared the same way.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 from typing import Any, Optional
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -76,6 +80,53 @@ def final_json(stdout: str) -> dict[str, Any]:
 def checkpoint_steps(workdir) -> list[int]:
   ckpt = pathlib.Path(workdir) / "checkpoints"
   return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+
+def local_launch(dirs: dict[str, str], workdir, *extra: str, num_processes: int = 2,
+                 devices_per_process: int = 2, module: str = "nfnets_jax.train",
+                 env: Optional[dict[str, str]] = None,
+                 timeout: int = 900) -> list[tuple[int, str, str]]:
+  """Runs a multi-host job on localhost, its processes as launch/local.py builds them;
+  returns each one's (exit status, stdout, stderr).
+
+  `module` may be one in tests/ (it is on the processes' path). Their output
+  goes to files, not pipes: a process blocked on a full pipe would hold up the
+  others in their collectives.
+  """
+  spec = importlib.util.spec_from_file_location("launch_local", REPO / "launch" / "local.py")
+  local = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(local)
+  commands = local.build_commands(num_processes, devices_per_process,
+                                  trainer_args(dirs, workdir, *extra), local.free_port(),
+                                  module=module)
+  path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"),
+                                       os.environ.get("PYTHONPATH")]))
+  with tempfile.TemporaryDirectory() as logs:
+    procs = []
+    for i, (argv, command_env) in enumerate(commands):
+      with open(f"{logs}/{i}.out", "w") as out, open(f"{logs}/{i}.err", "w") as err:
+        procs.append(subprocess.Popen(
+            argv, cwd=REPO, stdout=out, stderr=err,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path, **command_env,
+                 **(env or {})}))
+    for proc in procs:
+      proc.wait(timeout=timeout)
+    return [(proc.returncode, pathlib.Path(f"{logs}/{i}.out").read_text(),
+             pathlib.Path(f"{logs}/{i}.err").read_text()) for i, proc in enumerate(procs)]
+
+
+def train_two_process_demo(root: pathlib.Path) -> dict[str, Any]:
+  """FAST as a job of two processes with two devices each, run by launch/local.py."""
+  dirs = {"data_dir": str(root / "tfds"), "cache": str(root / "xla_cache")}
+  workdir = root / "workdir"
+  argv = [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+          "--", *trainer_args(dirs, workdir)]
+  proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  if proc.returncode != 0:
+    raise AssertionError(f"launch/local.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  return {**dirs, "workdir": str(workdir), "reported": lines}
 
 
 def train_shared_demo(root: pathlib.Path) -> dict[str, Any]:

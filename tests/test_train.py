@@ -78,20 +78,16 @@ def test_killed_run_resumes_bitwise_equal_to_uninterrupted(demo_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_two_devices_each_agree(shared, tmp_path):
-  """A real multi-host job on localhost: jax.distributed + gloo, via launch/local.py."""
-  argv = [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
-          "--", *trainer_args(shared, tmp_path)]
-  proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert len(lines) == 2, proc.stdout
+def test_two_processes_two_devices_each_agree(two_process_run):
+  """A real multi-host job on localhost: jax.distributed + gloo, as launch/local.py runs it
+  (the session's shared two-process run, tests/demo_run.py)."""
+  lines = [dict(line) for line in two_process_run["reported"]]
+  assert len(lines) == 2
   for line in lines:
     del line["seconds"]  # wall time of each process's evaluation
   assert lines[0] == lines[1]  # same metrics and bitwise-identical parameters everywhere
   assert lines[0]["num_examples"] == 355
-  assert checkpoint_steps(tmp_path) == [4, 8]
+  assert checkpoint_steps(two_process_run["workdir"]) == [4, 8]
 
 
 @pytest.mark.slow

@@ -12,8 +12,13 @@ Multi-host jobs run this same command on every host (see launch/).
 The log shows progress, warnings and errors; absl's --verbosity=0 (-v 0) adds
 the libraries' info lines, -v 1 debug lines too (see nfnets_jax.cli).
 
-Exit statuses: 0 done; 1 a bad flag or config value, named in one line;
-3 the loss or gradients became non-finite (the last good checkpoint is kept).
+Exit statuses: 0 done; 1 a bad flag or config value, named in one line, or
+checkpoints that exist but none of which can be restored (each listed);
+3 the loss or gradients became non-finite (the last good checkpoint is kept);
+4 a checkpoint could not be saved (the line names the directory and the
+cause; the earlier checkpoints are intact); 75 stopped on SIGTERM/SIGINT
+after saving the step it reached: rerun the same command to resume
+(docs/training.md, "Preemption"; launch/slurm.sbatch requeues on it).
 """
 
 import ast
@@ -29,6 +34,8 @@ from nfnets_jax.train import config as config_lib
 
 #: Exit status of a run whose loss or gradients became non-finite.
 EXIT_NON_FINITE = 3
+#: Exit status of a run that could not save a checkpoint.
+EXIT_SAVE_FAILED = 4
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/nfnet.py:F0.", lock_config=True)
@@ -74,6 +81,7 @@ def main(argv):
     config = config_lib.validate(_CONFIG.value)
     runtime.setup()
     from nfnets_jax.train.experiment import Experiment, NonFiniteLossError  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import checkpoint_recovery, preemption  # pylint: disable=import-outside-toplevel
     experiment = Experiment(config, _WORKDIR.value)  # checks what needs the devices
   except config_lib.ConfigError as err:
     sys.stderr.write(f"FATAL config error: {err}\n")
@@ -87,6 +95,23 @@ def main(argv):
     logging.error("%s", err)
     experiment.close()
     sys.exit(EXIT_NON_FINITE)
+  except preemption.Preempted as err:
+    experiment.close()
+    sys.stderr.write(f"{err}\n")
+    sys.exit(preemption.EXIT_PREEMPTED)
+  except checkpoint_recovery.CheckpointSaveError as err:
+    experiment.reporter.close()
+    sys.stderr.write(f"FATAL {err}\n")
+    # Not experiment.close() nor a normal exit: orbax's threads of the failed
+    # save wait minutes for a step directory that will never exist, and a
+    # normal exit joins them.
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_SAVE_FAILED)  # pylint: disable=protected-access
+  except checkpoint_recovery.NoReadableCheckpointError as err:
+    sys.stderr.write(f"FATAL {err}\n")
+    sys.exit(cli.EXIT_FAILURE)
   experiment.close()
   workdir = os.path.abspath(_WORKDIR.value)
   print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")

@@ -36,6 +36,7 @@ from nfnets_jax import checkpoint
 from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.optim import EmaState
 from nfnets_jax.train import sharding as sharding_lib
+from nfnets_jax.train.checkpoint_recovery import save_failures
 from nfnets_jax.train.state import TrainState
 
 
@@ -68,6 +69,8 @@ class Checkpointer:
 
   `layout`: the layout of the states passed to `save` and returned by
   `restore` (default: the published one); files are always published.
+  A save that fails, when started or (async) when written, raises
+  `checkpoint_recovery.CheckpointSaveError` naming its step.
   """
 
   def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True,
@@ -77,11 +80,23 @@ class Checkpointer:
         item_handlers={**{item: _tree_handler() for item in _TREE_ITEMS},
                        checkpoint.META_ITEM: ocp.JsonCheckpointHandler()})
     self._layout = layout if layout is not None and not layout.is_identity else None
+    self._in_flight: Optional[int] = None  # the step of a save not known to be committed
     if self._layout is not None:
       self._to_published = jax.jit(self._layout.unstack_all)
 
+  @property
+  def directory(self) -> str:
+    return str(self._manager.directory)
+
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def reload(self) -> None:
+    """Re-reads the saved steps from disk (after steps were moved)."""
+    self._manager.reload()
 
   def save(self, state: TrainState, meta: dict[str, Any]) -> None:
     """Starts saving `state` (returns before the write finishes when async)."""
@@ -90,9 +105,12 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     meta = {**meta, "step": step, "ema_count": int(jax.device_get(state.ema.count))}
     trees = (state.params, state.ema.ema, state.opt_state)
-    self._manager.save(step, args=ocp.args.Composite(
-        **{item: ocp.args.PyTreeSave(tree) for item, tree in zip(_TREE_ITEMS, trees)},
-        **{checkpoint.META_ITEM: ocp.args.JsonSave(meta)}))
+    self.wait()  # a failure of the previous save is reported under its own step
+    self._in_flight = step
+    with save_failures(self.directory, step):
+      self._manager.save(step, args=ocp.args.Composite(
+          **{item: ocp.args.PyTreeSave(tree) for item, tree in zip(_TREE_ITEMS, trees)},
+          **{checkpoint.META_ITEM: ocp.args.JsonSave(meta)}))
 
   def restore(self, target: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
     """Restores step `step` (default: the latest) into the shapes/shardings of `target`.
@@ -136,8 +154,10 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until any asynchronous save has been committed."""
-    self._manager.wait_until_finished()
+    step, self._in_flight = self._in_flight, None
+    with save_failures(self.directory, step):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()

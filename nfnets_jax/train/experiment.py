@@ -21,7 +21,9 @@ import numpy as np
 from absl import logging
 
 from nfnets_jax import models, optim
+from nfnets_jax.train import checkpoint_recovery
 from nfnets_jax.train import config as config_lib
+from nfnets_jax.train import preemption
 from nfnets_jax.train import sharding, steps
 from nfnets_jax.train.checkpoints import Checkpointer, checkpoint_dir
 from nfnets_jax.train.eval_totals import EvalTotals
@@ -150,16 +152,18 @@ class Experiment:
                                 self.mesh, shard=self.config.shard_state)
 
   def restore_or_init(self) -> TrainState:
-    """The latest complete checkpoint in the workdir, or a freshly initialised state."""
-    latest = self.checkpointer.latest_step()
-    if latest is None:
+    """The newest readable checkpoint in the workdir (damaged newer ones are
+    reported and set aside: checkpoint_recovery), or a freshly initialised state."""
+    restored = checkpoint_recovery.restore_newest_readable(
+        self.checkpointer, self._abstract_state(), self.mesh)
+    if restored is None:
       logging.info("No checkpoint in %s; initialising %s.", checkpoint_dir(self.workdir),
                    self.config.model)
       return steps.init_state(self.model, self.optimizer, self.ema,
                               jax.random.key(self.config.seed), self.image_shape, self.mesh,
                               shard=self.config.shard_state)
-    state, _ = self.checkpointer.restore(self._abstract_state(), latest)
-    logging.info("Resumed from step %d (%s).", latest, checkpoint_dir(self.workdir))
+    state, _, step = restored
+    logging.info("Resumed from step %d (%s).", step, checkpoint_dir(self.workdir))
     return state
 
   def _meta(self) -> dict[str, Any]:
@@ -203,11 +207,18 @@ class Experiment:
     """Trains to `total_steps` (resuming if possible).
 
     Returns the final step, a fingerprint of the parameters and, if
-    `evaluate`, the eval metrics of the final weights.
+    `evaluate`, the eval metrics of the final weights. On SIGTERM/SIGINT every
+    process stops at one step boundary, saves that step, waits for it and
+    raises `preemption.Preempted` (see nfnets_jax/train/preemption.py).
     """
+    with preemption.StopSignals() as signals:
+      return self._train(evaluate, preemption.StopPoll(self.mesh, signals))
+
+  def _train(self, evaluate: bool, stop: preemption.StopPoll) -> dict[str, Any]:
     config = self.config
     state = self.restore_or_init()
     step = int(jax.device_get(state.step))
+    saved_step = step if step else None  # a restored step is on disk already
     logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices "
                  "(%d processes).", config.model, self.total_steps, self.steps_per_epoch,
                  config.train_batch_size, jax.device_count(), jax.process_count())
@@ -229,32 +240,59 @@ class Experiment:
         if step % config.checkpoint_every_steps == 0 or step == self.total_steps:
           self._check_finite(metrics, step)
           self.checkpointer.save(state, self._meta())
+          saved_step = step
         if evaluate and config.eval_every_steps and step % config.eval_every_steps == 0 \
-            and step != self.total_steps:
-          self.evaluate(state)
+            and step != self.total_steps and self.evaluate(state, stop) is None:
+          self._stop(state, metrics, saved_step, stop, "evaluation")
+        # -- preemption: all processes agree to stop at this boundary
+        if stop.poll():
+          self._stop(state, metrics, saved_step, stop, "training")
     finally:
       self.checkpointer.wait()
-    results = self.evaluate(state) if evaluate else {"step": step}
+    results = self.evaluate(state, stop) if evaluate else {"step": step}
+    if results is None:  # the final step's checkpoint is complete: a rerun only evaluates
+      raise preemption.Preempted(step, stop.signal_name, checkpoint_dir(self.workdir),
+                                 "the final evaluation")
     # Gathered whole (a sharded state's) so that every process hashes every value.
     results["params_fingerprint"] = params_fingerprint(
         jax.jit(self.layout.unstack_all, out_shardings=steps.replicated(self.mesh))(state.params))
     return results
 
-  def evaluate(self, state: Optional[TrainState] = None) -> dict[str, float]:
-    """Top-1, top-5 and loss of the raw and the EMA weights over the whole eval split."""
+  def _stop(self, state: TrainState, metrics: dict[str, jax.Array], saved_step: Optional[int],
+            stop: preemption.StopPoll, during: str) -> None:
+    """Saves `state` (unless its step is saved already), waits for it, raises Preempted."""
+    step = int(jax.device_get(state.step))
+    if saved_step != step:
+      self._check_finite(metrics, step)
+      self.checkpointer.save(state, self._meta())
+    self.checkpointer.wait()
+    preemption.all_processes_reached("checkpoint of the stop step complete")
+    raise preemption.Preempted(step, stop.signal_name, checkpoint_dir(self.workdir), during)
+
+  def evaluate(self, state: Optional[TrainState] = None,
+               stop: Optional[preemption.StopPoll] = None) -> Optional[dict[str, float]]:
+    """Top-1, top-5 and loss of the raw and the EMA weights over the whole eval split.
+
+    Without `state`, of the newest readable checkpoint. With `stop`, polled
+    after every batch: None when the job agreed to stop before the end.
+    """
     if state is None:
-      latest = self.checkpointer.latest_step()
-      if latest is None:
+      restored = checkpoint_recovery.restore_newest_readable(
+          self.checkpointer, self._abstract_state(), self.mesh)
+      if restored is None:
         raise FileNotFoundError(
             f"No checkpoint in {checkpoint_dir(self.workdir)} to evaluate; train first "
             "(--mode=train or train_eval).")
-      state, _ = self.checkpointer.restore(self._abstract_state(), latest)
+      state = restored[0]
     step = int(jax.device_get(state.step))
     start = time.perf_counter()
     named = {"": state.params, "ema_": state.ema.ema}
     totals = EvalTotals()
     for batch in self._eval_batches():
       totals.add(jax.device_get(self.eval_step(named, steps.global_batch(self.mesh, batch))))
+      if stop is not None and stop.poll():
+        logging.warning("Evaluation of step %d stopped before its end.", step)
+        return None
     results = {"step": step}
     for prefix in named:
       results.update({prefix + key: mean for key, mean in totals.means(prefix).items()})

@@ -1,0 +1,257 @@
+"""Preemption, damaged checkpoints and failed saves (issue 28).
+
+In this process: the signal handling and stop agreement of
+nfnets_jax/train/preemption.py, and nfnets_jax/train/checkpoint_recovery.py on
+real orbax checkpoints of a small train state. In subprocesses (slow): the
+trainer signalled at exact moments (tests/preemption_hook.py), resumed, and
+compared bitwise with the session's uninterrupted runs (tests/demo_run.py).
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from demo_run import (REPO, SHARED_DEVICES, SHARED_EXTRA, checkpoint_steps, final_json,
+                      local_launch, trainer_command, trainer_env)
+from nfnets_jax.optim import EmaState
+from nfnets_jax.train import checkpoint_recovery, preemption, steps
+from nfnets_jax.train.checkpoints import Checkpointer
+from nfnets_jax.train.state import TrainState
+
+HOOK = REPO / "tests" / "preemption_hook.py"
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_first_signal_requests_a_stop_later_ones_are_ignored_and_handlers_come_back():
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption.StopSignals() as signals:
+    poll = preemption.StopPoll(steps.make_mesh(), signals)
+    assert not poll.poll()
+    os.kill(os.getpid(), signal.SIGTERM)  # real signals; the default would end pytest
+    os.kill(os.getpid(), signal.SIGINT)
+    assert signals.requested and signals.signal_name == "SIGTERM"
+    assert poll.poll() and poll.signal_name == "SIGTERM"
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_preempted_message_names_the_step_and_how_to_resume():
+  err = preemption.Preempted(6, "SIGTERM", "/w/checkpoints", "evaluation")
+  assert str(err) == ("Stopped on SIGTERM during evaluation at step 6: its checkpoint is complete "
+                      "in /w/checkpoints. Rerun the same command to resume from step 6.")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _state(step: int) -> TrainState:
+  """A small train state (real arrays, the trainer's tree kinds) whose values depend on `step`."""
+  mesh = steps.make_mesh()
+  put = lambda x: jax.device_put(x, steps.replicated(mesh))  # noqa: E731
+  params = {"net/~/linear": {"w": put(jnp.full((8, 4), float(step))), "b": put(jnp.zeros(4))}}
+  return TrainState(step=put(jnp.asarray(step, jnp.int32)), params=params,
+                    opt_state=(put(jnp.arange(5.0) * step),),
+                    ema=EmaState(count=put(jnp.asarray(step, jnp.int32)), ema=params))
+
+
+def _target() -> TrainState:
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0))
+
+
+def _save_steps(workdir, *saved: int) -> Checkpointer:
+  checkpointer = Checkpointer(str(workdir), max_to_keep=5, async_save=False)
+  for step in saved:
+    checkpointer.save(_state(step), {"model": "test"})
+  return checkpointer
+
+
+def _largest_file(directory: pathlib.Path) -> pathlib.Path:
+  return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate_array_file(step_dir: pathlib.Path) -> None:
+  path = _largest_file(step_dir / "params")
+  path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 3])
+
+
+def _remove_item(step_dir: pathlib.Path) -> None:
+  shutil.rmtree(step_dir / "opt_state")
+
+
+def _garble_metadata(step_dir: pathlib.Path) -> None:
+  (step_dir / "params" / "_METADATA").write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [_truncate_array_file, _remove_item, _garble_metadata])
+def test_damaged_newest_checkpoint_is_named_set_aside_and_the_next_older_restored(
+    tmp_path, damage, caplog):
+  checkpointer = _save_steps(tmp_path, 1, 2, 3)
+  damage(tmp_path / "checkpoints" / "3")
+  state, meta, step = checkpoint_recovery.restore_newest_readable(
+      checkpointer, _target(), steps.make_mesh())
+  assert (step, meta["step"]) == (2, 2)
+  assert float(state.params["net/~/linear"]["w"][0, 0]) == 2.0
+  assert f"Checkpoint step 3 in {tmp_path / 'checkpoints'} cannot be read" in caplog.text
+  assert (tmp_path / "damaged_checkpoints" / "3" / "params").is_dir()  # moved, not deleted
+  assert checkpointer.all_steps() == [1, 2]
+  checkpointer.save(_state(3), {"model": "test"})  # the resumed run can save step 3 again
+  assert checkpointer.all_steps() == [1, 2, 3]
+  checkpointer.close()
+
+
+def test_no_readable_checkpoint_lists_every_step_and_moves_nothing(tmp_path):
+  checkpointer = _save_steps(tmp_path, 1, 2)
+  for step in (1, 2):
+    _remove_item(tmp_path / "checkpoints" / str(step))
+  with pytest.raises(checkpoint_recovery.NoReadableCheckpointError,
+                     match=r"None of the 2 checkpoints in .*checkpoints can be restored \(step 2: "
+                           r".*; step 1: .*\)\. Nothing was moved or deleted"):
+    checkpoint_recovery.restore_newest_readable(checkpointer, _target(), steps.make_mesh())
+  assert checkpoint_steps(tmp_path) == [1, 2] and not (tmp_path / "damaged_checkpoints").exists()
+  checkpointer.close()
+
+
+def test_tools_reading_a_damaged_step_get_a_clear_error_naming_the_other_steps(tmp_path):
+  """Evaluate/convert/classify read workdirs through checkpoint.load_params."""
+  from nfnets_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  _save_steps(tmp_path, 1, 2).close()
+  _truncate_array_file(tmp_path / "checkpoints" / "2")
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=r"\(step 2\): the 'params' item cannot be read \(.*\); the checkpoint may "
+                           r"be damaged .* Other saved steps in .*checkpoints: \[1\]; read one with "
+                           r"step= \(--step\)\."):
+    checkpoint.load_params(tmp_path)
+  assert checkpoint.load_params(tmp_path, step=1)["net/~/linear"]["w"][0, 0] == 1.0
+
+
+class ReadOnly:
+  """Makes a directory unwritable, for root too: chmod for others, `chattr +i` as root."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+
+  def __enter__(self):
+    if os.geteuid() != 0:
+      self.path.chmod(0o555)
+      return self
+    if shutil.which("chattr") is None:
+      pytest.skip("running as root, where chmod does not stop writes, and chattr is missing")
+    proc = subprocess.run(["chattr", "+i", str(self.path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+      pytest.skip(f"running as root, where chmod does not stop writes, and this filesystem has "
+                  f"no immutable flag (chattr +i: {proc.stderr.strip()})")
+    return self
+
+  def __exit__(self, *exc_info):
+    if os.geteuid() != 0:
+      self.path.chmod(0o755)
+    else:
+      subprocess.run(["chattr", "-i", str(self.path)], check=True)
+
+
+def test_failed_save_names_directory_step_and_cause_and_keeps_previous(tmp_path):
+  checkpointer = _save_steps(tmp_path, 1)
+  ckpt = tmp_path / "checkpoints"
+  with ReadOnly(ckpt):
+    with pytest.raises(checkpoint_recovery.CheckpointSaveError) as err:
+      checkpointer.save(_state(2), {"model": "test"})
+  message = str(err.value)
+  assert message.startswith(f"Saving the checkpoint of step 2 in {ckpt} failed (PermissionError")
+  assert "it was not saved" in message and "\n" not in message
+  assert checkpoint_steps(tmp_path) == [1]
+  _, meta, step = checkpoint_recovery.restore_newest_readable(
+      Checkpointer(str(tmp_path), async_save=False), _target(), steps.make_mesh())
+  assert (step, meta["step"]) == (1, 1)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def _hooked(dirs, workdir, moment: str, *extra: str) -> subprocess.CompletedProcess:
+  """The shared demo's command (keeping 3 checkpoints), run through preemption_hook
+  signalling at `moment`; without one, the trainer itself."""
+  argv = trainer_command(dirs, workdir, *SHARED_EXTRA, "--config.keep_checkpoints=3", *extra)
+  env = trainer_env(SHARED_DEVICES)
+  if moment:
+    argv[1:3] = [str(HOOK)]  # `python -m nfnets_jax.train` -> `python tests/preemption_hook.py`
+    env.update(NFNETS_TEST_SIGNAL=moment,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"),
+                                                        env.get("PYTHONPATH")])))
+  return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _stopped_line(step: int, during: str = "training", signal_name: str = "SIGTERM") -> str:
+  return (f"Stopped on {signal_name} during {during} at step {step}: its checkpoint is complete "
+          "in ")
+
+
+def _without_seconds(results: dict) -> dict:
+  return {key: value for key, value in results.items() if key != "seconds"}
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_step_a_save_and_an_evaluation_loses_no_step(demo_run, tmp_path):
+  """One workdir, stopped three times (during step 2; while step 4's async save is written,
+  with a second signal on top; in the evaluation at step 6), then refused a save (a
+  read-only checkpoint directory), then resumed past a damaged newest checkpoint:
+  it ends bitwise equal to the session's uninterrupted run."""
+  dirs = {"data_dir": demo_run["data_dir"], "cache": demo_run["cache"]}
+  workdir, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+  stops = [("step:2", 2, "training", []), ("save:4", 4, "training", []),
+           ("eval:1", 6, "evaluation", ["--config.eval_every_steps=6"])]
+  for moment, step, during, extra in stops:
+    proc = _hooked(dirs, workdir, moment, *extra)
+    assert proc.returncode == preemption.EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert _stopped_line(step, during) + str(ckpt) in proc.stderr
+    assert checkpoint_steps(workdir)[-1] == step
+    if moment.startswith("save"):
+      assert "SIGINT received while already stopping on SIGTERM: ignored" in proc.stderr
+  assert checkpoint_steps(workdir) == [2, 4, 6]
+
+  with ReadOnly(ckpt):  # resumes from 6, then cannot save step 8
+    proc = _hooked(dirs, workdir, "")
+  assert proc.returncode == 4, proc.stderr[-3000:]
+  assert (f"FATAL Saving the checkpoint of step 8 in {ckpt} failed (PermissionError"
+          in proc.stderr)
+  assert checkpoint_steps(workdir) == [2, 4, 6] and "eval top-1" not in proc.stdout
+
+  _truncate_array_file(ckpt / "6")
+  proc = _hooked(dirs, workdir, "")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Checkpoint step 6 in {ckpt} cannot be read" in proc.stderr
+  assert "Resumed from step 4" in proc.stderr
+  assert (workdir / "damaged_checkpoints" / "6").is_dir()
+  assert _without_seconds(final_json(proc.stdout)) == _without_seconds(demo_run["reported"])
+
+
+@pytest.mark.slow
+def test_two_processes_signal_one_both_stop_at_the_same_step_and_resume_bitwise(
+    two_process_run, tmp_path):
+  # No compilation cache: JAX writes it from process 0 only, so with one process 1
+  # would compile alone while process 0 waits in the first collective, on a busy
+  # machine past gloo's 30 s (both compile here, at the same pace).
+  dirs = {"data_dir": two_process_run["data_dir"], "cache": ""}
+  outputs = local_launch(dirs, tmp_path, module="preemption_hook",
+                         env={"NFNETS_TEST_SIGNAL": "step:2", "NFNETS_TEST_SIGNAL_PROCESS": "1"})
+  for status, _, stderr in outputs:
+    assert status == preemption.EXIT_PREEMPTED, stderr[-3000:]
+  # The agreement is read one boundary after the signal: both stop after step 3.
+  assert _stopped_line(3) in outputs[1][2]
+  assert _stopped_line(3, signal_name="a stop request from another process") in outputs[0][2]
+  assert checkpoint_steps(tmp_path) == [3]
+
+  outputs = local_launch(dirs, tmp_path)
+  for status, _, stderr in outputs:
+    assert status == 0, stderr[-3000:]
+    assert "Resumed from step 3" in stderr
+  want = [_without_seconds(line) for line in two_process_run["reported"]]
+  assert [_without_seconds(final_json(stdout)) for _, stdout, _ in outputs] == want
