@@ -104,10 +104,17 @@ class Experiment:
                                         **model_kwargs(config))
 
     from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
-    source = open_source(config.dataset.name, config.dataset.train_split,
-                         data_dir=config.dataset.data_dir,
-                         val_fraction=config.dataset.val_fraction)
+    try:
+      source = open_source(config.dataset.name, config.dataset.train_split,
+                           data_dir=config.dataset.data_dir,
+                           val_fraction=config.dataset.val_fraction)
+    except (ValueError, FileNotFoundError) as err:
+      raise config_lib.ConfigError(f"config.dataset: {err}") from None
     num_train = source.num_examples(config.dataset.train_split)
+    try:  # Here, not after hours of training: the eval split is read at the end.
+      source.num_examples(config.dataset.eval_split)
+    except ValueError as err:
+      raise config_lib.ConfigError(f"config.dataset.eval_split: {err}") from None
     self.class_names = source.class_names
     self.steps_per_epoch = max(1, num_train // config.train_batch_size)
     if config.num_train_steps > 0:
