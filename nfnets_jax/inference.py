@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, Mapping, Optional
 
@@ -62,8 +63,9 @@ class Settings:
       if value is None:
         continue
       shown = value
-      if isinstance(value, (list, tuple)):
-        shown = f"{len(value)}: {', '.join(map(str, value[:4]))}{', ...' if len(value) > 4 else ''}"
+      if isinstance(value, (list, tuple)):  # class names: how many, and the first few
+        shown = f"{len(value)}: {', '.join(map(str, value[:4]))}" + (", ..." if len(value) > 4
+                                                                      else "")
       lines.append(f"  {name:<{width}}  {shown}  [{self.origins[name]}]")
     return "\n".join(lines)
 
@@ -294,8 +296,9 @@ def _pick(settings: Settings, name: str, flag_value: Any, recorded: dict[str, An
   return settings.set(name, default, DEFAULT)
 
 
-def _folder_path(name: str) -> str:
-  import os  # Only to compare folder datasets given by relative and absolute paths.
+def absolute_dataset_name(name: str) -> str:
+  """'folder:<path>' with a local path made absolute (so it names the same folder from any
+  directory); any other name as it is."""
   prefix = "folder:"
   if name.startswith(prefix) and "://" not in name:
     return prefix + os.path.abspath(os.path.expanduser(name[len(prefix):]))
@@ -316,7 +319,7 @@ def eval_settings_from_flags(fv, loaded: LoadedModel, *, dataset: bool = False) 
   if dataset:
     name = _pick(settings, "dataset", fv.dataset, recorded, DEFAULT_DATASET)
     same = recorded.get("dataset") is not None and \
-        _folder_path(name) == _folder_path(recorded["dataset"])
+        absolute_dataset_name(name) == absolute_dataset_name(recorded["dataset"])
     _pick(settings, "split", fv.split, recorded, DEFAULT_SPLIT, use_record=same)
     _pick(settings, "data_dir", fv.data_dir, recorded, None, use_record=same)
     if fv.val_fraction is not None or name.startswith("folder:"):  # Else it means nothing.

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nfnets_jax import models, optim
+from nfnets_jax import inference, models, optim
 from nfnets_jax.train import config as config_lib
 from nfnets_jax.train import steps
 from nfnets_jax.train.checkpoints import Checkpointer, checkpoint_dir
@@ -42,13 +42,10 @@ def eval_record(dataset: ml_collections.ConfigDict) -> dict[str, Any]:
   """How this run evaluates, for the checkpoint's meta: the eval split of its dataset
   (paths made absolute, so the record works from any directory), at its eval size and
   preprocessing; `ema` False as the run's summary reports the raw weights' top-1 first."""
-  name = dataset.name
-  if name.startswith("folder:") and "://" not in name:
-    name = "folder:" + os.path.abspath(os.path.expanduser(name[len("folder:"):]))
   data_dir = dataset.data_dir
   if data_dir and "://" not in data_dir:
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
-  return {"dataset": name, "data_dir": data_dir, "val_fraction": dataset.val_fraction,
+  return {"dataset": inference.absolute_dataset_name(dataset.name), "data_dir": data_dir, "val_fraction": dataset.val_fraction,
           "split": dataset.eval_split, "image_size": dataset.eval_image_size,
           "eval_preproc": dataset.eval_preproc, "ema": False}
 
