@@ -10,11 +10,10 @@ centre-crop; --image_size/--eval_preproc change it), exactly as
 from. Prints, per image, the top-5 classes with their probabilities: the class
 names the training run recorded (its dataset's: folder names, TFDS label
 names), else ImageNet synset ID and name for 1000-class models, else the class
-index. JPEG, PNG and whatever else
-Pillow reads (GIF, BMP, WebP, TIFF); grayscale, palette, RGBA and CMYK images
-are converted to RGB, and EXIF rotations applied. An image that is missing or
-cannot be decoded is reported by name on stderr, the others are still
-classified, and the exit status is 1.
+index. JPEG, PNG and whatever else Pillow reads (GIF, BMP, WebP, TIFF);
+grayscale, palette, RGBA and CMYK images are converted to RGB, and EXIF
+rotations applied. An image that is missing or cannot be decoded is reported
+by name on stderr, the others are still classified, and the exit status is 1.
 """
 
 from __future__ import annotations
