@@ -38,7 +38,10 @@ Training workdir layout (the contract between training and evaluation)::
                               same tree, same handler
           meta/               item "meta" (optional): JSON with at least
                               `model`, `num_classes` and `model_kwargs`, so
-                              tools can rebuild the network (`load_meta`)
+                              tools can rebuild the network (`load_meta`);
+                              and, from newer runs, `eval` (dataset, data_dir,
+                              val_fraction, split, image_size, eval_preproc,
+                              ema: how the run evaluates) and `class_names`
           ...                 any other items (optimizer state, data iterator,
                               step counters); loading ignores them
 
@@ -72,7 +75,8 @@ PathLike = Union[str, os.PathLike]
 #: Orbax item names inside each step of a training workdir (see module docstring).
 PARAMS_ITEM = "params"
 EMA_PARAMS_ITEM = "ema_params"
-#: Optional JSON item of each step: the model name, num_classes and model kwargs.
+#: Optional JSON item of each step: the model name, num_classes, model kwargs, how the
+#: run evaluates and its class names (see `nfnets_jax.inference`).
 META_ITEM = "meta"
 #: Subdirectory of a training workdir that holds the CheckpointManager.
 CHECKPOINTS_SUBDIR = "checkpoints"

@@ -1,17 +1,19 @@
-"""The top ImageNet classes of a few images, with a checkpoint.
+"""The top classes of a few images, with a checkpoint.
 
   python -m nfnets_jax.classify --checkpoint=F0_safe.npz --model=nfnet:F0 cat.jpg dog.png
   python -m nfnets_jax.classify --checkpoint=/tmp/workdir --ema --json photo.jpg
 
-Each image gets the published evaluation preprocessing of the model (resize to
-its test resolution + 32 px, centre-crop; --image_size/--eval_preproc change
-it), exactly as `nfnets_jax.evaluate` scores a dataset. Prints, per image, the
-top-5 classes with their probabilities: ImageNet synset ID and name for
-1000-class models, the class index otherwise. JPEG, PNG and whatever else
-Pillow reads (GIF, BMP, WebP, TIFF); grayscale, palette, RGBA and CMYK images
-are converted to RGB, and EXIF rotations applied. An image that is missing or
-cannot be decoded is reported by name on stderr, the others are still
-classified, and the exit status is 1.
+Each image gets the evaluation preprocessing a training workdir records (else
+the published one of the model: resize to its test resolution + 32 px,
+centre-crop; --image_size/--eval_preproc change it), exactly as
+`nfnets_jax.evaluate` scores a dataset; stderr says where each setting came
+from. Prints, per image, the top-5 classes with their probabilities: the class
+names the training run recorded (its dataset's: folder names, TFDS label
+names), else ImageNet synset ID and name for 1000-class models, else the class
+index. JPEG, PNG and whatever else Pillow reads (GIF, BMP, WebP, TIFF);
+grayscale, palette, RGBA and CMYK images are converted to RGB, and EXIF
+rotations applied. An image that is missing or cannot be decoded is reported
+by name on stderr, the others are still classified, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ class Prediction:
   name: Optional[str] = None
 
   def label(self) -> str:
-    return f"{self.synset}  {self.name}" if self.synset else f"class {self.index}"
+    if self.synset:
+      return f"{self.synset}  {self.name}"
+    return self.name if self.name is not None else f"class {self.index}"
 
 
 def imagenet_classes() -> list[tuple[str, str]]:
@@ -60,6 +64,25 @@ def imagenet_classes() -> list[tuple[str, str]]:
     raise ValueError(f"{CLASS_NAMES_RESOURCE} lists {len(classes)} classes, not "
                      f"{IMAGENET_NUM_CLASSES}: the installed package is damaged.")
   return classes
+
+
+def class_table(loaded: inference.LoadedModel) -> tuple[Optional[list[tuple[Optional[str], str]]],
+                                                      str]:
+  """The (synset, name) of each label and where they came from (an origin of `inference`).
+
+  Names a training run recorded come first; recorded ImageNet synsets get their
+  WordNet names. Without a record a 1000-class model gets ImageNet's; otherwise
+  there are none (None) and labels print as indices.
+  """
+  recorded = loaded.class_names
+  if recorded:
+    imagenet = imagenet_classes()
+    if recorded == [synset for synset, _ in imagenet]:
+      return imagenet, inference.RECORD
+    return [(None, name) for name in recorded], inference.RECORD
+  if loaded.num_classes == IMAGENET_NUM_CLASSES:
+    return imagenet_classes(), inference.DEFAULT
+  return None, inference.DEFAULT
 
 
 def read_image(path: str | pathlib.Path) -> bytes:
@@ -136,7 +159,8 @@ def top_predictions(probabilities: np.ndarray, k: int,
   order = np.argsort(-probabilities, kind="stable")[:k]
   out = []
   for index in order:
-    synset, name = classes[index] if classes is not None else (None, None)
+    synset, name = (classes[index] if classes is not None and index < len(classes)
+                    else (None, None))
     out.append(Prediction(int(index), float(probabilities[index]), synset, name))
   return out
 
@@ -150,6 +174,7 @@ def classify_images(loaded: inference.LoadedModel, paths: Sequence[str], *, imag
 
   Images run in batches of `batch_size` (the last one padded), so the network
   compiles once. `on_error(path, reason)` is called as each failure is found.
+  Classes are named as `class_table` says.
 
   Returns:
     ({path: predictions}, {path: reason}), both in the order of `paths`.
@@ -158,7 +183,7 @@ def classify_images(loaded: inference.LoadedModel, paths: Sequence[str], *, imag
     raise ValueError(f"top_k must be >= 1, got {top_k}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  classes = imagenet_classes() if loaded.num_classes == IMAGENET_NUM_CLASSES else None
+  classes, _ = class_table(loaded)
   ready, failed = [], {}
   for path in paths:
     try:
@@ -201,15 +226,17 @@ def _define_flags():
   return fv, runtime_flags
 
 
-def _as_json(loaded: inference.LoadedModel, image_size: int, eval_preproc: str,
+def _as_json(loaded: inference.LoadedModel, settings: inference.Settings,
              paths: Sequence[str], results: dict[str, list[Prediction]],
              failed: dict[str, str]) -> str:
   return json.dumps({
       "model": loaded.name,
       "checkpoint": loaded.source,
       "num_classes": loaded.num_classes,
-      "image_size": image_size,
-      "eval_preproc": eval_preproc,
+      "image_size": settings["image_size"],
+      "eval_preproc": settings["eval_preproc"],
+      "ema": settings["ema"],
+      "settings_from": settings.origins,
       "results": [{"image": path, "predictions": [dataclasses.asdict(p) for p in results[path]]}
                   for path in paths if path in results],
       "errors": [{"image": path, "error": failed[path]} for path in paths if path in failed],
@@ -247,16 +274,21 @@ def _classify_from_flags(fv, runtime_flags: runtime.RuntimeFlags, paths: list[st
     raise cli.UsageError(f"--batch_size must be >= 1, got {fv.batch_size}.")
   runtime.setup(runtime_flags)
   loaded = inference.load_model_from_flags(fv)
-  image_size, eval_preproc = inference.image_settings_from_flags(fv, loaded.name)
+  settings = inference.eval_settings_from_flags(fv, loaded)
+  classes, origin = class_table(loaded)
+  settings.set("class_names", [name for _, name in classes] if classes else "class indices",
+               origin)
+  print(settings.describe(), file=sys.stderr, flush=True)
 
   def report(path: str, reason: str) -> None:
     print(f"error: {path}: {reason}", file=sys.stderr, flush=True)
 
   results, failed = classify_images(
-      loaded, paths, image_size=image_size, eval_preproc=eval_preproc, top_k=fv.top_k,
+      loaded, paths, image_size=settings["image_size"], eval_preproc=settings["eval_preproc"],
+      top_k=fv.top_k,
       batch_size=fv.batch_size, compute_dtype=fv.compute_dtype, on_error=report)
   if fv.json:
-    print(_as_json(loaded, image_size, eval_preproc, paths, results, failed))
+    print(_as_json(loaded, settings, paths, results, failed))
   elif results:
     print(_as_text(paths, results))
   if failed:

@@ -1,9 +1,8 @@
 """Top-1, top-5 and loss of a checkpoint over a whole dataset split.
 
   python -m nfnets_jax.evaluate --checkpoint=F0_safe.npz --model=nfnet:F0
-  # `make demo`'s workdir, scored as the trainer scores it:
-  python -m nfnets_jax.evaluate --checkpoint=workdirs/demo --ema --dataset=digits \\
-      --split=test --eval_preproc=resize_crop_1
+  # `make demo`'s workdir, scored as the trainer scores it (its record says how):
+  python -m nfnets_jax.evaluate --checkpoint=workdirs/demo --dataset=digits --split=test
 
 Every example of the split is scored exactly once, on every device of every
 process: the batch is split over a mesh of all devices, each process reads its
@@ -13,9 +12,11 @@ below, or a cluster JAX recognises; see launch/). Process 0 shows progress on
 stderr and prints a summary and, as the last line of stdout, a JSON object
 with the results for scripts.
 
-Defaults: --image_size is the model's published test resolution, preprocessing
-the published 'resize_crop_32', the batch 32 per device; --model, --num_classes
-and the model arguments come from a training workdir's records when present.
+Defaults: a training workdir or checkpoint records its model, classes, model
+arguments, eval image size and preprocessing, dataset, split and EMA choice,
+and each flag left out takes the recorded value (stderr says which setting came
+from where); otherwise the model's published test resolution, 'resize_crop_32',
+imagenet2012's validation split, the raw weights. The batch is 32 per device.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012"
                     image_size: Optional[int] = None,
                     eval_preproc: str = inference.DEFAULT_EVAL_PREPROC,
                     data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
-                    compute_dtype: Any = "float32", progress: str = "auto") -> dict[str, Any]:
+                    val_fraction: float = 0.0, compute_dtype: Any = "float32",
+                    progress: str = "auto") -> dict[str, Any]:
   """Scores `loaded` on a dataset split; the same call on every process of a job.
 
   Args:
@@ -52,6 +54,7 @@ def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012"
     image_size: network input side (default the model's test resolution).
     eval_preproc: 'resize_crop_<pct>' or 'crop_resize'.
     data_dir, manual_dir: TFDS directories.
+    val_fraction: for a single-tree image folder, the part held out as 'validation'.
     compute_dtype: float32, bfloat16 or float16.
     progress: 'bar' (tqdm), 'lines', 'none', or 'auto' (a bar on a terminal,
       else lines); shown by process 0 only.
@@ -90,7 +93,8 @@ def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012"
   batches = data.load(dataset, split, is_training=False,
                       batch_dims=(batch_size // num_processes,), image_size=image_size,
                       eval_preproc=eval_preproc, data_dir=data_dir, manual_dir=manual_dir,
-                      process_index=jax.process_index(), process_count=num_processes)
+                      val_fraction=val_fraction, process_index=jax.process_index(),
+                      process_count=num_processes)
   if batches.num_classes > loaded.num_classes:
     raise ValueError(
         f"{dataset!r} has {batches.num_classes} classes but the model {loaded.name} has "
@@ -210,16 +214,21 @@ def _define_flags():
 
   fv = flags.FlagValues()
   inference.define_model_flags(fv)
-  flags.DEFINE_string("dataset", "imagenet2012",
+  flags.DEFINE_string("dataset", None,
                       "Dataset: 'imagenet2012', 'digits' (embedded), 'folder:<path>' or any "
-                      "TFDS image classification dataset.", flag_values=fv)
-  flags.DEFINE_string("split", "validation", "Split to score, e.g. 'validation', "
-                      "'train[:10000]'.", flag_values=fv)
+                      "TFDS image classification dataset. Default: the one the training run "
+                      f"evaluated on, else {inference.DEFAULT_DATASET!r}.", flag_values=fv)
+  flags.DEFINE_string("split", None, "Split to score, e.g. 'validation', 'train[:10000]'. "
+                      "Default: the training run's eval split (of its dataset), else "
+                      f"{inference.DEFAULT_SPLIT!r}.", flag_values=fv)
+  flags.DEFINE_float("val_fraction", None, "For a single-tree 'folder:<path>': the fraction "
+                     "of each class held out as 'validation'. Default: the training run's "
+                     "(of its dataset), else 0.", flag_values=fv)
   flags.DEFINE_integer("batch_size", None,
                        f"Global batch size, a multiple of the number of devices. Default: "
                        f"{DEFAULT_PER_DEVICE_BATCH} per device.", flag_values=fv)
-  flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's).",
-                      flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data directory. Default: the training run's "
+                      "(of its dataset), else TFDS's.", flag_values=fv)
   flags.DEFINE_string("manual_dir", None, "Where the ImageNet archives are, if not prepared "
                       "yet (default <data_dir>/downloads/manual).", flag_values=fv)
   flags.DEFINE_enum("progress", "auto", ["auto", "bar", "lines", "none"],
@@ -254,12 +263,17 @@ def _evaluate_from_flags(fv, runtime_flags: runtime.RuntimeFlags) -> None:
   if fv.batch_size is not None:
     check_batch_size(fv.batch_size)
   loaded = inference.load_model_from_flags(fv)
-  image_size, eval_preproc = inference.image_settings_from_flags(fv, loaded.name)
+  settings = inference.eval_settings_from_flags(fv, loaded, dataset=True)
+  if jax.process_index() == 0:
+    print(settings.describe(), file=sys.stderr, flush=True)
   results = evaluate_params(
-      loaded, fv.dataset, fv.split, batch_size=fv.batch_size, image_size=image_size,
-      eval_preproc=eval_preproc, data_dir=fv.data_dir, manual_dir=fv.manual_dir,
-      compute_dtype=fv.compute_dtype, progress=fv.progress)
-  results["ema"] = fv.ema
+      loaded, settings["dataset"], settings["split"], batch_size=fv.batch_size,
+      image_size=settings["image_size"], eval_preproc=settings["eval_preproc"],
+      data_dir=settings["data_dir"], manual_dir=fv.manual_dir,
+      val_fraction=settings.values.get("val_fraction", 0.0), compute_dtype=fv.compute_dtype,
+      progress=fv.progress)
+  results["ema"] = settings["ema"]
+  results["settings_from"] = settings.origins
   if jax.process_index() == 0:
     print(_summary(results))
     print(json.dumps(results), flush=True)

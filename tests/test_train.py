@@ -143,6 +143,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path):
      "expected true or false"),
     ("--config.label_smoothing=None", "config.label_smoothing = None is not allowed: expected a "
      "number in [0, 1)"),
+    ("--config.dataset.val_fraction=1.0", "config.dataset.val_fraction = 1.0 is invalid: "
+     "expected a number in [0, 1) (0: hold nothing out)"),
 ])
 def test_bad_flags_are_clear_errors(shared, tmp_path, flag, message):
   proc = run_trainer(shared, tmp_path, flag, devices=4, check=False, timeout=300)

@@ -129,6 +129,8 @@ class Reading:
 
   Attributes:
     data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
+    val_fraction: For a single-tree 'folder:<path>', the fraction of each class
+      held out as its 'validation' split (0: none; see `folder.py`).
     manual_dir: Where the ImageNet archives are (default <data_dir>/downloads/manual).
     download: Allow TFDS to download a dataset that is not prepared.
     fake_data: Zeros of the right shapes without touching any dataset (training:
@@ -142,6 +144,7 @@ class Reading:
       current sleep, which can hold a short run's exit (see docs/performance.md).
   """
   data_dir: Optional[str] = None
+  val_fraction: float = 0.0
   manual_dir: Optional[str] = None
   download: bool = True
   fake_data: bool = False
@@ -151,6 +154,14 @@ class Reading:
 
   def __post_init__(self) -> None:
     _optional_int("num_threads", self.num_threads, 1)
+    check_val_fraction(self.val_fraction)
+
+
+def check_val_fraction(value: Any) -> None:
+  """A ValueError unless `value` is a number in [0, 1)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    raise ValueError(f"val_fraction must be a number in [0, 1) (0: hold nothing out), "
+                     f"got {value!r}")
 
 
 GROUPS = {"preprocessing": Preprocessing, "augmentation": Augmentation, "stream": Stream,

@@ -218,7 +218,7 @@ def build(name: str, split: str, *, is_training: bool, batch_dims: Sequence[int]
                    fake_batches=_fake_batches(dims, size, np_dtype, transpose, is_training, mixes))
 
   source = open_source(name, split, data_dir=reading.data_dir, manual_dir=reading.manual_dir,
-                       download=reading.download)
+                       download=reading.download, val_fraction=reading.val_fraction)
   ds, num_local = source.read(split, process_index=index, process_count=count,
                               shuffle_files=is_training, seed=seed if deterministic else None)
   per_process_batch = math.prod(dims)

@@ -5,9 +5,9 @@ Names:
     data_dir on first use; no download.
   * 'imagenet2012' (optionally with a version, 'imagenet2012:5.1.0'): TFDS's
     builder over the official manual archives (`imagenet.py` checks them first).
-  * 'folder:<path>': a directory of images read through TFDS's `ImageFolder`,
-    either `<path>/<split>/<class>/<image>` or, for a single split, just
-    `<path>/<class>/<image>` (which is then the split 'train').
+  * 'folder:<path>': a directory of images, `<path>/<split>/<class>/<image>`
+    or one `<path>/<class>/<image>` tree, optionally with a held-out part
+    (`folder.py`).
   * any other TFDS image-classification dataset, e.g. 'cifar10', 'mnist'.
 
 Images are never decoded here (`SkipDecoding`): the preprocessing decodes each
@@ -16,38 +16,40 @@ JPEG only inside its crop window.
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import re
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import filelock
 import tensorflow_datasets as tfds
 from absl import logging
 
 from nfnets_jax.data import digits as _digits  # noqa: F401  (registers the 'digits' builder)
-from nfnets_jax.data import imagenet
+from nfnets_jax.data import folder, imagenet
 from nfnets_jax.data._tf import tf
-from nfnets_jax.data.sharding import shard_sizes
 
-FOLDER_PREFIX = "folder:"
+FOLDER_PREFIX = folder.PREFIX
 _NAME_KEYS = ("image/filename", "file_name", "filename", "id")
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 @dataclasses.dataclass
 class Source:
-  """A dataset ready to read: its builder and which features hold image, label and name."""
+  """A prepared TFDS dataset: its builder and which features hold image, label and name."""
   name: str
   builder: tfds.core.DatasetBuilder
   image_key: str
   label_key: str
   name_key: Optional[str]
-  is_folder: bool
+  is_folder = False
 
   @property
   def num_classes(self) -> int:
     return self.builder.info.features[self.label_key].num_classes
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    """The label feature's names (str(i) where the dataset names none)."""
+    return tuple(self.builder.info.features[self.label_key].names)
 
   @property
   def split_names(self) -> list[str]:
@@ -60,18 +62,14 @@ class Source:
 
   def _check_split(self, split: str) -> None:
     bases = base_split_names(split)
-    unknown = [s for s in bases if s not in self.split_names]
-    if unknown or (self.is_folder and split not in self.split_names):
-      hint = (" Folder datasets take whole split names only." if self.is_folder else
-              " Slices such as 'train[:90%]' and unions 'train+validation' are allowed.")
+    if any(s not in self.split_names for s in bases):
       raise ValueError(f"Unknown split {split!r} for dataset {self.name!r}; it has "
-                       f"{self.split_names}.{hint}")
+                       f"{self.split_names}. Slices such as 'train[:90%]' and unions "
+                       "'train+validation' are allowed.")
 
   def part_sizes(self, split: str, process_count: int) -> list[int]:
     """Examples in each process's part of `split` (they can differ by more than one
     for unions: TFDS splits each member of 'a+b' evenly on its own)."""
-    if self.is_folder:
-      return shard_sizes(self.num_examples(split), process_count)
     self._check_split(split)
     return [self.builder.info.splits[tfds.split_for_jax_process(
         split, process_index=i, process_count=process_count)].num_examples
@@ -81,23 +79,16 @@ class Source:
            shuffle_files: bool, seed: Optional[int]) -> tuple[tf.data.Dataset, int]:
     """This process's disjoint part of `split` as {'image': bytes, 'label', 'name'}, and its size.
 
-    The part is TFDS's even split for prepared datasets (contiguous ranges; the
-    first N % P processes get one example more) and every `process_count`-th
-    file for folders.
+    The part is TFDS's even split (contiguous ranges; the first N % P
+    processes get one example more).
     """
     size = self.part_sizes(split, process_count)[process_index]
     decoders = {self.image_key: tfds.decode.SkipDecoding()}
-    if self.is_folder:
-      # ImageFolder has no sub-split API and shuffles files without a seed, so read
-      # its (deterministically ordered) file list and take every P-th file.
-      ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-      ds = ds.shard(process_count, process_index)
-    else:
-      part = tfds.split_for_jax_process(split, process_index=process_index,
-                                        process_count=process_count)
-      read_config = tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=self.name_key is None)
-      ds = self.builder.as_dataset(split=part, shuffle_files=shuffle_files, decoders=decoders,
-                                   read_config=read_config)
+    part = tfds.split_for_jax_process(split, process_index=process_index,
+                                      process_count=process_count)
+    read_config = tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=self.name_key is None)
+    ds = self.builder.as_dataset(split=part, shuffle_files=shuffle_files, decoders=decoders,
+                                 read_config=read_config)
     name_key = self.name_key or "tfds_id"
     image_key, label_key = self.image_key, self.label_key
 
@@ -113,39 +104,6 @@ class Source:
 def base_split_names(split: str) -> list[str]:
   """'train[:10%]+validation' -> ['train', 'validation']."""
   return [re.sub(r"\[.*\]$", "", part.strip()) for part in str(split).split("+")]
-
-
-def _folder_root(path: str, data_dir: Optional[str]) -> str:
-  """The directory to hand to ImageFolder: `path`, or a 'train' view of a flat class folder."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"Image folder {path!r} does not exist; expected "
-                            f"<folder>/<split>/<class>/<image>.jpg or <folder>/<class>/<image>.jpg.")
-  subdirs = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
-  if not subdirs:
-    raise ValueError(f"Image folder {path!r} has no sub-directories; expected "
-                     f"<folder>/<split>/<class>/<image>.jpg or <folder>/<class>/<image>.jpg.")
-  flat = any(f.lower().endswith(_IMAGE_EXTENSIONS)
-             for d in subdirs for f in os.listdir(os.path.join(path, d)))
-  if not flat:
-    return path
-  # ImageFolder wants a split level: expose the folder as '<view>/train' via a symlink.
-  views = os.path.join(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR),
-                       "image_folder_views", hashlib.sha1(path.encode()).hexdigest()[:16])
-  link = os.path.join(views, "train")
-  os.makedirs(views, exist_ok=True)
-  try:
-    os.symlink(path, link)
-  except FileExistsError:  # Made by an earlier load, or by another process just now.
-    pass
-  return views
-
-
-def _folder_source(name: str, data_dir: Optional[str]) -> Source:
-  root = _folder_root(name[len(FOLDER_PREFIX):], data_dir)
-  builder = tfds.ImageFolder(root)
-  return Source(name=name, builder=builder, image_key="image", label_key="label",
-                name_key="image/filename", is_folder=True)
 
 
 def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
@@ -228,18 +186,30 @@ def _feature_keys(builder: tfds.core.DatasetBuilder, name: str) -> tuple[str, st
   return image_key, label_key, name_key
 
 
+AnySource = Union[Source, folder.FolderSource]
+
+
 def open_source(name: str, split: str, *, data_dir: Optional[str] = None,
-                manual_dir: Optional[str] = None, download: bool = True) -> Source:
-  """Resolves `name`, preparing the dataset in `data_dir` if needed, and checks `split`."""
+                manual_dir: Optional[str] = None, download: bool = True,
+                val_fraction: float = 0.0) -> AnySource:
+  """Resolves `name`, preparing the dataset in `data_dir` if needed, and checks `split`.
+
+  `val_fraction` > 0 holds out part of a single-tree image folder as its
+  'validation' split (`folder.py`); other datasets take slices instead.
+  """
   if not isinstance(name, str) or not name:
     raise ValueError(f"Dataset name must be a non-empty string, got {name!r}")
   if name.startswith(FOLDER_PREFIX):
-    source = _folder_source(name, data_dir)
-  else:
-    builder = _prepare(_builder(name, data_dir), name, data_dir, split, manual_dir, download)
-    image_key, label_key, name_key = _feature_keys(builder, name)
-    source = Source(name=name, builder=builder, image_key=image_key, label_key=label_key,
-                    name_key=name_key, is_folder=False)
+    source = folder.open_folder(name, val_fraction)
+    source.num_examples(split)
+    return source
+  if val_fraction:
+    raise ValueError(f"val_fraction={val_fraction} applies to 'folder:<path>' datasets only; "
+                     f"hold out part of {name!r} with a split slice such as 'train[:10%]'.")
+  builder = _prepare(_builder(name, data_dir), name, data_dir, split, manual_dir, download)
+  image_key, label_key, name_key = _feature_keys(builder, name)
+  source = Source(name=name, builder=builder, image_key=image_key, label_key=label_key,
+                  name_key=name_key)
   try:
     source.num_examples(split)
   except ValueError:

@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = config_dict.placeholder(str)
   c.dataset.train_split = "train"
   c.dataset.eval_split = "validation"
+  # For a single class-folder tree ('folder:<path>'): the fraction of each
+  # class held out as its 'validation' split (0: none; see data/folder.py).
+  c.dataset.val_fraction = 0.0
   c.dataset.image_size = 192
   c.dataset.eval_image_size = 256
   # A typed placeholder: None (no augmentation) is a valid value, from files and
@@ -231,6 +234,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.clipping": (lambda v: v >= 0, "a number >= 0 (0 disables AGC)"),
     "optimizer.base_lr": (lambda v: v > 0, "a number > 0"),
     "optimizer.min_lr": (lambda v: v >= 0, "a number >= 0"),
+    "dataset.val_fraction": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1) (0: hold nothing out)"),
 }
 #: The fields a library parser checks (see `validate`) that may not be None, and what they take.
 _PARSED_FIELDS = {

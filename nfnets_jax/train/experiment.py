@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nfnets_jax import models, optim
+from nfnets_jax import inference, models, optim
 from nfnets_jax.train import checkpoint_recovery
 from nfnets_jax.train import config as config_lib
 from nfnets_jax.train import preemption
@@ -38,6 +38,18 @@ class NonFiniteLossError(RuntimeError):
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The model constructor's keyword arguments (unset placeholders dropped)."""
   return {key: value for key, value in config.model_kwargs.items() if value is not None}
+
+
+def eval_record(dataset: ml_collections.ConfigDict) -> dict[str, Any]:
+  """How this run evaluates, for the checkpoint's meta: the eval split of its dataset
+  (paths made absolute, so the record works from any directory), at its eval size and
+  preprocessing; `ema` False as the run's summary reports the raw weights' top-1 first."""
+  data_dir = dataset.data_dir
+  if data_dir and "://" not in data_dir:
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  return {"dataset": inference.absolute_dataset_name(dataset.name), "data_dir": data_dir, "val_fraction": dataset.val_fraction,
+          "split": dataset.eval_split, "image_size": dataset.eval_image_size,
+          "eval_preproc": dataset.eval_preproc, "ema": False}
 
 
 def params_fingerprint(params: Any) -> str:
@@ -109,9 +121,18 @@ class Experiment:
                                         **model_kwargs(config))
 
     from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
-    num_train = open_source(config.dataset.name, config.dataset.train_split,
-                            data_dir=config.dataset.data_dir).num_examples(
-                                config.dataset.train_split)
+    try:
+      source = open_source(config.dataset.name, config.dataset.train_split,
+                           data_dir=config.dataset.data_dir,
+                           val_fraction=config.dataset.val_fraction)
+    except (ValueError, FileNotFoundError) as err:
+      raise config_lib.ConfigError(f"config.dataset: {err}") from None
+    num_train = source.num_examples(config.dataset.train_split)
+    try:  # Here, not after hours of training: the eval split is read at the end.
+      source.num_examples(config.dataset.eval_split)
+    except ValueError as err:
+      raise config_lib.ConfigError(f"config.dataset.eval_split: {err}") from None
+    self.class_names = source.class_names
     self.steps_per_epoch = max(1, num_train // config.train_batch_size)
     if config.num_train_steps > 0:
       self.total_steps = config.num_train_steps
@@ -167,8 +188,11 @@ class Experiment:
     return state
 
   def _meta(self) -> dict[str, Any]:
+    """What the tools need to rebuild and score the network as this run does (see
+    `nfnets_jax.inference`): the model, how its eval runs, its class names."""
     return {"model": self.config.model, "num_classes": self.config.num_classes,
-            "model_kwargs": model_kwargs(self.config)}
+            "model_kwargs": model_kwargs(self.config),
+            "eval": eval_record(self.config.dataset), "class_names": list(self.class_names)}
 
   # -- data ------------------------------------------------------------------
 
@@ -178,7 +202,7 @@ class Experiment:
         ds.name, ds.train_split, is_training=True, batch_dims=(self.local_train_batch,),
         image_size=ds.image_size, augment_name=ds.augment_name,
         augment_before_mix=ds.augment_before_mix, data_dir=ds.data_dir,
-        train_preproc=ds.train_preproc,
+        val_fraction=ds.val_fraction, train_preproc=ds.train_preproc,
         seed=self.config.seed if ds.deterministic else None, deterministic=ds.deterministic,
         start_step=start_step, autotune=ds.autotune)
 
@@ -187,7 +211,7 @@ class Experiment:
     return self._data.load(
         ds.name, ds.eval_split, is_training=False, batch_dims=(self.local_eval_batch,),
         image_size=ds.eval_image_size, eval_preproc=ds.eval_preproc, data_dir=ds.data_dir,
-        autotune=ds.autotune)
+        val_fraction=ds.val_fraction, autotune=ds.autotune)
 
   # -- loop ------------------------------------------------------------------
 
