@@ -22,7 +22,7 @@ from absl import logging
 
 from nfnets_jax import models, optim
 from nfnets_jax.train import config as config_lib
-from nfnets_jax.train import steps
+from nfnets_jax.train import freeze, init_from, steps
 from nfnets_jax.train.checkpoints import Checkpointer, checkpoint_dir
 from nfnets_jax.train.eval_totals import EvalTotals
 from nfnets_jax.train.reporting import Reporter
@@ -87,17 +87,22 @@ class Experiment:
     # models/stacking.py); checkpoint files hold the published tree.
     self.layout = models.stacked_layout(config.model, config.num_classes,
                                         **model_kwargs(config))
+    self.split = freeze.model_split(config.freeze, self.model, self.image_shape, self.layout)
 
     from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
-    num_train = open_source(config.dataset.name, config.dataset.train_split,
-                            data_dir=config.dataset.data_dir).num_examples(
-                                config.dataset.train_split)
+    from nfnets_jax.data.subsets import restrict  # pylint: disable=import-outside-toplevel
+    num_train = restrict(open_source(config.dataset.name, config.dataset.train_split,
+                                     data_dir=config.dataset.data_dir),
+                         config.dataset.classes, config.dataset.train_examples_per_class or None
+                         ).num_examples(config.dataset.train_split)
     self.steps_per_epoch = max(1, num_train // config.train_batch_size)
     if config.num_train_steps > 0:
       self.total_steps = config.num_train_steps
     else:
       self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
-    warmup = min(int(config.warmup_epochs * self.steps_per_epoch), self.total_steps - 1)
+    warmup = (config.warmup_steps if config.warmup_steps >= 0
+              else int(config.warmup_epochs * self.steps_per_epoch))
+    warmup = min(warmup, self.total_steps - 1)
     self.schedule = optim.nfnet_lr_schedule(
         config.optimizer.base_lr, batch_size=config.train_batch_size,
         total_steps=self.total_steps, warmup_steps=warmup, min_lr=config.optimizer.min_lr,
@@ -116,7 +121,7 @@ class Experiment:
         grad_accum_steps=config.grad_accum_steps)
     self.train_step = steps.make_train_step(
         self.model, self.optimizer, self.ema, self.schedule, step_config, self.mesh,
-        jax.random.key(config.seed + 1))
+        jax.random.key(config.seed + 1), self.split)
     self.eval_step = steps.make_eval_step(self.model, config.num_classes, self.compute_dtype,
                                           self.mesh)
     self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints,
@@ -127,7 +132,7 @@ class Experiment:
 
   def _abstract_state(self) -> TrainState:
     return steps.abstract_state(self.model, self.optimizer, self.ema, self.image_shape,
-                                self.mesh)
+                                self.mesh, self.split)
 
   def restore_or_init(self) -> TrainState:
     """The latest complete checkpoint in the workdir, or a freshly initialised state."""
@@ -135,8 +140,17 @@ class Experiment:
     if latest is None:
       logging.info("No checkpoint in %s; initialising %s.", checkpoint_dir(self.workdir),
                    self.config.model)
-      return steps.init_state(self.model, self.optimizer, self.ema,
-                              jax.random.key(self.config.seed), self.image_shape, self.mesh)
+      state = steps.init_state(self.model, self.optimizer, self.ema,
+                               jax.random.key(self.config.seed), self.image_shape, self.mesh,
+                               self.split)
+      if self.config.init_from is not None:  # only here: a resumed run restores its own state
+        state = init_from.initial_state(
+            state, self.config.init_from, ema=self.config.init_from_ema,
+            reinit_classifier=self.config.reinit_classifier, layout=self.layout,
+            state_from_params=jax.jit(
+                lambda p: steps.state_from_params(p, self.optimizer, self.ema, self.split),
+                out_shardings=steps.replicated(self.mesh)))
+      return state
     state, _ = self.checkpointer.restore(self._abstract_state(), latest)
     logging.info("Resumed from step %d (%s).", latest, checkpoint_dir(self.workdir))
     return state
@@ -151,6 +165,7 @@ class Experiment:
     ds = self.config.dataset
     return self._data.load(
         ds.name, ds.train_split, is_training=True, batch_dims=(self.local_train_batch,),
+        classes=ds.classes, examples_per_class=ds.train_examples_per_class or None,
         image_size=ds.image_size, augment_name=ds.augment_name,
         augment_before_mix=ds.augment_before_mix, data_dir=ds.data_dir,
         train_preproc=ds.train_preproc,
@@ -161,6 +176,7 @@ class Experiment:
     ds = self.config.dataset
     return self._data.load(
         ds.name, ds.eval_split, is_training=False, batch_dims=(self.local_eval_batch,),
+        classes=ds.classes,
         image_size=ds.eval_image_size, eval_preproc=ds.eval_preproc, data_dir=ds.data_dir,
         autotune=ds.autotune)
 

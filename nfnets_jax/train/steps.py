@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nfnets_jax.optim import ParamsEma, agc_clip_fraction, sam_grad
+from nfnets_jax.train.freeze import ParamSplit
 from nfnets_jax.train.losses import cross_entropy, mixed_targets, mixed_topk_correct, topk_correct
 from nfnets_jax.train.state import TrainState
 
@@ -73,30 +74,43 @@ class StepConfig:
 SEPARATE_UPDATE_MIN_LEAVES = 1000
 
 
-def _init_state(model, optimizer, ema, rng, image_shape) -> TrainState:
-  images = jnp.zeros((1, *image_shape, 3), jnp.float32)
-  params = model.init(rng, images, is_training=True)
+def _trainable(params: Any, split: Optional[ParamSplit]) -> Any:
+  return params if split is None else split.split(params)[0]
+
+
+def state_from_params(params: Any, optimizer: optax.GradientTransformation, ema: ParamsEma,
+                      split: Optional[ParamSplit] = None) -> TrainState:
+  """A step-0 state around `params`: fresh optimizer state (for the trainable
+  parameters of `split` only) and an EMA starting at `params`."""
   return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                    opt_state=optimizer.init(params), ema=ema.init(params))
+                    opt_state=optimizer.init(_trainable(params, split)), ema=ema.init(params))
+
+
+def _init_state(model, optimizer, ema, rng, image_shape, split) -> TrainState:
+  images = jnp.zeros((1, *image_shape, 3), jnp.float32)
+  return state_from_params(model.init(rng, images, is_training=True), optimizer, ema, split)
 
 
 def init_state(model: hk.Transformed, optimizer: optax.GradientTransformation, ema: ParamsEma,
-               rng: jax.Array, image_shape: tuple[int, int], mesh: Mesh) -> TrainState:
+               rng: jax.Array, image_shape: tuple[int, int], mesh: Mesh,
+               split: Optional[ParamSplit] = None) -> TrainState:
   """Initialises parameters, optimizer and EMA state, replicated on every device.
 
   Built inside `jit` from the same seed on every process, so all processes
   start from identical parameters without any transfer. The parameters are
-  in the model's own layout (`models.transform`).
+  in the model's own layout (`models.transform`); with `split`, the
+  optimizer's state covers its trainable parameters only.
   """
-  return jax.jit(lambda r: _init_state(model, optimizer, ema, r, image_shape),
+  return jax.jit(lambda r: _init_state(model, optimizer, ema, r, image_shape, split),
                  out_shardings=replicated(mesh))(rng)
 
 
 def abstract_state(model: hk.Transformed, optimizer: optax.GradientTransformation,
-                   ema: ParamsEma, image_shape: tuple[int, int], mesh: Mesh) -> TrainState:
+                   ema: ParamsEma, image_shape: tuple[int, int], mesh: Mesh,
+                   split: Optional[ParamSplit] = None) -> TrainState:
   """Shapes, dtypes and shardings of `init_state`'s result, computing nothing
   (the target a checkpoint is restored into)."""
-  shapes = jax.eval_shape(lambda r: _init_state(model, optimizer, ema, r, image_shape),
+  shapes = jax.eval_shape(lambda r: _init_state(model, optimizer, ema, r, image_shape, split),
                           jax.random.key(0))
   sharding = replicated(mesh)
   return jax.tree_util.tree_map(
@@ -105,7 +119,8 @@ def abstract_state(model: hk.Transformed, optimizer: optax.GradientTransformatio
 
 def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformation,
                     ema: ParamsEma, schedule: Callable[[jax.Array], jax.Array],
-                    config: StepConfig, mesh: Mesh, base_key: jax.Array
+                    config: StepConfig, mesh: Mesh, base_key: jax.Array,
+                    split: Optional[ParamSplit] = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the jitted, state-donating data-parallel train step.
 
@@ -116,9 +131,14 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
   applied identically everywhere. Randomness is `fold_in(base_key, step,
   device index)`, reproducible on resume. Large models compile the gradient
   and the update as separate programs (`StepConfig.separate_update`).
+  With `split` (train/freeze.py), gradients are taken of the trainable
+  parameters only, the optimizer updates only them, and the frozen ones (and
+  their EMA) are carried over untouched.
   """
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, frozen=None):
+    if frozen is not None:
+      params = split.merge(params, frozen)
     images = batch["images"].astype(config.compute_dtype)
     logits = model.apply(params, rng, images, is_training=True)["logits"]
     targets = mixed_targets(batch["labels"], config.num_classes, config.label_smoothing,
@@ -137,19 +157,29 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
   def per_device(state: TrainState, batch: Batch) -> tuple[optax.Updates, Metrics]:
     rng = jax.random.fold_in(jax.random.fold_in(base_key, state.step),
                              jax.lax.axis_index(DATA_AXIS))
-    grads, aux = grad_fn(state.params, batch, rng)
+    if split is None:
+      grads, aux = grad_fn(state.params, batch, rng)
+    else:
+      trainable, frozen = split.split(state.params)
+      grads, aux = grad_fn(trainable, batch, rng, frozen)
     return jax.lax.pmean(grads, DATA_AXIS), jax.lax.pmean(aux, DATA_AXIS)
 
   def apply_gradients(state: TrainState, grads: optax.Updates,
                       metrics: Metrics) -> tuple[TrainState, Metrics]:
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable, frozen = (state.params, None) if split is None else split.split(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    params = optax.apply_updates(trainable, updates)
+    new_ema = ema.update(params if split is None else split.merge(params, frozen), state.ema)
+    if split is not None:  # frozen parameters and their EMA stay bit for bit
+      params = split.merge(params, frozen)
+      new_ema = new_ema._replace(ema=split.merge(split.split(new_ema.ema)[0],
+                                                 split.split(state.ema.ema)[1]))
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
     if config.record_clip_fraction:
       metrics["agc_clip_fraction"] = agc_clip_fraction(opt_state)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           ema=ema.update(params, state.ema))
+                           ema=new_ema)
     return new_state, metrics
 
   # check_vma=False gives pmap's semantics: each device's gradient is its own
@@ -182,7 +212,7 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
 
 def accumulated(grad_fn: Callable[..., tuple[optax.Updates, Metrics]],
                 num_micro_batches: int) -> Callable[..., tuple[optax.Updates, Metrics]]:
-  """`grad_fn(params, batch, rng)` over `num_micro_batches` equal slices of the batch.
+  """`grad_fn(params, batch, rng, *args)` over `num_micro_batches` equal slices of the batch.
 
   NF networks have no batch statistics, so the mean of the slices' mean-loss
   gradients is the whole batch's gradient (to float32 round-off): a large
@@ -198,10 +228,10 @@ def accumulated(grad_fn: Callable[..., tuple[optax.Updates, Metrics]],
   def split(leaf: jax.Array) -> jax.Array:
     return leaf.reshape(num_micro_batches, leaf.shape[0] // num_micro_batches, *leaf.shape[1:])
 
-  def accumulated_grad_fn(params, batch, rng):
+  def accumulated_grad_fn(params, batch, rng, *args):
     def add_slice(total, xs):
       index, micro_batch = xs
-      grads, aux = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+      grads, aux = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), *args)
       return jax.tree_util.tree_map(lambda t, g: t + g.astype(jnp.float32), total, grads), aux
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
