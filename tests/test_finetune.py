@@ -61,11 +61,21 @@ def test_a_mismatched_parameter_is_named_with_both_shapes():
   assert err.value.mismatched == [("NFNet/~/stem_conv0/w", (3, 3, 3, 8), (3, 3, 3, 16))]
 
 
+def test_an_unreadable_init_from_is_one_config_error(tmp_path):
+  missing = str(tmp_path / "missing.npz")
+  with pytest.raises(init_from.InitFromError,
+                     match=f"config.init_from = '{re.escape(missing)}': No checkpoint at"):
+    init_from.prepare(missing, models.param_shapes(NANO, 5))
+  assert issubclass(init_from.InitFromError, config_lib.ConfigError)  # one line from the trainer
+
+
 def test_the_classifier_is_reinitialised_for_other_num_classes_and_the_rest_loaded(tmp_path):
   source = _values(10, seed=1)
   path = checkpoint.save_params_npz(source, tmp_path / "pretrained.npz")
   fresh = _values(5, seed=2)
-  params, plan = init_from.initial_params(str(path), fresh)
+  prepared = init_from.prepare(str(path), fresh)
+  plan = prepared.plan
+  params = init_from.merge(prepared.loaded, fresh, plan)
   assert plan.reinitialised == HEAD
   assert len(plan.loaded) == len(_flat(fresh)) - 2
   got, want_source, want_fresh = _flat(params), _flat(source), _flat(fresh)

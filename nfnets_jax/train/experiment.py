@@ -127,6 +127,14 @@ class Experiment:
     self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints,
                                      config.async_checkpoints, self.layout)
     self.reporter = Reporter(self.workdir, self.total_steps, config.train_batch_size)
+    # Read and checked now, so a bad init_from fails before any compilation; used
+    # only when the workdir has no checkpoint to resume.
+    self._init_from = None
+    if config.init_from is not None and self.checkpointer.latest_step() is None:
+      self._init_from = init_from.prepare(
+          config.init_from, models.param_shapes(config.model, config.num_classes,
+                                                **model_kwargs(config)),
+          ema=config.init_from_ema, reinit_classifier=config.reinit_classifier)
 
   # -- state -----------------------------------------------------------------
 
@@ -143,11 +151,9 @@ class Experiment:
       state = steps.init_state(self.model, self.optimizer, self.ema,
                                jax.random.key(self.config.seed), self.image_shape, self.mesh,
                                self.split)
-      if self.config.init_from is not None:  # only here: a resumed run restores its own state
+      if self._init_from is not None:  # only here: a resumed run restores its own state
         state = init_from.initial_state(
-            state, self.config.init_from, ema=self.config.init_from_ema,
-            reinit_classifier=self.config.reinit_classifier, layout=self.layout,
-            state_from_params=jax.jit(
+            state, self._init_from, layout=self.layout, state_from_params=jax.jit(
                 lambda p: steps.state_from_params(p, self.optimizer, self.ema, self.split),
                 out_shardings=steps.replicated(self.mesh)))
       return state

@@ -26,7 +26,9 @@ from absl import logging
 
 from nfnets_jax import checkpoint
 from nfnets_jax.models.stacking import StackedLayout
+from nfnets_jax.train.config import ConfigError
 from nfnets_jax.train.freeze import listed
+from nfnets_jax.weights import WeightsError
 
 Params = Mapping[str, Mapping[str, Any]]
 
@@ -70,7 +72,7 @@ def plan(source: str, loaded: Params, fresh: Params, *,
 def merge(loaded: Params, fresh: Params, init_plan: InitPlan) -> dict[str, dict[str, Any]]:
   """`fresh` with every parameter of `init_plan.loaded` taken from `loaded`, in `fresh`'s dtype."""
   take = set(init_plan.loaded)
-  return {module: {name: (np.asarray(loaded[module][name], np.asarray(value).dtype)
+  return {module: {name: (np.asarray(loaded[module][name], value.dtype)
                           if f"{module}/{name}" in take else value)
                    for name, value in group.items()}
           for module, group in fresh.items()}
@@ -81,14 +83,28 @@ def load(source: str, *, ema: bool) -> dict[str, dict[str, np.ndarray]]:
   return checkpoint.load_params(source, ema=True) if ema else checkpoint.load_params(source)
 
 
-def initial_params(source: str, fresh: Params, *, ema: bool = False,
-                   reinit_classifier: bool = False
-                   ) -> tuple[dict[str, dict[str, Any]], InitPlan]:
-  """(`fresh` with the source's matching parameters, the plan); logs the plan."""
-  loaded = load(source, ema=ema)
-  init_plan = plan(source, loaded, fresh, reinit_classifier=reinit_classifier)
+class InitFromError(ConfigError):
+  """`config.init_from` cannot be read, or does not fit the model (the message says which)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """The source's parameters, read and checked before the run starts, and the plan."""
+  loaded: Params
+  plan: InitPlan
+
+
+def prepare(source: str, fresh: Params, *, ema: bool = False,
+            reinit_classifier: bool = False) -> Prepared:
+  """Reads `source` and plans it against the model's tree `fresh` (shapes suffice); logs
+  the plan. Any failure is an `InitFromError` naming `config.init_from`."""
+  try:
+    loaded = load(source, ema=ema)
+    init_plan = plan(source, loaded, fresh, reinit_classifier=reinit_classifier)
+  except (OSError, ValueError, WeightsError) as err:
+    raise InitFromError(f"config.init_from = {source!r}: {err}") from None
   logging.info("%s", describe(init_plan))
-  return merge(loaded, fresh, init_plan), init_plan
+  return Prepared(loaded, init_plan)
 
 
 def describe(init_plan: InitPlan) -> str:
@@ -103,9 +119,9 @@ def describe(init_plan: InitPlan) -> str:
   return "; ".join(lines) + "."
 
 
-def initial_state(state: Any, source: str, *, ema: bool, reinit_classifier: bool,
-                  layout: StackedLayout, state_from_params: Callable[[Any], Any]) -> Any:
-  """The step-0 train state of a run that starts from `source`.
+def initial_state(state: Any, prepared: Prepared, *, layout: StackedLayout,
+                  state_from_params: Callable[[Any], Any]) -> Any:
+  """The step-0 train state of a run that starts from `prepared`.
 
   `state`: the freshly initialised state (its classifier is kept where
   re-initialised); `state_from_params` builds a state around parameters in
@@ -113,5 +129,4 @@ def initial_state(state: Any, source: str, *, ema: bool, reinit_classifier: bool
   """
   fresh = layout.unstack_all(jax.tree_util.tree_map(
       lambda leaf: np.asarray(leaf.addressable_data(0)), state.params))
-  params, _ = initial_params(source, fresh, ema=ema, reinit_classifier=reinit_classifier)
-  return state_from_params(layout.stack(params))
+  return state_from_params(layout.stack(merge(prepared.loaded, fresh, prepared.plan)))
