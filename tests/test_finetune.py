@@ -191,7 +191,8 @@ def test_agc_inside_optax_multi_transform_with_frozen_labels():
 def test_class_subset_relabels_and_takes_the_first_examples_of_each_class(digits_data_dir):
   from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
   source = open_source("digits", "train", data_dir=digits_data_dir)
-  stored = list(subsets._names_and_labels(source, "train", 0, 1))  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  stored = list(subsets._names_and_labels(source, "train", 0, 1))
   want = {name: {7: 0, 2: 1}[label] for label in (7, 2)
           for name in [n for n, lab in stored if lab == label][:3]}
   subset = subsets.restrict(source, "7,2", 3)

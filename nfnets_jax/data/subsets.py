@@ -29,7 +29,7 @@ _INDEX = re.compile(r"^\s*(\d+)\s*$")
 
 
 def parse_classes(classes: Optional[Classes]) -> Optional[tuple[int, ...]]:
-  """`'5,6,7'` / `'5-9'` / `'0-2,7'` / `(5, 6)` -> a tuple of distinct class indices; None stays None.
+  """`'5,6,7'`, `'5-9'`, `'0-2,7'` or `(5, 6)` -> a tuple of distinct class indices (None: None).
 
   Raises:
     ValueError: naming the part that is not an index or an ascending range,

@@ -61,7 +61,8 @@ def plan(source: str, loaded: Params, fresh: Params, *,
   reinitialised = tuple(sorted(head)) if head_differs else ()
   checked = {key for key in set(got) | set(want) if not (head_differs and key in head)}
   checkpoint.check_shapes(
-      {key: got[key] for key in checked & set(got)}, {key: want[key] for key in checked & set(want)},
+      {key: got[key] for key in checked & set(got)},
+      {key: want[key] for key in checked & set(want)},
       f"config.init_from = {source!r} vs the model",
       hint="Only the classifier may differ (it is re-initialised); check config.model and "
            "config.model_kwargs against the run that wrote the weights.")
