@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import pathlib
 import re
+import types
 
 import dill
 import jax
@@ -122,6 +123,26 @@ def test_published_names_load_from_a_local_mirror(tmp_path, monkeypatch):
     module, name = key.rsplit("/", 1)
     np.testing.assert_array_equal(params[module][name], source[module][name])
   assert params["NFNet/~/linear"]["w"].shape == (3072, 5)
+
+
+def test_init_from_fills_a_stacked_train_state_from_the_published_tree():
+  """Files hold the published tree; a scanning model's state is stacked (one
+  array for a run of blocks): each block's weights land in its slice."""
+  layout = StackedLayout([["M/~/block", "M/~/block_1"]])
+  fresh = {"M/~/block": {"w": np.zeros((2, 2), np.float32)},
+           "M/~/block_1": {"w": np.zeros((2, 2), np.float32)},
+           "M/~/linear": {"w": np.zeros((2, 3), np.float32)}}
+  loaded = {"M/~/block": {"w": np.full((2, 2), 1.0)}, "M/~/block_1": {"w": np.full((2, 2), 2.0)},
+            "M/~/linear": {"w": np.ones((2, 4))}}
+  prepared = init_from.Prepared(loaded, init_from.plan("src", loaded, fresh))
+  state = types.SimpleNamespace(params=jax.tree_util.tree_map(jnp.asarray, layout.stack(fresh)))
+  params = init_from.initial_state(state, prepared, layout=layout,
+                                   state_from_params=lambda p: p)
+  assert sorted(params) == ["M/~/block__x2", "M/~/linear"]
+  np.testing.assert_array_equal(params["M/~/block__x2"]["w"],
+                                np.stack([np.full((2, 2), 1.0), np.full((2, 2), 2.0)]))
+  assert params["M/~/block__x2"]["w"].dtype == np.float32
+  np.testing.assert_array_equal(params["M/~/linear"]["w"], np.zeros((2, 3)))  # re-initialised
 
 
 # ----------------------------------------------------------------------------- freeze
