@@ -79,7 +79,7 @@ def test_load_keywords_are_the_group_fields_each_in_one_group():
   assert list(defaults) == list(options.GROUPS)
   fields = [(f.name, getattr(group, f.name)) for group in defaults.values()
             for f in dataclasses.fields(group)]
-  assert len(dict(fields)) == len(fields) == 21  # no name in two groups
+  assert len(dict(fields)) == len(fields) == 23  # no name in two groups
   assert options.group_keywords(**dict(fields)) == defaults
   assert options.group_keywords(image_size=8, seed=1, cache=True) == {
       **defaults, "stream": data.Stream(seed=1), "reading": data.Reading(cache=True)}
@@ -102,6 +102,9 @@ def test_groups_are_frozen():
     (lambda: data.Stream(shuffle_buffer=0), "shuffle_buffer must be None or an int >= 1, got 0"),
     (lambda: data.Reading(num_threads=0), "num_threads must be None or an int >= 1, got 0"),
     (lambda: data.Reading(val_fraction=-0.1), r"val_fraction must be a number in \[0, 1\).*-0.1"),
+    (lambda: data.Reading(classes="5-x"), "'5-x' is not a class index or a range"),
+    (lambda: data.Reading(examples_per_class=0),
+     "examples_per_class must be None .every example. or an int >= 1, got 0"),
 ])
 def test_a_group_refuses_a_bad_field_when_made(make, match):
   with pytest.raises(ValueError, match=match):

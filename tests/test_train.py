@@ -136,8 +136,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path):
     ("--config.dataset.eval_preproc=resize_crop_x", "Unknown eval_preproc 'resize_crop_x'"),
     ("--mode=fit", "--mode"),
     ("--config.seed=None", "FATAL config error: config.seed = None is not allowed: expected an "
-     "integer. None is allowed only for config.dataset.augment_name, config.dataset.data_dir, "
-     "config.model_kwargs.*."),
+     "integer. None is allowed only for config.dataset.augment_name, config.dataset.classes, "
+     "config.dataset.data_dir, config.freeze, config.init_from, config.model_kwargs.*."),
     ("--config.model=none", "config.model = None is not allowed: expected a model name"),
     ("--config.dataset.autotune=None", "config.dataset.autotune = None is not allowed: "
      "expected true or false"),

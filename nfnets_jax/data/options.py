@@ -14,6 +14,7 @@ from typing import Any, Optional
 import ml_dtypes  # Registers 'bfloat16' with NumPy, so the name is understood without TF.
 import numpy as np
 
+from nfnets_jax.data import subsets
 from nfnets_jax.data.augment_spec import AugmentSpec, parse_augment_name
 from nfnets_jax.data.preproc_spec import check_train_preproc, image_size_hw, parse_eval_preproc
 
@@ -142,6 +143,10 @@ class Reading:
       setting). Off, each parallel stage uses one call per core. Switch it off
       for short runs: dropping an autotuned iterator waits for the autotuner's
       current sleep, which can hold a short run's exit (see docs/performance.md).
+    classes: Read only these classes, relabelled 0..k-1 in the order given
+      ('5-9', '0,3,7' or a sequence of ints; see `subsets.py`).
+    examples_per_class: Read only the first N examples of each class, in the
+      split's stored order (None: all).
   """
   data_dir: Optional[str] = None
   val_fraction: float = 0.0
@@ -151,10 +156,14 @@ class Reading:
   cache: Optional[bool] = None
   num_threads: Optional[int] = None
   autotune: bool = True
+  classes: Optional[Any] = None
+  examples_per_class: Optional[int] = None
 
   def __post_init__(self) -> None:
     _optional_int("num_threads", self.num_threads, 1)
     check_val_fraction(self.val_fraction)
+    subsets.parse_classes(self.classes)
+    subsets.check_examples_per_class(self.examples_per_class)
 
 
 def check_val_fraction(value: Any) -> None:

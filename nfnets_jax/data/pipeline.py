@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from nfnets_jax.data import mixing, preprocess, randaugment, rng, sharding
+from nfnets_jax.data import mixing, preprocess, randaugment, rng, sharding, subsets
 from nfnets_jax.data._tf import tf
 from nfnets_jax.data.augment_spec import AugmentSpec
 from nfnets_jax.data.integrity import SkippedFiles
@@ -217,8 +217,10 @@ def build(name: str, split: str, *, is_training: bool, batch_dims: Sequence[int]
                    num_classes=0, skipped=skipped,
                    fake_batches=_fake_batches(dims, size, np_dtype, transpose, is_training, mixes))
 
-  source = open_source(name, split, data_dir=reading.data_dir, manual_dir=reading.manual_dir,
-                       download=reading.download, val_fraction=reading.val_fraction)
+  source = subsets.restrict(
+      open_source(name, split, data_dir=reading.data_dir, manual_dir=reading.manual_dir,
+                  download=reading.download, val_fraction=reading.val_fraction),
+      reading.classes, reading.examples_per_class)
   ds, num_local = source.read(split, process_index=index, process_count=count,
                               shuffle_files=is_training, seed=seed if deterministic else None)
   per_process_batch = math.prod(dims)

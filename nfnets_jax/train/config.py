@@ -10,13 +10,14 @@ spelt `--config.<field>=None` (see `accept_none_overrides`).
 """
 
 import fnmatch
+import re
 from typing import Any, Callable
 
 import ml_collections
 from absl import flags
 from ml_collections import config_dict, config_flags
 
-from nfnets_jax.data import preproc_spec  # TensorFlow-free, as this whole module
+from nfnets_jax.data import preproc_spec, subsets  # TensorFlow-free, as this whole module
 from nfnets_jax.inference import COMPUTE_DTYPES
 
 #: Training leaves out float16: it would need loss scaling, which the trainer does not do.
@@ -67,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.deterministic = False
   # tf.data's autotuner; off only for runs of a minute or so (see data.load).
   c.dataset.autotune = True
+  # Train and evaluate on these classes only, relabelled 0..k-1 ('5-9', '0,3,7';
+  # None: every class); num_classes must then be their number (data/subsets.py).
+  c.dataset.classes = config_dict.placeholder(str)
+  # Train on the first N examples of each class (in the split's stored order; 0: all).
+  c.dataset.train_examples_per_class = 0
 
   c.train_batch_size = 4096  # global, across all devices and hosts
   # Each device splits its share of a step into this many micro-batches, whose
@@ -80,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 360.0
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.warmup_epochs = 5.0
+  c.warmup_steps = -1  # >= 0 overrides warmup_epochs
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.base_lr = 0.1  # at batch 256, see scale_lr_by_batch
@@ -97,6 +104,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.1
   c.ema_decay = 0.99999
   c.compute_dtype = "bfloat16"
+
+  # Fine-tuning (train/init_from.py, train/freeze.py). init_from: a checkpoint
+  # file, a training workdir or 'published:F0'..; read only when the workdir has
+  # no checkpoint yet (a resumed run restores its own state). From a workdir,
+  # init_from_ema takes its EMA weights.
+  c.init_from = config_dict.placeholder(str)
+  c.init_from_ema = False
+  # Re-initialise the classifier even where its shape fits (a new task with as
+  # many classes); it always is where the shape differs.
+  c.reinit_classifier = False
+  # A regex searched in each parameter's published 'module/name' path
+  # (e.g. 'NFNet/~/stem'); matching parameters are not trained.
+  c.freeze = config_dict.placeholder(str)
 
   c.sam = ml_collections.ConfigDict()
   c.sam.rho = 0.0  # > 0 enables the paper's modified SAM
@@ -223,8 +243,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "num_classes", "train_batch_size", "eval_batch_size", "dataset.image_size",
         "dataset.eval_image_size", "log_every_steps", "checkpoint_every_steps",
         "keep_checkpoints", "grad_accum_steps")},
+    "dataset.train_examples_per_class": (lambda v: not isinstance(v, bool) and isinstance(v, int)
+                                         and v >= 0, "0 (every example) or an integer >= 1"),
     "num_train_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_epochs) or >= 1"),
     "warmup_epochs": (lambda v: v >= 0, "a number >= 0"),
+    "warmup_steps": (lambda v: v >= -1, "-1 (use warmup_epochs) or a number of steps >= 0"),
     "eval_every_steps": (lambda v: v >= 0, "0 (end only) or a step interval"),
     "compute_dtype": (lambda v: v in TRAIN_COMPUTE_DTYPES, f"one of {TRAIN_COMPUTE_DTYPES}"),
     "label_smoothing": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -291,7 +314,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           f"expected a divisor of train_batch_size = {config.train_batch_size} (each step's "
           "batch is split into that many micro-batches)")
   _check_min_lr_below_peak(config)
+  _check_finetuning(config)
   return config
+
+
+def _check_finetuning(config: ml_collections.ConfigDict) -> None:
+  """The freeze regex compiles, the class subset parses and fits num_classes."""
+  if config.freeze is not None:
+    try:
+      re.compile(config.freeze)
+    except re.error as err:
+      _fail("freeze", config.freeze, f"expected a Python regular expression ({err})")
+  if config.init_from == "":
+    _fail("init_from", "", "expected a checkpoint path, a training workdir, 'published:F0'.., "
+          "or None")
+  try:
+    classes = subsets.parse_classes(config.dataset.classes)
+  except ValueError as err:
+    raise ConfigError(f"config.dataset.classes: {err}") from None
+  if classes is not None and len(classes) != config.num_classes:
+    _fail("num_classes", config.num_classes,
+          f"expected {len(classes)}, the number of classes in config.dataset.classes = "
+          f"{config.dataset.classes!r}")
 
 
 def _check_min_lr_below_peak(config: ml_collections.ConfigDict) -> None:

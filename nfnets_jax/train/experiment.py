@@ -23,7 +23,7 @@ from absl import logging
 from nfnets_jax import inference, models, optim
 from nfnets_jax.train import checkpoint_recovery
 from nfnets_jax.train import config as config_lib
-from nfnets_jax.train import preemption
+from nfnets_jax.train import freeze, init_from, preemption
 from nfnets_jax.train import sharding, steps
 from nfnets_jax.train.checkpoints import Checkpointer, checkpoint_dir
 from nfnets_jax.train.eval_totals import EvalTotals
@@ -76,6 +76,10 @@ def check_shard_state(config: ml_collections.ConfigDict, num_devices: int,
     raise config_lib.ConfigError(
         "config.shard_state = True needs more than one device (there is 1): it splits the "
         "train state over the devices; set it to False.")
+  if config.freeze:
+    raise config_lib.ConfigError(
+        f"config.shard_state = True with config.freeze = {config.freeze!r}: a train state "
+        "with frozen parameters is not sharded yet; set one of them off.")
   if state is not None and not sharding.splits_any(state, num_devices):
     raise config_lib.ConfigError(
         f"config.shard_state = True has nothing to shard: no array of {config.model}'s train "
@@ -119,12 +123,15 @@ class Experiment:
     # models/stacking.py); checkpoint files hold the published tree.
     self.layout = models.stacked_layout(config.model, config.num_classes,
                                         **model_kwargs(config))
+    self.split = freeze.model_split(config.freeze, self.model, self.image_shape, self.layout)
 
     from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.data.subsets import restrict  # pylint: disable=import-outside-toplevel
     try:
-      source = open_source(config.dataset.name, config.dataset.train_split,
-                           data_dir=config.dataset.data_dir,
-                           val_fraction=config.dataset.val_fraction)
+      source = restrict(open_source(config.dataset.name, config.dataset.train_split,
+                                    data_dir=config.dataset.data_dir,
+                                    val_fraction=config.dataset.val_fraction),
+                        config.dataset.classes, config.dataset.train_examples_per_class or None)
     except (ValueError, FileNotFoundError) as err:
       raise config_lib.ConfigError(f"config.dataset: {err}") from None
     num_train = source.num_examples(config.dataset.train_split)
@@ -138,7 +145,9 @@ class Experiment:
       self.total_steps = config.num_train_steps
     else:
       self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
-    warmup = min(int(config.warmup_epochs * self.steps_per_epoch), self.total_steps - 1)
+    warmup = (config.warmup_steps if config.warmup_steps >= 0
+              else int(config.warmup_epochs * self.steps_per_epoch))
+    warmup = min(warmup, self.total_steps - 1)
     self.schedule = optim.nfnet_lr_schedule(
         config.optimizer.base_lr, batch_size=config.train_batch_size,
         total_steps=self.total_steps, warmup_steps=warmup, min_lr=config.optimizer.min_lr,
@@ -159,18 +168,26 @@ class Experiment:
       check_shard_state(config, num_devices, self._abstract_state())
     self.train_step = steps.make_train_step(
         self.model, self.optimizer, self.ema, self.schedule, step_config, self.mesh,
-        jax.random.key(config.seed + 1))
+        jax.random.key(config.seed + 1), self.split)
     self.eval_step = steps.make_eval_step(self.model, config.num_classes, self.compute_dtype,
                                           self.mesh)
     self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints,
                                      config.async_checkpoints, self.layout)
     self.reporter = Reporter(self.workdir, self.total_steps, config.train_batch_size)
+    # Read and checked now, so a bad init_from fails before any compilation; used
+    # only when the workdir has no checkpoint to resume.
+    self._init_from = None
+    if config.init_from is not None and self.checkpointer.latest_step() is None:
+      self._init_from = init_from.prepare(
+          config.init_from, models.param_shapes(config.model, config.num_classes,
+                                                **model_kwargs(config)),
+          ema=config.init_from_ema, reinit_classifier=config.reinit_classifier)
 
   # -- state -----------------------------------------------------------------
 
   def _abstract_state(self) -> TrainState:
     return steps.abstract_state(self.model, self.optimizer, self.ema, self.image_shape,
-                                self.mesh, shard=self.config.shard_state)
+                                self.mesh, shard=self.config.shard_state, split=self.split)
 
   def restore_or_init(self) -> TrainState:
     """The newest readable checkpoint in the workdir (damaged newer ones are
@@ -180,9 +197,16 @@ class Experiment:
     if restored is None:
       logging.info("No checkpoint in %s; initialising %s.", checkpoint_dir(self.workdir),
                    self.config.model)
-      return steps.init_state(self.model, self.optimizer, self.ema,
-                              jax.random.key(self.config.seed), self.image_shape, self.mesh,
-                              shard=self.config.shard_state)
+      state = steps.init_state(self.model, self.optimizer, self.ema,
+                               jax.random.key(self.config.seed), self.image_shape, self.mesh,
+                               shard=self.config.shard_state, split=self.split)
+      if self._init_from is not None:  # only here: a resumed run restores its own state
+        placement = jax.tree_util.tree_map(lambda leaf: leaf.sharding, state)
+        state = init_from.initial_state(
+            state, self._init_from, layout=self.layout, state_from_params=jax.jit(
+                lambda p: steps.state_from_params(p, self.optimizer, self.ema, self.split),
+                out_shardings=placement))
+      return state
     state, _, step = restored
     logging.info("Resumed from step %d (%s).", step, checkpoint_dir(self.workdir))
     return state
@@ -200,6 +224,7 @@ class Experiment:
     ds = self.config.dataset
     return self._data.load(
         ds.name, ds.train_split, is_training=True, batch_dims=(self.local_train_batch,),
+        classes=ds.classes, examples_per_class=ds.train_examples_per_class or None,
         image_size=ds.image_size, augment_name=ds.augment_name,
         augment_before_mix=ds.augment_before_mix, data_dir=ds.data_dir,
         val_fraction=ds.val_fraction, train_preproc=ds.train_preproc,
@@ -210,6 +235,7 @@ class Experiment:
     ds = self.config.dataset
     return self._data.load(
         ds.name, ds.eval_split, is_training=False, batch_dims=(self.local_eval_batch,),
+        classes=ds.classes,
         image_size=ds.eval_image_size, eval_preproc=ds.eval_preproc, data_dir=ds.data_dir,
         val_fraction=ds.val_fraction, autotune=ds.autotune)
 

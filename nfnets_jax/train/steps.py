@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nfnets_jax.optim import ParamsEma, agc_clip_fraction, sam_grad
 from nfnets_jax.train import sharding
+from nfnets_jax.train.freeze import ParamSplit
 from nfnets_jax.train.losses import cross_entropy, mixed_targets, mixed_topk_correct, topk_correct
 from nfnets_jax.train.state import TrainState
 
@@ -104,35 +105,46 @@ class StepConfig:
 SEPARATE_UPDATE_MIN_LEAVES = 1000
 
 
-def _init_state(model, optimizer, ema, rng, image_shape) -> TrainState:
-  images = jnp.zeros((1, *image_shape, 3), jnp.float32)
-  params = model.init(rng, images, is_training=True)
+def _trainable(params: Any, split: Optional[ParamSplit]) -> Any:
+  return params if split is None else split.split(params)[0]
+
+
+def state_from_params(params: Any, optimizer: optax.GradientTransformation, ema: ParamsEma,
+                      split: Optional[ParamSplit] = None) -> TrainState:
+  """A step-0 state around `params`: fresh optimizer state (for the trainable
+  parameters of `split` only) and an EMA starting at `params`."""
   return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                    opt_state=optimizer.init(params), ema=ema.init(params))
+                    opt_state=optimizer.init(_trainable(params, split)), ema=ema.init(params))
+
+
+def _init_state(model, optimizer, ema, rng, image_shape, split) -> TrainState:
+  images = jnp.zeros((1, *image_shape, 3), jnp.float32)
+  return state_from_params(model.init(rng, images, is_training=True), optimizer, ema, split)
 
 
 def init_state(model: hk.Transformed, optimizer: optax.GradientTransformation, ema: ParamsEma,
                rng: jax.Array, image_shape: tuple[int, int], mesh: Mesh,
-               shard: bool = False) -> TrainState:
+               shard: bool = False, split: Optional[ParamSplit] = None) -> TrainState:
   """Initialises parameters, optimizer and EMA state, replicated on every device
   or, with `shard`, split over them (`sharding.state_shardings`).
 
   Built inside `jit` from the same seed on every process, so all processes
   start from identical parameters without any transfer; a sharded state is
   created in place, each device computing only its part. The parameters are
-  in the model's own layout (`models.transform`).
+  in the model's own layout (`models.transform`); with `split`, the
+  optimizer's state covers its trainable parameters only.
   """
-  init = lambda r: _init_state(model, optimizer, ema, r, image_shape)
+  init = lambda r: _init_state(model, optimizer, ema, r, image_shape, split)
   shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, shard)
   return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def abstract_state(model: hk.Transformed, optimizer: optax.GradientTransformation,
                    ema: ParamsEma, image_shape: tuple[int, int], mesh: Mesh,
-                   shard: bool = False) -> TrainState:
+                   shard: bool = False, split: Optional[ParamSplit] = None) -> TrainState:
   """Shapes, dtypes and shardings of `init_state`'s result, computing nothing
   (the target a checkpoint is restored into)."""
-  shapes = jax.eval_shape(lambda r: _init_state(model, optimizer, ema, r, image_shape),
+  shapes = jax.eval_shape(lambda r: _init_state(model, optimizer, ema, r, image_shape, split),
                           jax.random.key(0))
   return jax.tree_util.tree_map(
       lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
@@ -173,7 +185,8 @@ class TrainStep:
 
 def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformation,
                     ema: ParamsEma, schedule: Callable[[jax.Array], jax.Array],
-                    config: StepConfig, mesh: Mesh, base_key: jax.Array) -> TrainStep:
+                    config: StepConfig, mesh: Mesh, base_key: jax.Array,
+                    split: Optional[ParamSplit] = None) -> TrainStep:
   """Builds the jitted, state-donating data-parallel train step.
 
   Per device: forward/backward on its slice in `config.compute_dtype` (the
@@ -190,9 +203,16 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
   optimizer and EMA update each device's part (XLA's partitioner adds the
   cross-device sums AGC's unit norms and the gradient norm need). Same
   values as the replicated step.
+
+  With `split` (train/freeze.py), gradients are taken of the trainable
+  parameters only, the optimizer updates only them, and the frozen ones (and
+  their EMA) are carried over untouched. A split state is not sharded
+  (`config.shard_state` with `freeze` is a config error).
   """
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, frozen=None):
+    if frozen is not None:
+      params = split.merge(params, frozen)
     images = batch["images"].astype(config.compute_dtype)
     logits = model.apply(params, rng, images, is_training=True)["logits"]
     targets = mixed_targets(batch["labels"], config.num_classes, config.label_smoothing,
@@ -216,19 +236,30 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
                               jax.lax.axis_index(DATA_AXIS))
 
   def per_device(state: TrainState, batch: Batch) -> tuple[optax.Updates, Metrics]:
-    grads, aux = grad_fn(state.params, batch, device_rng(state))
+    rng = device_rng(state)
+    if split is None:
+      grads, aux = grad_fn(state.params, batch, rng)
+    else:
+      trainable, frozen = split.split(state.params)
+      grads, aux = grad_fn(trainable, batch, rng, frozen)
     return jax.lax.pmean(grads, DATA_AXIS), jax.lax.pmean(aux, DATA_AXIS)
 
   def apply_gradients(state: TrainState, grads: optax.Updates,
                       metrics: Metrics) -> tuple[TrainState, Metrics]:
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable, frozen = (state.params, None) if split is None else split.split(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    params = optax.apply_updates(trainable, updates)
+    new_ema = ema.update(params if split is None else split.merge(params, frozen), state.ema)
+    if split is not None:  # frozen parameters and their EMA stay bit for bit
+      params = split.merge(params, frozen)
+      new_ema = new_ema._replace(ema=split.merge(split.split(new_ema.ema)[0],
+                                                 split.split(state.ema.ema)[1]))
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
     if config.record_clip_fraction:
       metrics["agc_clip_fraction"] = agc_clip_fraction(opt_state)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           ema=ema.update(params, state.ema))
+                           ema=new_ema)
     return new_state, metrics
 
   def replicated_programs(_: TrainState) -> tuple[Callable, Callable, Callable]:
@@ -247,6 +278,9 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
                                                                      donate_argnums=0)
 
   def sharded_programs(state: TrainState) -> tuple[Callable, Callable, Callable]:
+    if split is not None:
+      raise ValueError("A train state with frozen parameters is not sharded: set "
+                       "config.shard_state = False or config.freeze = ''.")
     num_devices = mesh.devices.size
     state_specs = sharding.state_specs(state, num_devices)
     param_specs = state_specs.params
@@ -283,7 +317,7 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
 
 def accumulated(grad_fn: Callable[..., tuple[optax.Updates, Metrics]],
                 num_micro_batches: int) -> Callable[..., tuple[optax.Updates, Metrics]]:
-  """`grad_fn(params, batch, rng)` over `num_micro_batches` equal slices of the batch.
+  """`grad_fn(params, batch, rng, *args)` over `num_micro_batches` equal slices of the batch.
 
   NF networks have no batch statistics, so the mean of the slices' mean-loss
   gradients is the whole batch's gradient (to float32 round-off): a large
@@ -299,10 +333,10 @@ def accumulated(grad_fn: Callable[..., tuple[optax.Updates, Metrics]],
   def split(leaf: jax.Array) -> jax.Array:
     return leaf.reshape(num_micro_batches, leaf.shape[0] // num_micro_batches, *leaf.shape[1:])
 
-  def accumulated_grad_fn(params, batch, rng):
+  def accumulated_grad_fn(params, batch, rng, *args):
     def add_slice(total, xs):
       index, micro_batch = xs
-      grads, aux = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+      grads, aux = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), *args)
       return jax.tree_util.tree_map(lambda t, g: t + g.astype(jnp.float32), total, grads), aux
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
