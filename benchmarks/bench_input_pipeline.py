@@ -11,6 +11,7 @@ shares the machine and wall-clock scaling is not measurable.
 
     python benchmarks/bench_input_pipeline.py                 # 1 and 2 threads
     python benchmarks/bench_input_pipeline.py --threads 1 2 4 --batches 30
+    python benchmarks/bench_input_pipeline.py --per-op        # CPU ms of each stage
 """
 
 import argparse
@@ -62,6 +63,21 @@ def measure(name: str, *, batch: int, image_size: int, augment_name, threads, de
           "images_per_cpu_s": batches * batch / cpu, "cpu_seconds": cpu}
 
 
+def print_per_op(args) -> None:
+  import input_pipeline_ops  # pylint: disable=import-outside-toplevel
+  paths = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(args.workdir, "train"))
+                 for f in files)[:args.per_op_images]
+  rows = input_pipeline_ops.profile(paths, args.image_size, magnitude=5,
+                                    count=args.per_op_count, repeats=3)
+  print(f"| stage ({args.width}x{args.height} JPEGs, {args.image_size} px, one thread) "
+        f"| CPU ms per element |")
+  print("| --- | --- |")
+  for name, ms in rows:
+    print(f"| {name} | {ms:.3f} |")
+  load1, load5, _ = os.getloadavg()
+  print(f"{os.cpu_count()} CPUs, load average {load1:.1f} / {load5:.1f} (1 / 5 min)")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
@@ -75,9 +91,18 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--batches", type=int, default=15)
   parser.add_argument("--json", help="also write the results to this file")
+  parser.add_argument("--per-op", action="store_true",
+                      help="instead: CPU ms per image of each stage (input_pipeline_ops.py)")
+  parser.add_argument("--per-op-images", type=int, default=32,
+                      help="--per-op: distinct images cycled through")
+  parser.add_argument("--per-op-count", type=int, default=200,
+                      help="--per-op: elements per timing (the least of 3 timings is kept)")
   args = parser.parse_args()
 
   write_jpegs(args.workdir, args.num_images, args.width, args.height)
+  if args.per_op:
+    print_per_op(args)
+    return
   name = f"folder:{args.workdir}"
   runs = []
   for augment_name, deterministic in [("cutmix_mixup_randaugment_405", False), (None, False),
