@@ -139,6 +139,21 @@ def test_translate_moves_content_and_fills_grey(photo):
   assert np.all(out[-4:] == ra.FILL_VALUE)
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_whole_pixel_shift_equals_the_projective_translation(photo, axis):
+  """RandAugment translates by whole pixels with a pad and a slice (`shift`); it must give
+  what the projective transform gives (`translate_x`/`translate_y`), grey fill included."""
+  translate = ra.translate_y if axis == 0 else ra.translate_x
+  p = tf.constant(photo)
+  for pixels in (-50, -3, 0, 7, 40):
+    np.testing.assert_array_equal(ra.shift(p, pixels, axis, max_pixels=50).numpy(),
+                                  translate(p, float(pixels)).numpy(), err_msg=str(pixels))
+  op = ra.OP_NAMES.index("TranslateY" if axis == 0 else "TranslateX")
+  for i in range(6):  # The layer (magnitude 3: 30 px, either sign) takes the shift path.
+    got = ra.apply_op(p, op, 3, _seed(i)).numpy()
+    assert any(np.array_equal(got, translate(p, sign * 30.0).numpy()) for sign in (1, -1))
+
+
 def test_shear_matches_pil_affine(photo):
   level = 0.2
   expected = np.asarray(Image.fromarray(photo).transform(
