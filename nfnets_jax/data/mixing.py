@@ -1,10 +1,20 @@
 """Mixup, CutMix and the published half-and-half combination.
 
 The published pipeline batched 2B examples and mixed the first half with the
-second, one batch-sized op per step; here consecutive examples of the (shuffled)
-stream are paired and each pair is mixed by its own parallel map call, which
-has the same statistics but spreads over all tf.data threads and copies half
-as much. Each pair a, b gives one output:
+second, one batch-sized op per step. The pipeline (`mix_source`) pairs each
+example a with a partner b in one of two ways, then mixes each pair by its own
+parallel map call (spread over all tf.data threads):
+
+* 'stream' (published): b is the next example of the (shuffled) stream, so
+  each output consumes two examples, as the published 2B-for-B did;
+* 'batch' (timm's way): b is another example of the same output batch (the
+  batch rotated by half), so each output consumes one example and every example
+  also serves as one other output's partner: half the decoding per output.
+
+Both draw the ratios and the mixup/CutMix split the same way (`mix_pair`,
+`uses_cutmix`, from the output's own seed and position), so the mixing
+statistics are the same; only how often an image is seen per step differs.
+Each pair a, b gives one output:
 
 * mixup: images = r x_a + (1 - r) x_b with r ~ Beta(alpha, alpha);
 * cutmix: x_a inside a box, x_b outside; the box has area fraction

@@ -152,7 +152,8 @@ class Experiment:
     return self._data.load(
         ds.name, ds.train_split, is_training=True, batch_dims=(self.local_train_batch,),
         image_size=ds.image_size, augment_name=ds.augment_name,
-        augment_before_mix=ds.augment_before_mix, data_dir=ds.data_dir,
+        augment_before_mix=ds.augment_before_mix, mix_source=ds.mix_source,
+        data_dir=ds.data_dir,
         train_preproc=ds.train_preproc,
         seed=self.config.seed if ds.deterministic else None, deterministic=ds.deterministic,
         start_step=start_step, autotune=ds.autotune)
