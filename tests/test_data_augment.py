@@ -288,3 +288,19 @@ def test_mixup_cutmix_split_follows_position_in_each_batch():
   assert flags == [False, False, False, True, True, True] * 3
   assert not any(bool(mixing.uses_cutmix(parse_augment_name("mixup"), j, 6)) for j in range(6))
   assert all(bool(mixing.uses_cutmix(parse_augment_name("cutmix"), j, 6)) for j in range(6))
+
+
+def test_cutmix_pastes_exactly_the_mask_blend():
+  """`mix_pair` pastes the box by slicing; that must be the definition's
+  mask * a + (1 - mask) * b, with the mask's mean as the ratio, for any images."""
+  spec = parse_augment_name("cutmix")
+  noise = np.random.default_rng(3)
+  for i in range(20):
+    a = noise.normal(100, 80, (13, 19, 3)).astype(np.float32)
+    b = noise.normal(100, 80, (13, 19, 3)).astype(np.float32)
+    out = mixing.mix_pair(spec, {"images": tf.constant(a), "labels": 0},
+                          {"images": tf.constant(b), "labels": 1}, _seed(i), True)
+    _, cut_seed = rng.split_seed(_seed(i), 2)
+    mask, ratio = (v.numpy() for v in mixing.cutmix_mask(cut_seed, 13, 19))
+    np.testing.assert_array_equal(out["images"].numpy(), mask * a + (1 - mask) * b)
+    assert out["ratio"].numpy() == ratio == mask.mean()
