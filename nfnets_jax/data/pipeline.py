@@ -331,7 +331,8 @@ def _mix_within_batches(ds: tf.data.Dataset, spec: AugmentSpec, batch_size: int,
   """mix_source='batch': mixes example i of each innermost batch with example
   (i + batch_size // 2) % batch_size of it, so each example is decoded once and is
   also the partner of one other output (with mixup + CutMix, a mixup output's
-  partner is a CutMix output's own image and the other way round)."""
+  partner is a CutMix output's own image and the other way round; in a batch of
+  one, an image is its own partner)."""
   shift = batch_size // 2
 
   def with_partners(batch):
