@@ -44,8 +44,9 @@ OP_NAMES = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solari
 # Single ops on uint8 [H, W, 3] images.
 
 def _as_rows(image: tf.Tensor) -> tf.Tensor:
-  """[H, W, C] -> float32 [H, W * C]: a per-channel vector tiled W times then broadcasts
-  over rows, which TF's CPU kernels run several times faster than over a trailing axis."""
+  """[H, W, C] -> float32 [H, W * C], so that per-channel values tiled to a row
+  (`_row_vector`) broadcast over rows: TF's CPU kernels run that several times
+  faster than a [C] vector broadcast over a trailing axis."""
   shape = tf.shape(image)
   return tf.reshape(tf.cast(image, tf.float32), [shape[0], shape[1] * shape[2]])
 
