@@ -139,6 +139,21 @@ def test_translate_moves_content_and_fills_grey(photo):
   assert np.all(out[-4:] == ra.FILL_VALUE)
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_whole_pixel_shift_equals_the_projective_translation(photo, axis):
+  """RandAugment translates by whole pixels with a pad and a slice (`shift`); it must give
+  what the projective transform gives (`translate_x`/`translate_y`), grey fill included."""
+  translate = ra.translate_y if axis == 0 else ra.translate_x
+  p = tf.constant(photo)
+  for pixels in (-50, -3, 0, 7, 40):
+    np.testing.assert_array_equal(ra.shift(p, pixels, axis, max_pixels=50).numpy(),
+                                  translate(p, float(pixels)).numpy(), err_msg=str(pixels))
+  op = ra.OP_NAMES.index("TranslateY" if axis == 0 else "TranslateX")
+  for i in range(6):  # The layer (magnitude 3: 30 px, either sign) takes the shift path.
+    got = ra.apply_op(p, op, 3, _seed(i)).numpy()
+    assert any(np.array_equal(got, translate(p, sign * 30.0).numpy()) for sign in (1, -1))
+
+
 def test_shear_matches_pil_affine(photo):
   level = 0.2
   expected = np.asarray(Image.fromarray(photo).transform(
@@ -273,3 +288,19 @@ def test_mixup_cutmix_split_follows_position_in_each_batch():
   assert flags == [False, False, False, True, True, True] * 3
   assert not any(bool(mixing.uses_cutmix(parse_augment_name("mixup"), j, 6)) for j in range(6))
   assert all(bool(mixing.uses_cutmix(parse_augment_name("cutmix"), j, 6)) for j in range(6))
+
+
+def test_cutmix_pastes_exactly_the_mask_blend():
+  """`mix_pair` pastes the box by slicing; that must be the definition's
+  mask * a + (1 - mask) * b, with the mask's mean as the ratio, for any images."""
+  spec = parse_augment_name("cutmix")
+  noise = np.random.default_rng(3)
+  for i in range(20):
+    a = noise.normal(100, 80, (13, 19, 3)).astype(np.float32)
+    b = noise.normal(100, 80, (13, 19, 3)).astype(np.float32)
+    out = mixing.mix_pair(spec, {"images": tf.constant(a), "labels": 0},
+                          {"images": tf.constant(b), "labels": 1}, _seed(i), True)
+    _, cut_seed = rng.split_seed(_seed(i), 2)
+    mask, ratio = (v.numpy() for v in mixing.cutmix_mask(cut_seed, 13, 19))
+    np.testing.assert_array_equal(out["images"].numpy(), mask * a + (1 - mask) * b)
+    assert out["ratio"].numpy() == ratio == mask.mean()

@@ -33,6 +33,7 @@ NFNET_RECIPE = {
     "dataset.name": "imagenet2012", "dataset.train_split": "train",
     "dataset.eval_split": "validation", "dataset.train_preproc": "inception_crop",
     "dataset.eval_preproc": "resize_crop_32", "dataset.augment_before_mix": False,
+    "dataset.mix_source": "stream",
     "optimizer.base_lr": 0.1, "optimizer.scale_lr_by_batch": True, "optimizer.min_lr": 0.0,
     "optimizer.momentum": 0.9, "optimizer.nesterov": True, "optimizer.weight_decay": 2e-5,
     "optimizer.clipping": 0.01, "optimizer.eps": 1e-3,

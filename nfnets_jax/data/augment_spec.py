@@ -30,6 +30,11 @@ VALID_FORMS = (
     "'mixup_0.4_randaugment_15'."
 )
 
+#: Where a mixed image's partner comes from (see `mixing.py`): 'stream', the next
+#: example read (published: two decoded images per output), or 'batch', another
+#: image of the same output batch (one decoded image per output, as timm mixes).
+MIX_SOURCES = ("stream", "batch")
+
 _FLOAT = re.compile(r"^\d+(\.\d*)?$|^\.\d+$")
 _INT = re.compile(r"^\d+$")
 
@@ -111,3 +116,12 @@ def parse_augment_name(name: Optional[str]) -> AugmentSpec:
     seen.add(token)
     i += 1
   return AugmentSpec(**fields)
+
+
+def check_mix_source(mix_source: str) -> str:
+  """Returns `mix_source` if it is one of `MIX_SOURCES`; else a ValueError naming it."""
+  if not isinstance(mix_source, str) or mix_source not in MIX_SOURCES:
+    raise ValueError(f"Unknown mix_source {mix_source!r}; valid: {', '.join(map(repr, MIX_SOURCES))} "
+                     "('stream': each output mixes two images read for it, as published; "
+                     "'batch': each image is mixed with another of its batch).")
+  return mix_source

@@ -15,7 +15,7 @@ import ml_dtypes  # Registers 'bfloat16' with NumPy, so the name is understood w
 import numpy as np
 
 from nfnets_jax.data import subsets
-from nfnets_jax.data.augment_spec import AugmentSpec, parse_augment_name
+from nfnets_jax.data.augment_spec import AugmentSpec, check_mix_source, parse_augment_name
 from nfnets_jax.data.preproc_spec import check_train_preproc, image_size_hw, parse_eval_preproc
 
 
@@ -76,12 +76,18 @@ class Augmentation:
       None or '' for none. Validated always, used in training only.
     augment_before_mix: RandAugment each image before mixing (published default)
       rather than the mixed images.
+    mix_source: Where each mixed image's partner comes from: 'stream' (the next
+      example read, so two decoded images per output, as published) or 'batch'
+      (another image of the same innermost batch: one decoded image per output).
+      The mixing statistics are the same either way (see `mixing.py`).
   """
   augment_name: Optional[str] = None
   augment_before_mix: bool = True
+  mix_source: str = "stream"
 
   def __post_init__(self) -> None:
     parse_augment_name(self.augment_name)
+    check_mix_source(self.mix_source)
 
   @property
   def spec(self) -> AugmentSpec:

@@ -6,8 +6,10 @@ same settings as keywords, for callers that set a few.
 Per example: read the encoded image (never decoded by TFDS), drop it if it is
 not a plausible image file, preprocess (random or centre crop, flip, bicubic
 resize), optionally RandAugment, normalise. Then batch along `batch_dims`,
-innermost first; with mixup/CutMix consecutive pairs of examples are first
-mixed into one (see `mixing.py`).
+innermost first; with mixup/CutMix each output image is the mix of an example
+with a partner (see `mixing.py`): the next example of the stream
+(`mix_source='stream'`, published) or another example of the same innermost
+batch (`'batch'`: half the decoding per output).
 
 Two modes for training:
   * deterministic (the default when a `seed` is given): every random choice is
@@ -209,6 +211,7 @@ def build(name: str, split: str, *, is_training: bool, batch_dims: Sequence[int]
                      "of a reproducible run all derive from it (pass seed=<int>).")
   transpose = preprocessing.transpose
   augment_before_mix = augmentation.augment_before_mix
+  mix_source = augmentation.mix_source
   skipped = SkippedFiles()
 
   if reading.fake_data:
@@ -231,7 +234,7 @@ def build(name: str, split: str, *, is_training: bool, batch_dims: Sequence[int]
     return skipped.keep(ex["image"], ex["name"])
 
   if is_training:
-    examples_per_step = per_process_batch * (2 if mixes else 1)
+    examples_per_step = per_process_batch * (2 if mixes and mix_source == "stream" else 1)
     if reading.cache if reading.cache is not None else count > 1:
       ds = ds.cache()
     ds = ds.repeat()
@@ -264,7 +267,8 @@ def build(name: str, split: str, *, is_training: bool, batch_dims: Sequence[int]
         "mask": tf.constant(0, tf.int32)}).repeat()
     ds = ds.concatenate(padding).take(steps * per_process_batch)
 
-  ds = _batch(ds, dims, spec if mixes else AugmentSpec(), augment_before_mix, tf_dtype, transpose)
+  ds = _batch(ds, dims, spec if mixes else AugmentSpec(), augment_before_mix, mix_source,
+              tf_dtype, transpose)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   ds = ds.with_options(_options(deterministic or not is_training, reading.num_threads,
                                 reading.autotune))
@@ -300,27 +304,56 @@ def _train_example_fn(spec: AugmentSpec, size: tuple[int, int], key: tf.Tensor, 
   return fn
 
 
-def _mix_pairs(ds: tf.data.Dataset, spec: AugmentSpec, batch_size: int,
-               augment_before_mix: bool) -> tf.data.Dataset:
-  """Pairs consecutive examples and mixes each pair into one (see `mixing.py`)."""
-  def mix(pair_index, pair):
-    a = {k: v[0] for k, v in pair.items()}
-    b = {k: v[1] for k, v in pair.items()}
-    out = mixing.mix_pair(spec, a, b, a["mix_seed"],
-                          mixing.uses_cutmix(spec, pair_index, batch_size))
+def _mix_fn(spec: AugmentSpec, batch_size: int, augment_before_mix: bool):
+  """(output position, example, its partner) -> the mixed output (`mixing.py`),
+  RandAugment-ed once here unless each example was before mixing."""
+  def mix(index, a, b):
+    out = mixing.mix_pair(spec, a, b, a["mix_seed"], mixing.uses_cutmix(spec, index, batch_size))
     if not augment_before_mix:
       out["images"] = _augment_normalize(out["images"], spec, a["augment_seed"])
     return out
 
+  return mix
+
+
+def _mix_pairs(ds: tf.data.Dataset, spec: AugmentSpec, batch_size: int,
+               augment_before_mix: bool) -> tf.data.Dataset:
+  """mix_source='stream': pairs consecutive examples and mixes each pair into one."""
+  mix = _mix_fn(spec, batch_size, augment_before_mix)
+
+  def mix_pair(pair_index, pair):
+    return mix(pair_index, {k: v[0] for k, v in pair.items()}, {k: v[1] for k, v in pair.items()})
+
   ds = ds.batch(2, drop_remainder=True).enumerate()
-  return ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.map(mix_pair, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _mix_within_batches(ds: tf.data.Dataset, spec: AugmentSpec, batch_size: int,
+                        augment_before_mix: bool) -> tf.data.Dataset:
+  """mix_source='batch': mixes example i of each innermost batch with example
+  (i + batch_size // 2) % batch_size of it, so each example is decoded once and is
+  also the partner of one other output (with mixup + CutMix, a mixup output's
+  partner is a CutMix output's own image and the other way round; in a batch of
+  one, an image is its own partner)."""
+  shift = batch_size // 2
+
+  def with_partners(batch):
+    partner = {k: tf.roll(batch[k], -shift, axis=0) for k in ("images", "labels")}
+    return {"a": batch, "b": partner}
+
+  mix = _mix_fn(spec, batch_size, augment_before_mix)
+  ds = ds.batch(batch_size, drop_remainder=True).map(with_partners).unbatch().enumerate()
+  return ds.map(lambda index, pair: mix(index, pair["a"], pair["b"]),
+                num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _batch(ds: tf.data.Dataset, dims: tuple[int, ...], spec: AugmentSpec,
-           augment_before_mix: bool, tf_dtype: tf.DType, transpose: bool) -> tf.data.Dataset:
+           augment_before_mix: bool, mix_source: str, tf_dtype: tf.DType,
+           transpose: bool) -> tf.data.Dataset:
   """Batches along `dims` (innermost first), mixing and laying out the innermost batch."""
   if spec.mixes:
-    ds = _mix_pairs(ds, spec, dims[-1], augment_before_mix)
+    mix = _mix_pairs if mix_source == "stream" else _mix_within_batches
+    ds = mix(ds, spec, dims[-1], augment_before_mix)
   ds = ds.batch(dims[-1], drop_remainder=True)
 
   def finish(batch):

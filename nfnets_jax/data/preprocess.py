@@ -142,6 +142,19 @@ def eval_image(image_bytes: tf.Tensor, image_size: tuple[int, int], eval_preproc
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
-  """Subtracts the ImageNet mean and divides by its std (per RGB channel, 0..255 scale)."""
+  """Subtracts the ImageNet mean and divides by its std (per RGB channel, 0..255 scale).
+
+  A [H, W, 3] image is computed as rows [H, W * 3] against the statistics tiled
+  to one row: the same arithmetic per value, and TF's CPU kernels broadcast a row
+  several times faster than a trailing axis of 3.
+  """
   image = tf.cast(image, tf.float32)
-  return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+  if image.shape.rank != 3 or image.shape[-1] != 3:
+    return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+  shape = tf.shape(image)
+  width = shape[1:2]
+  rows = tf.reshape(image, [shape[0], shape[1] * 3])
+  rows = (rows - tf.tile(tf.constant(MEAN_RGB), width)) / tf.tile(tf.constant(STDDEV_RGB), width)
+  out = tf.reshape(rows, shape)
+  out.set_shape(image.shape)
+  return out

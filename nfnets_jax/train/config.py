@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   # data loader's default) or each mixed image, once per output image (False,
   # the published NFNet experiment). The mixing itself is the same either way.
   c.dataset.augment_before_mix = True
+  # Each mixed image's partner: 'stream' (the next image read: two decodes per
+  # output, as published) or 'batch' (another image of its batch: one decode
+  # per output, as timm). Same mixing statistics; see data/mixing.py.
+  c.dataset.mix_source = "stream"
   c.dataset.eval_preproc = "resize_crop_32"
   c.dataset.train_preproc = "inception_crop"  # or "resize" (no crop/flip)
   # Deterministic: seeded, ordered input, so a resumed run replays exactly the
@@ -264,6 +268,7 @@ _PARSED_FIELDS = {
     "model": "a model name 'family:variant', e.g. 'nfnet:F0'",
     "dataset.train_preproc": f"one of {preproc_spec.TRAIN_PREPROCS}",
     "dataset.eval_preproc": "'crop_resize' or 'resize_crop_<pct>', e.g. 'resize_crop_32'",
+    "dataset.mix_source": "'stream' or 'batch'",
 }
 
 
@@ -298,6 +303,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _parse("dataset.augment_name", augment_spec.parse_augment_name, config)
   _parse("dataset.train_preproc", preproc_spec.check_train_preproc, config)
   _parse("dataset.eval_preproc", preproc_spec.parse_eval_preproc, config)
+  _parse("dataset.mix_source", augment_spec.check_mix_source, config)
   for field, choices in (("model_kwargs.conv_impl", models.CONV_IMPLS),
                          ("model_kwargs.block_loop", models.BLOCK_LOOPS)):
     value = _get(config, field)

@@ -226,8 +226,8 @@ class Experiment:
         ds.name, ds.train_split, is_training=True, batch_dims=(self.local_train_batch,),
         classes=ds.classes, examples_per_class=ds.train_examples_per_class or None,
         image_size=ds.image_size, augment_name=ds.augment_name,
-        augment_before_mix=ds.augment_before_mix, data_dir=ds.data_dir,
-        val_fraction=ds.val_fraction, train_preproc=ds.train_preproc,
+        augment_before_mix=ds.augment_before_mix, mix_source=ds.mix_source,
+        data_dir=ds.data_dir, val_fraction=ds.val_fraction, train_preproc=ds.train_preproc,
         seed=self.config.seed if ds.deterministic else None, deterministic=ds.deterministic,
         start_step=start_step, autotune=ds.autotune)
 
