@@ -92,7 +92,8 @@ def fold_for_inference(name: str, params: Params, num_classes: Optional[int] = N
                              model_kwargs=model_kwargs, source="the parameters to fold")
   impl = conv_lib.resolve_impl(conv_impl)
   loop = network.check_block_loop(block_loop)
-  folded = fold_params(plan, published)
+  # One compiled program: op by op, every kernel shape would compile its own.
+  folded = jax.jit(fold_params, static_argnums=0)(plan, published)
   return FoldedModel(name, plan, _stack_runs(plan, folded, loop), impl, loop)
 
 
