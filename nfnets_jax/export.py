@@ -111,24 +111,34 @@ def write_savedmodel(serve, input_shape, input_dtype, out: pathlib.Path,
 
 
 def tflite_bytes(serve, input_shape, input_dtype) -> bytes:
-  """The CPU SavedModel of `serve` through TensorFlow's TFLite converter (builtin ops)."""
+  """A CPU SavedModel of `serve` through TensorFlow's TFLite converter (builtin ops)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    saved = pathlib.Path(tmp) / "saved"
+    write_savedmodel(serve, input_shape, input_dtype, saved, ("cpu",))
+    return savedmodel_to_tflite(saved)
+
+
+def savedmodel_to_tflite(saved: pathlib.Path) -> bytes:
+  """TFLite's converter lowers the SavedModel's XLA program to TFLite builtin ops."""
   import tensorflow as tf
 
-  with tempfile.TemporaryDirectory() as tmp:
-    write_savedmodel(serve, input_shape, input_dtype, pathlib.Path(tmp) / "saved", ("cpu",))
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(pathlib.Path(tmp) / "saved"))
-    return converter.convert()
+  return tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
 
 
 def write_onnx(serve, input_shape, input_dtype, out: pathlib.Path) -> None:
-  """The TFLite model of `serve` through tf2onnx (jax2tf emits XLA ops that tf2onnx
-  cannot read from a SavedModel; TFLite's converter lowers them to plain ones)."""
-  import tf2onnx
-
+  """ONNX through the TFLite model: jax2tf emits XLA ops that tf2onnx cannot read from
+  a SavedModel, and TFLite's converter lowers them to plain ones that it can."""
   with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(tmp) / "model.tflite"
     path.write_bytes(tflite_bytes(serve, input_shape, input_dtype))
-    tf2onnx.convert.from_tflite(str(path), opset=ONNX_OPSET, output_path=str(out))
+    tflite_to_onnx(path, out)
+
+
+def tflite_to_onnx(tflite: pathlib.Path, out: pathlib.Path) -> None:
+  """tf2onnx's conversion of a TFLite file (opset `ONNX_OPSET`), written to `out`."""
+  import tf2onnx
+
+  tf2onnx.convert.from_tflite(str(tflite), opset=ONNX_OPSET, output_path=str(out))
 
 
 # ----------------------------------------------------------------------------- CLI
