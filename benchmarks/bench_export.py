@@ -12,8 +12,8 @@ rounds interleaved (benchmarks/timing.py):
 * `timm eager`: timm's `dm_nfnet_f0`, random init, `eval()` under
   `torch.inference_mode`.
 
-Our parameters are random (standard normal, so every folded constant is
-exercised); before timing, each export's logits are compared with the JAX
+Our parameters are the initial ones with the residual branches switched on
+(skip gains 0.5); before timing, each export's logits are compared with the JAX
 network's and the largest difference is printed relative to the largest logit.
 Ratios are `jax`'s time over each contender's (above 1: the contender is faster).
 Needs the `export` and `peers` extras.
@@ -58,11 +58,12 @@ def parse_args() -> argparse.Namespace:
   return parser.parse_args()
 
 
-def random_params(name: str):
-  rng = np.random.default_rng(0)
-  return jax.tree_util.tree_map(
-      lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape, np.float32)),
-      models.param_shapes(name, NUM_CLASSES))
+def trained_like_params(model):
+  """The initial parameters with every `skip_gain` 0.5 (0 at init switches the residual
+  branches off, which would leave most of the network out of the comparisons)."""
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  return {module: {k: (jnp.full_like(v, 0.5) if k == "skip_gain" else v) for k, v in leaves.items()}
+          for module, leaves in params.items()}
 
 
 def onnx_runner(path: pathlib.Path):
@@ -109,8 +110,8 @@ def main() -> None:
         f"{os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}, "
         f"timm {timm.__version__}. {tuning}")
 
-  params = random_params(name)
   model = models.transform(name, NUM_CLASSES)
+  params = trained_like_params(model)
   unfolded = jax.jit(lambda p, x: model.apply(p, None, x, is_training=False)["logits"])
   start = time.perf_counter()
   folded = models.fold_for_inference(name, params)

@@ -110,10 +110,11 @@ RUNTIMES = {"stablehlo": run_stablehlo, "savedmodel": run_savedmodel, "tflite": 
 
 @pytest.mark.parametrize("fmt", [
     "stablehlo",
-    pytest.param("savedmodel", marks=needs_export_extra),
-    pytest.param("tflite", marks=needs_export_extra),
+    # The TensorFlow conversions take seconds each (docs/testing.md: slow).
+    pytest.param("savedmodel", marks=[needs_export_extra, pytest.mark.slow]),
+    pytest.param("tflite", marks=[needs_export_extra, pytest.mark.slow]),
     # tf2onnx reads the TFLite file with TensorFlow's deprecated interpreter.
-    pytest.param("onnx", marks=[needs_export_extra, pytest.mark.filterwarnings(
+    pytest.param("onnx", marks=[needs_export_extra, pytest.mark.slow, pytest.mark.filterwarnings(
         "ignore:.*tf.lite.Interpreter is deprecated:UserWarning")]),
 ])
 def test_each_format_round_trips_at_two_batch_sizes(fmt, nano, exported):
