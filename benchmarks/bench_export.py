@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=5, help="timed rounds per batch size")
   parser.add_argument("--formats", default="onnx,savedmodel,tflite",
                       help="comma-separated exported formats to run")
+  parser.add_argument("--export-dir", default=None,
+                      help="where the exports go; files already there (from a run with the "
+                           "same arguments) are reused. Default: a new temporary directory")
   add_cpu_tuning_flag(parser)
   return parser.parse_args()
 
@@ -119,11 +122,16 @@ def main() -> None:
   folded_apply = jax.jit(folded.apply)
 
   runners = {}
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_export_"))
+  tmp = pathlib.Path(args.export_dir or tempfile.mkdtemp(prefix="bench_export_"))
+  tmp.mkdir(parents=True, exist_ok=True)
   checkpoint.save_params_npz(params, tmp / "params.npz")
   for fmt in [f for f in args.formats.split(",") if f]:
     label, make = RUNNERS[fmt]
     path = tmp / f"model_{fmt}"
+    if path.exists():
+      print(f"export {fmt}: reusing {path}")
+      runners[label] = make(path)
+      continue
     # The export CLI in a process of its own: converting a 270 MiB network takes
     # gigabytes, which this process (holding every contender) would keep.
     start = time.perf_counter()
