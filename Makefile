@@ -15,9 +15,10 @@ $(STAMP): setup.py requirements.txt
 	$(BIN)/python -m pip install --quiet -e '.[all]'
 	touch $(STAMP)
 
-# The test and peer extras (pytest, torch/timm for interop tests) on top.
+# The test, peer and export extras (pytest, torch/timm for interop tests, the export
+# converters and runtimes) on top.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[all,test,peers]'
+	$(BIN)/python -m pip install --quiet -e '.[all,test,peers,export]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

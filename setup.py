@@ -3,7 +3,8 @@
 The core (models, optimizers, the published weights) needs only JAX, Haiku,
 optax and chex, plus filelock and tqdm for downloads, so that projects
 importing AGC do not pull in TensorFlow. Input pipelines, training and
-the command-line tools live behind extras; `all` installs every one of them.
+the command-line tools live behind extras; `all` installs every one of them
+(`export`, the converters and runtimes of `nfnets_jax.export`, is separate).
 """
 import setuptools
 
@@ -48,6 +49,16 @@ TOOLS = [
     "safetensors",
     "matplotlib",
 ]
+# `python -m nfnets_jax.export`: TensorFlow for SavedModel/TFLite (jax2tf, the TFLite
+# converter), tf2onnx + onnx for ONNX; the runtimes that check the files in the tests.
+EXPORT = [
+    'tensorflow-cpu; platform_machine == "x86_64" or platform_machine == "AMD64"',
+    'tensorflow; platform_machine != "x86_64" and platform_machine != "AMD64"',
+    "tf2onnx",
+    "onnx",
+    "onnxruntime",
+    "ai-edge-litert",
+]
 TEST = [
     "pytest",
     "pytest-xdist",
@@ -76,6 +87,7 @@ setuptools.setup(
         "tools": TOOLS,
         "test": TEST,
         "peers": PEERS,
+        "export": EXPORT,
         "all": DATA + TRAIN + TOOLS,
     },
     license="Apache-2.0",

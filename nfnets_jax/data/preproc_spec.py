@@ -11,6 +11,10 @@ from typing import Sequence
 
 MAX_IMAGE_SIDE = 8192
 
+#: The ImageNet normalisation (per RGB channel, 0..255 scale) every pipeline and export uses.
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
 #: Training preprocessings: the published Inception crop + flip, or a plain resize
 #: of the whole image for data where crops and mirror images change the class
 #: (the 8x8 digits: a 3x3 crop or a mirrored 2 is no longer that digit).
@@ -50,6 +54,13 @@ def parse_eval_preproc(eval_preproc: str) -> tuple[str, float]:
     if pct > 0:  # False for nan.
       return "resize_crop", pct
   raise ValueError(f"Unknown eval_preproc {eval_preproc!r}: {EVAL_PREPROC_FORMS}.")
+
+
+def resize_crop_scaled_size(image_size: tuple[int, int], pct: float) -> tuple[int, int]:
+  """The size 'resize_crop_{pct}' resizes to before its centre crop."""
+  if pct > 1:
+    return tuple(int(s + pct) for s in image_size)  # type: ignore[return-value]
+  return tuple(int(s / pct) for s in image_size)  # type: ignore[return-value]
 
 
 def check_train_preproc(train_preproc: str) -> str:

@@ -26,19 +26,11 @@ from typing import Sequence
 from nfnets_jax.data import rng
 from nfnets_jax.data._tf import tf
 # The settings' parsers live in the TF-free `preproc_spec`; re-exported here.
-from nfnets_jax.data.preproc_spec import (EVAL_PREPROC_FORMS, MAX_IMAGE_SIDE, TRAIN_PREPROCS,
-                                          check_train_preproc, image_size_hw, parse_eval_preproc)
+from nfnets_jax.data.preproc_spec import (EVAL_PREPROC_FORMS, MAX_IMAGE_SIDE, MEAN_RGB, STDDEV_RGB,
+                                          TRAIN_PREPROCS, check_train_preproc, image_size_hw,
+                                          parse_eval_preproc, resize_crop_scaled_size)
 
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CROP_PADDING = 32
-
-
-def resize_crop_scaled_size(image_size: tuple[int, int], pct: float) -> tuple[int, int]:
-  """The size 'resize_crop_{pct}' resizes to before its centre crop."""
-  if pct > 1:
-    return tuple(int(s + pct) for s in image_size)  # type: ignore[return-value]
-  return tuple(int(s / pct) for s in image_size)  # type: ignore[return-value]
 
 
 def _shape_hw(image_bytes: tf.Tensor) -> tf.Tensor:

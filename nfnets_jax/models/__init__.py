@@ -13,7 +13,8 @@ block_loop='auto'|'scan'|'unroll')` (see `conv.py` and `network.py`). A model
 that scans runs of blocks keeps their parameters stacked (`stacked_layout`,
 see `stacking.py`); the published tree is the format of files. `transform`
 builds models with `fast_init.transform`, whose init gives Haiku's weights for
-a seed but compiles in seconds for deep variants.
+a seed but compiles in seconds for deep variants. `fold_for_inference` turns
+trained parameters into a plain convolutional network for serving (folding.py).
 """
 
 from nfnets_jax.models import fast_init
@@ -21,6 +22,7 @@ from nfnets_jax.models.activations import ACTIVATION_NAMES, GAMMAS, get_activati
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, StemSpec
 from nfnets_jax.models.bn_resnet import BNResNet
 from nfnets_jax.models.conv import IMPLS as CONV_IMPLS
+from nfnets_jax.models.folding import FoldedModel, fold_for_inference
 from nfnets_jax.models.layers import (SqueezeExcite, StochDepth, WSConv2D, signal_metrics,
                                       standardize_weight)
 from nfnets_jax.models.network import BLOCK_LOOPS, NFBlock, NormFreeNet
@@ -42,5 +44,5 @@ __all__ = [
     "FAMILIES", "count_flops", "count_params", "create_model", "is_stateful", "list_models",
     "model_plan", "param_shapes", "parse_model_name", "pretrained", "transform",
     "transform_with_state",
-    "StackedLayout", "stacked_layout", "fast_init",
+    "StackedLayout", "stacked_layout", "fast_init", "FoldedModel", "fold_for_inference",
 ]

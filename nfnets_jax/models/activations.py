@@ -67,6 +67,13 @@ def canonical_name(name: str) -> str:
   return _ALIASES.get(name, name)
 
 
+def unscaled_activation(name: str) -> Activation:
+  """The activation called `name` without its gamma (`get_activation(name)` is
+  `unscaled_activation(name)(x) * GAMMAS[name]`), for networks that fold the
+  gamma into the next layer (`folding.py`)."""
+  return _BASE[canonical_name(name)][0]
+
+
 def get_activation(name: str, *, elementwise_only: bool = False) -> Activation:
   """Returns the gamma-scaled activation called `name`.
 

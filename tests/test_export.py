@@ -1,0 +1,216 @@
+"""nfnets_jax.export: each format, run in its own runtime, gives JAX's logits.
+
+One random-parameter nfnet:nano (gains and skip gains far from their initial
+values) is exported once per format; each file is run at two batch sizes and
+compared with the training-form network's logits in JAX. Tolerances, as a
+fraction of the largest logit (docs/export.md): StableHLO and SavedModel run
+XLA on the same program, 1e-5; TFLite (XNNPACK kernels) and ONNX Runtime run
+other kernels in float32, 1e-4.
+"""
+
+import importlib.util
+import io
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nfnets_jax import checkpoint, cli, export, models, serving
+from test_folding import random_params
+
+NAME = "nfnet:nano"
+SIZE = 32  # nano's test size, the export's default
+NUM_CLASSES = 10
+TOLERANCE = {"stablehlo": 1e-5, "savedmodel": 1e-5, "tflite": 1e-4, "onnx": 1e-4}
+BATCHES = (1, 3)
+
+
+def _missing(*modules):
+  return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+needs_export_extra = pytest.mark.skipif(
+    bool(_missing("tf2onnx", "onnx", "onnxruntime", "ai_edge_litert")),
+    reason=f"the export extra is not installed ({export.INSTALL_HINT})")
+
+
+@pytest.fixture(scope="module")
+def nano():
+  """(params, folded model, {batch: images}, {batch: JAX training-form logits}, that
+  network's jitted apply(params, images))."""
+  params = random_params(NAME)
+  model = models.transform(NAME, NUM_CLASSES, conv_impl="xla")
+  apply = jax.jit(lambda p, x: model.apply(p, None, x, is_training=False)["logits"])
+  rng = np.random.default_rng(1)
+  images = {n: rng.standard_normal((n, SIZE, SIZE, 3), np.float32) for n in BATCHES}
+  logits = {n: np.asarray(apply(params, x)) for n, x in images.items()}
+  folded = models.fold_for_inference(NAME, params, conv_impl="xla", block_loop="unroll")
+  return params, folded, images, logits, apply
+
+
+@pytest.fixture(scope="module")
+def exported(nano, tmp_path_factory):
+  """format -> path of nano exported in it, each written once per module.
+
+  The TFLite file is converted from the SavedModel and the ONNX file from the
+  TFLite file with the functions `export` chains for those formats
+  (`savedmodel_to_tflite`, `tflite_to_onnx`), so each conversion runs once.
+  """
+  _, folded, *_ = nano
+  out = tmp_path_factory.mktemp("exported")
+  serve = serving.served_function(folded)
+  shape, dtype = serving.input_spec(SIZE, None)
+  paths = {fmt: out / f"nano_{fmt}" for fmt in export.FORMATS}
+
+  def get(fmt):
+    if not paths[fmt].exists():
+      if fmt == "tflite":
+        paths[fmt].write_bytes(export.savedmodel_to_tflite(get("savedmodel")))
+      elif fmt == "onnx":
+        export.tflite_to_onnx(get("tflite"), paths[fmt])
+      else:  # On CPU a SavedModel is lowered for the CPU, as the TFLite chain wants it.
+        export.export(serve, shape, dtype, fmt, paths[fmt])
+    return paths[fmt]
+
+  return get
+
+
+def run_stablehlo(path, x):
+  return np.asarray(jax.export.deserialize(bytearray(path.read_bytes())).call(x))
+
+
+def run_savedmodel(path, x):
+  import tensorflow as tf
+  loaded = tf.saved_model.load(str(path))
+  return loaded.signatures["serving_default"](images=tf.constant(x))["output"].numpy()
+
+
+def run_tflite(path, x):
+  from ai_edge_litert.interpreter import Interpreter
+  interpreter = Interpreter(model_path=str(path))
+  (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+  interpreter.resize_tensor_input(inp["index"], list(x.shape))
+  interpreter.allocate_tensors()
+  interpreter.set_tensor(inp["index"], x)
+  interpreter.invoke()
+  return interpreter.get_tensor(out["index"]).copy()
+
+
+def run_onnx(path, x):
+  import onnxruntime
+  session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+RUNTIMES = {"stablehlo": run_stablehlo, "savedmodel": run_savedmodel, "tflite": run_tflite,
+            "onnx": run_onnx}
+
+
+@pytest.mark.parametrize("fmt", [
+    "stablehlo",
+    # The TensorFlow conversions take seconds each (docs/testing.md: slow).
+    pytest.param("savedmodel", marks=[needs_export_extra, pytest.mark.slow]),
+    pytest.param("tflite", marks=[needs_export_extra, pytest.mark.slow]),
+    # tf2onnx reads the TFLite file with TensorFlow's deprecated interpreter.
+    pytest.param("onnx", marks=[needs_export_extra, pytest.mark.slow, pytest.mark.filterwarnings(
+        "ignore:.*tf.lite.Interpreter is deprecated:UserWarning")]),
+])
+def test_each_format_round_trips_at_two_batch_sizes(fmt, nano, exported):
+  _, _, images, logits, _ = nano
+  path = exported(fmt)
+  for n in BATCHES:
+    got = RUNTIMES[fmt](path, images[n])
+    want = logits[n]
+    assert got.shape == (n, NUM_CLASSES) and np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE[fmt] * np.abs(want).max(),
+                               err_msg=f"{fmt}, batch {n}")
+
+
+def test_embedded_preprocessing_matches_the_eval_pipeline(nano):
+  """uint8 in, probabilities out: the project's TF eval preprocessing of the same pixels
+  (a PNG through `classify.preprocess`), then the network, then a softmax. Input 50 px
+  for 64 (resize_crop_32 of 32), so the bicubic resize runs."""
+  from PIL import Image
+
+  from nfnets_jax import classify
+
+  params, folded, _, _, apply = nano
+  preprocessing = serving.Preprocessing(SIZE, "resize_crop_32", input_size=50)
+  shape, dtype = serving.input_spec(SIZE, preprocessing)
+  assert shape == (None, 50, 50, 3) and dtype == np.uint8
+  pixels = np.random.default_rng(2).integers(0, 256, (3, 50, 50, 3), dtype=np.uint8)
+  blob = jax.export.export(jax.jit(serving.served_function(folded, "float32", preprocessing)))(
+      jax.ShapeDtypeStruct((*jax.export.symbolic_shape("b"), *shape[1:]), dtype)).serialize()
+  got = np.asarray(jax.export.deserialize(blob).call(pixels))
+
+  def png(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+  inputs = np.stack([classify.preprocess(png(p), SIZE, "resize_crop_32") for p in pixels])
+  want = jax.nn.softmax(apply(params, inputs))
+  np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-4)
+
+
+def test_bfloat16_stablehlo_export_runs_in_bfloat16(nano):
+  _, folded, images, logits, _ = nano
+  serve = serving.served_function(folded, "bfloat16")
+  exported = jax.export.export(jax.jit(serve))(
+      jax.ShapeDtypeStruct((*jax.export.symbolic_shape("b"), SIZE, SIZE, 3), jnp.float32))
+  assert "bf16" in exported.mlir_module()
+  got = np.asarray(exported.call(images[3]))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, logits[3], atol=0.05 * np.abs(logits[3]).max())
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def nano_npz(nano, tmp_path_factory):
+  path = tmp_path_factory.mktemp("ckpt") / "nano.npz"
+  checkpoint.save_params_npz(nano[0], path)
+  return str(path)
+
+
+def run_cli(capsys, *args):
+  code = export.main(["export", *args])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def test_cli_writes_a_stablehlo_file_with_the_checkpoints_logits(nano, nano_npz, tmp_path, capsys):
+  out = tmp_path / "nano.stablehlo"
+  code, stdout, _ = run_cli(capsys, f"--checkpoint={nano_npz}", f"--model={NAME}",
+                            "--format=stablehlo", f"--out={out}")
+  assert code == cli.EXIT_OK and "[batch, 32, 32, 3] float32" in stdout
+  _, _, images, logits, _ = nano
+  np.testing.assert_allclose(run_stablehlo(out, images[1]), logits[1],
+                             atol=1e-5 * np.abs(logits[1]).max())
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--format=pdf"], cli.EXIT_USAGE, "--format=pdf: value should be one of <stablehlo|savedmodel|tflite|onnx>"),
+    (["--format=onnx", "--dtype=bfloat16"], cli.EXIT_USAGE, "--dtype=bfloat16 works with"),
+    (["--format=stablehlo", "--model=nfnet:F0"], cli.EXIT_FAILURE, "nfnet:F0"),
+    (["--format=stablehlo", "--eval_preproc=crop_resize", "--with_preprocessing"],
+     cli.EXIT_USAGE, "'resize_crop_<pct>'"),
+])
+def test_bad_requests_are_one_line_errors(nano_npz, tmp_path, capsys, args, code, message):
+  got, _, err = run_cli(capsys, f"--checkpoint={nano_npz}", f"--out={tmp_path / 'x'}", *args)
+  assert got == code and message in err
+  assert err.startswith("usage error: " if code == cli.EXIT_USAGE else "error: ")
+  assert not (tmp_path / "x").exists()
+
+
+def test_a_missing_converter_names_what_to_install(nano_npz, tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tf2onnx", None)  # What `import tf2onnx` meets when absent.
+  code, _, err = run_cli(capsys, f"--checkpoint={nano_npz}", "--format=onnx",
+                         f"--out={tmp_path / 'x.onnx'}")
+  assert code == cli.EXIT_FAILURE
+  assert err.strip() == ("error: --format=onnx needs the tf2onnx package, which is not "
+                         f"installed: {export.INSTALL_HINT}")
