@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+import sys
 import tempfile
 from typing import Any, Callable, Optional, Sequence
 
@@ -183,11 +184,13 @@ def _export_from_flags(fv) -> None:
     check_format(fv.format, fv.compute_dtype)
   check_dependencies(fv.format)
   loaded = inference.load_model_from_flags(fv)
-  image_size, eval_preproc = inference.image_settings_from_flags(fv, loaded.name)
+  settings = inference.eval_settings_from_flags(fv, loaded)
+  image_size, eval_preproc = settings["image_size"], settings["eval_preproc"]
   preprocessing = None
   if fv.with_preprocessing:
     with cli.usage_errors():
       preprocessing = serving.Preprocessing(image_size, eval_preproc, fv.input_size)
+  print(settings.describe(), file=sys.stderr, flush=True)
   kwargs = {k: v for k, v in loaded.model_kwargs.items() if k not in ("conv_impl", "block_loop")}
   # XLA's own convolutions and no loops: the plainest graph for other runtimes.
   folded = models.fold_for_inference(loaded.name, loaded.params, loaded.num_classes,

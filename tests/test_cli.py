@@ -161,8 +161,15 @@ def test_tools_are_quiet_by_default(evaluate_program):
   default = evaluate_program["default"]
   for what, marker in NOISE.items():
     assert marker not in default.stderr, f"{what} in the default output:\n{default.stderr}"
-  # Progress lines; anything else must be a warning or an error (absl's W/E prefix).
-  others = [line for line in default.stderr.splitlines() if not line.startswith("evaluating: ")]
+  # The settings block (where each setting came from) and progress lines; anything
+  # else must be a warning or an error (absl's W/E prefix).
+  lines = default.stderr.splitlines()
+  start = lines.index(next(line for line in lines if line.startswith("settings (")))
+  end = start + 1
+  while end < len(lines) and lines[end].startswith("  "):
+    end += 1
+  assert end - start > 3  # model, image size, preprocessing, ...
+  others = [line for line in lines[:start] + lines[end:] if not line.startswith("evaluating: ")]
   assert all(re.match(r"[WE]\d{4} ", line) for line in others), default.stderr
   assert "evaluating: batch 5/5 (100%), 40 examples" in default.stderr
   assert "top-1" in default.stdout.splitlines()[0]
