@@ -146,11 +146,7 @@ def demo_config(**fields):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  for field, value in fields.items():
-    parent = config
-    for part in field.split(".")[:-1]:
-      parent = parent[part]
-    parent[field.split(".")[-1]] = value
+  config.update_from_flattened_dict(fields)
   return config_lib.validate(config)
 
 

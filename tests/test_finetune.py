@@ -269,12 +269,7 @@ def test_finetune_config_fits_clipping_to_the_batch_and_ema_to_the_run():
     ({"dataset.classes": "a-b"}, "config.dataset.classes: classes 'a-b'")])
 def test_bad_finetuning_fields_are_named(fields, message):
   config = config_lib.base_config()
-  for field, value in fields.items():
-    *parents, last = field.split(".")
-    target = config
-    for parent in parents:
-      target = target[parent]
-    target[last] = value
+  config.update_from_flattened_dict(fields)
   with pytest.raises(config_lib.ConfigError, match=re.escape(message) if "(" in message
                      else message):
     config_lib.finalize(config)
