@@ -50,11 +50,10 @@ TOOLS = [
     "matplotlib",
 ]
 # `python -m nfnets_jax.export`: TensorFlow for SavedModel/TFLite (jax2tf, the TFLite
-# converter), tf2onnx + onnx for ONNX; the runtimes that check the files in the tests.
+# converter), onnx for ONNX (nfnets_jax.onnx_graph); the runtimes that check the files.
 EXPORT = [
     'tensorflow-cpu; platform_machine == "x86_64" or platform_machine == "AMD64"',
     'tensorflow; platform_machine != "x86_64" and platform_machine != "AMD64"',
-    "tf2onnx",
     "onnx",
     "onnxruntime",
     "ai-edge-litert",

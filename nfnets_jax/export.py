@@ -16,7 +16,9 @@ Formats:
   stablehlo   `jax.export` serialisation; reload with `jax.export.deserialize`.
   savedmodel  a TensorFlow SavedModel (`jax2tf`; signature `serving_default`).
   tflite      that SavedModel through TensorFlow's TFLite converter.
-  onnx        that TFLite model through tf2onnx (opset 17), for ONNX Runtime.
+  onnx        the folded network's jaxpr translated op by op (`nfnets_jax.onnx_graph`,
+              opset 18, NCHW convolutions), for ONNX Runtime; input 'images',
+              output 'output'.
 --dtype (alias of --compute_dtype) bfloat16/float16 is for stablehlo and savedmodel.
 """
 
@@ -34,7 +36,6 @@ FORMATS = ("stablehlo", "savedmodel", "tflite", "onnx")
 #: Formats that run the network in reduced precision inside the file.
 REDUCED_PRECISION_FORMATS = ("stablehlo", "savedmodel")
 INSTALL_HINT = "pip install 'nfnets-jax[export]'"
-ONNX_OPSET = 17
 #: Platforms a StableHLO export is lowered for (one file serves each of them).
 STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
 # What each format imports, as (module, pip package).
@@ -42,7 +43,7 @@ _NEEDS = {
     "stablehlo": (),
     "savedmodel": (("tensorflow", "tensorflow-cpu"),),
     "tflite": (("tensorflow", "tensorflow-cpu"),),
-    "onnx": (("tensorflow", "tensorflow-cpu"), ("onnx", "onnx"), ("tf2onnx", "tf2onnx")),
+    "onnx": (("onnx", "onnx"),),
 }
 
 
@@ -127,19 +128,11 @@ def savedmodel_to_tflite(saved: pathlib.Path) -> bytes:
 
 
 def write_onnx(serve, input_shape, input_dtype, out: pathlib.Path) -> None:
-  """ONNX through the TFLite model: jax2tf emits XLA ops that tf2onnx cannot read from
-  a SavedModel, and TFLite's converter lowers them to plain ones that it can."""
-  with tempfile.TemporaryDirectory() as tmp:
-    path = pathlib.Path(tmp) / "model.tflite"
-    path.write_bytes(tflite_bytes(serve, input_shape, input_dtype))
-    tflite_to_onnx(path, out)
+  """ONNX from `serve`'s jaxpr (`onnx_graph`): no TensorFlow on the way, so the graph keeps
+  plain NCHW convolutions that ONNX Runtime runs without layout shuffles."""
+  from nfnets_jax import onnx_graph
 
-
-def tflite_to_onnx(tflite: pathlib.Path, out: pathlib.Path) -> None:
-  """tf2onnx's conversion of a TFLite file (opset `ONNX_OPSET`), written to `out`."""
-  import tf2onnx
-
-  tf2onnx.convert.from_tflite(str(tflite), opset=ONNX_OPSET, output_path=str(out))
+  onnx_graph.save(onnx_graph.to_onnx(serve, input_shape, input_dtype), out)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -60,7 +60,9 @@ class Preprocessing:
     if x.shape[1] != size:
       x = bicubic_resize(x, size)
     offset = (size - self.image_size + 1) // 2
-    x = x[:, offset:offset + self.image_size, offset:offset + self.image_size]
+    # lax slices, not indexing: with a symbolic batch, indexing lowers to a gather.
+    x = jax.lax.slice_in_dim(x, offset, offset + self.image_size, axis=1)
+    x = jax.lax.slice_in_dim(x, offset, offset + self.image_size, axis=2)
     mean = np.asarray(preproc_spec.MEAN_RGB, np.float32)
     std = np.asarray(preproc_spec.STDDEV_RGB, np.float32)
     return (x - mean) / std
