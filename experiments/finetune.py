@@ -29,14 +29,17 @@ those are overridden (unless set themselves). With `num_epochs`
 
 from nfnets_jax import weights
 from nfnets_jax.models import nfnet, parse_model_name
-from nfnets_jax.train.config import base_config, finalize
+from nfnets_jax.train.config import ConfigError, base_config, finalize
 
 
 def get_config(model: str = "nfnet:F0"):
-  family, variant = parse_model_name(model)
+  try:
+    family, variant = parse_model_name(model)
+  except ValueError:  # its message lists every family; this file takes NFNets only
+    family = variant = None
   if family != "nfnet" or variant not in nfnet.ALL_VARIANTS:
-    raise ValueError(f"experiments/finetune.py:<model> takes an NFNet, e.g. nfnet:F0; got "
-                     f"{model!r}. Valid: {', '.join('nfnet:' + v for v in nfnet.ALL_VARIANTS)}.")
+    raise ConfigError(f"experiments/finetune.py:<model> takes an NFNet, e.g. nfnet:F0; got "
+                      f"{model!r}. Valid: {', '.join('nfnet:' + v for v in nfnet.ALL_VARIANTS)}.")
   row = nfnet.ALL_VARIANTS[variant]
   c = base_config()
   c.model = f"nfnet:{variant}"
