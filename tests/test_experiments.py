@@ -11,6 +11,7 @@ to a model's defaults that leaves the published recipe fails here.
 
 import importlib.util
 import inspect
+import operator
 import os
 import pathlib
 import subprocess
@@ -96,10 +97,8 @@ def load_experiment(name: str):
 
 
 def field(config, dotted: str) -> Any:
-  value = config
-  for part in dotted.split("."):
-    value = value[part]
-  return value
+  """The value of a dotted field, e.g. 'optimizer.base_lr' (fields are attributes)."""
+  return operator.attrgetter(dotted)(config)
 
 
 def differing_fields(config, expected: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
