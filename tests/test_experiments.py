@@ -228,13 +228,21 @@ def test_an_unknown_experiment_argument_is_a_config_error_naming_it_and_the_vali
      "takes an NFNet, e.g. nfnet:F0; got 'nfnet:F99'. Valid: nfnet:F0, "),
     ("experiments/demo.py:X", "FATAL config error: --config=experiments/demo.py:X: get_config() "
      "takes 0 positional arguments but 1 was given"),
+    # ml_collections reports a missing file at the config's first use, or at
+    # the first override, as a traceback.
+    ("experiments/nfent.py:F0", "FATAL config error: --config=experiments/nfent.py:F0: no "
+     "readable experiment file 'experiments/nfent.py' (relative to "),
+    ("experiments/nfent.py:F0 --config.seed=1", "FATAL config error: "
+     "--config=experiments/nfent.py:F0: no readable experiment file 'experiments/nfent.py'"),
 ])
 def test_the_trainer_reports_a_bad_experiment_argument_in_one_line(tmp_path, config, message):
   """Through the real command line: one line naming the value (and the valid
   ones), exit status 1, as any other config error; no traceback, no workdir."""
   workdir = tmp_path / "run"
+  config, *overrides = config.split()
   proc = subprocess.run(
-      [sys.executable, "-m", "nfnets_jax.train", f"--config={config}", f"--workdir={workdir}"],
+      [sys.executable, "-m", "nfnets_jax.train", f"--config={config}", *overrides,
+       f"--workdir={workdir}"],
       cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
       timeout=120)
   assert proc.returncode == 1, proc.stderr[-3000:]

@@ -50,10 +50,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with an override of a config field that does not
   exist reported as one line naming the flag (ml_collections raises it as a
-  chained AttributeError traceback from inside the parser)."""
+  chained AttributeError traceback from inside the parser), and so is an
+  experiment file that cannot be read or refuses its argument."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+  except OSError:  # an override applied to an experiment file that could not be read
+    _exit_if_config_file_unreadable(argv)
+    raise
   except flags.Error as err:  # e.g. --mode=fit: absl's message, without its traceback
+    _exit_if_config_file_unreadable(argv)
     bad_config = _config_file_error(err, argv)
     if bad_config:
       sys.stderr.write(f"FATAL config error: {bad_config}\n")
@@ -74,6 +79,29 @@ def parse_flags(argv: list[str]) -> list[str]:
     where = f"{given[0]}: " if given else ""
     sys.stderr.write(f"FATAL Flags parsing error: {where}the config has no field {name!r}. "
                      f"{hint or 'See the experiment file for the fields it defines.'}\n")
+    sys.exit(cli.EXIT_FAILURE)
+  _exit_if_config_file_unreadable(argv)
+  return rest
+
+
+def _exit_if_config_file_unreadable(argv: list[str]) -> None:
+  """Exits with one line when --config names a file that cannot be read.
+
+  ml_collections defers that error to the config's first use (or to the first
+  --config.<field> override), where it is a traceback of several lines.
+  """
+  try:
+    value = config_flags.get_config_filename(flags.FLAGS["config"])
+  except flags.Error:  # not parsed: its overrides failed, or --config is missing
+    given = [arg.partition("=")[2] for arg in argv[1:] if arg.startswith("--config=")]
+    if not given:
+      return  # absl's own error says what is missing
+    value = given[-1]
+  path = value.split(":", 1)[0]
+  if not (os.path.isfile(path) and os.access(path, os.R_OK)):
+    sys.stderr.write(f"FATAL config error: --config={value}: no readable experiment file {path!r} "
+                     f"(relative to {os.getcwd()}); expected a Python file with get_config(), "
+                     "e.g. experiments/nfnet.py:F0\n")
     sys.exit(cli.EXIT_FAILURE)
 
 
