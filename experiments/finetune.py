@@ -16,24 +16,30 @@ augmentation, as in the usual transfer recipes, e.g. BiT's):
   stochastic depth 0.1 and the variant's dropout, label smoothing 0.1;
 * AGC clipping 0.01 x sqrt(4096 / train_batch_size): the paper's 0.01 at
   batch 4096, larger for smaller batches (it clips more at small batch);
-* EMA decay 1 - 10 / num_train_steps, averaging about the last tenth of the run.
+* EMA decay max(0, 1 - 10 / num_train_steps), averaging about the last tenth
+  of the run; 0 (the EMA is the weights themselves) for runs of 10 steps or
+  fewer, whose last tenth is under a step.
 
 Clipping and EMA decay follow `train_batch_size` and `num_train_steps` when
-those are overridden (unless set themselves); set `ema_decay` when switching
-to `num_epochs` (`num_train_steps=-1`). A linear probe trains the head only:
+those are overridden (unless set themselves). With `num_epochs`
+(`num_train_steps=-1`) the step count is not known here, so the EMA decay is
+0 too: set `ema_decay` for an average. A linear probe trains the head only:
 `--config.freeze='^(?!NFNet/~/linear/)'`.
 """
 
 from nfnets_jax import weights
 from nfnets_jax.models import nfnet, parse_model_name
-from nfnets_jax.train.config import base_config, finalize
+from nfnets_jax.train.config import ConfigError, base_config, finalize
 
 
 def get_config(model: str = "nfnet:F0"):
-  family, variant = parse_model_name(model)
+  try:
+    family, variant = parse_model_name(model)
+  except ValueError:  # its message lists every family; this file takes NFNets only
+    family = variant = None
   if family != "nfnet" or variant not in nfnet.ALL_VARIANTS:
-    raise ValueError(f"experiments/finetune.py:<model> takes an NFNet, e.g. nfnet:F0; got "
-                     f"{model!r}. Valid: {', '.join('nfnet:' + v for v in nfnet.ALL_VARIANTS)}.")
+    raise ConfigError(f"experiments/finetune.py:<model> takes an NFNet, e.g. nfnet:F0; got "
+                      f"{model!r}. Valid: {', '.join('nfnet:' + v for v in nfnet.ALL_VARIANTS)}.")
   row = nfnet.ALL_VARIANTS[variant]
   c = base_config()
   c.model = f"nfnet:{variant}"
@@ -51,7 +57,17 @@ def get_config(model: str = "nfnet:F0"):
   c.optimizer.base_lr = 0.01
   c.optimizer.weight_decay = 1e-5
   c.optimizer.clipping = 0.01 * (4096 / c.get_ref("train_batch_size").to_float()) ** 0.5
-  c.ema_decay = 1.0 - 10.0 / c.get_ref("num_train_steps").to_float()
+  c.ema_decay = _ema_decay_for(c.get_ref("num_train_steps"))
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   return finalize(c)
+
+
+def _ema_decay_for(num_train_steps):
+  """max(0, 1 - 10 / |num_train_steps|), as a reference that follows the field.
+
+  Written with `abs` (FieldReference has no max): 0 for 1..10 steps and for -1
+  (epochs), never a decay outside [0, 1) that the user did not set.
+  """
+  decay = 1.0 - 10.0 / abs(num_train_steps).to_float()
+  return (decay + abs(decay)) / 2.0

@@ -18,7 +18,7 @@ result.
 """
 
 from nfnets_jax.models import nf_regnet
-from nfnets_jax.train.config import base_config, finalize
+from nfnets_jax.train.config import ConfigError, base_config, finalize
 
 #: Weight decay by variant: B0..B5 published, B6..B8 ours (B5's value).
 WEIGHT_DECAY = {"B0": 5e-5, "B1": 6e-5, "B2": 7e-5, "B3": 8e-5, "B4": 9e-5, "B5": 1e-4,
@@ -27,8 +27,8 @@ WEIGHT_DECAY = {"B0": 5e-5, "B1": 6e-5, "B2": 7e-5, "B3": 8e-5, "B4": 9e-5, "B5"
 
 def get_config(variant: str = "B0"):
   if variant not in nf_regnet.VARIANTS:
-    raise ValueError(f"Unknown NF-RegNet variant {variant!r} in experiments/nf_regnet.py:<variant>; "
-                     f"valid: {', '.join(nf_regnet.VARIANTS)}.")
+    raise ConfigError(f"Unknown NF-RegNet variant {variant!r} in "
+                      f"experiments/nf_regnet.py:<variant>; valid: {', '.join(nf_regnet.VARIANTS)}.")
   row = nf_regnet.VARIANTS[variant]
   c = base_config()
   c.model = f"nf_regnet:{variant}"

@@ -10,13 +10,13 @@ published configuration.
 """
 
 from nfnets_jax.models import nf_resnet
-from nfnets_jax.train.config import base_config, finalize
+from nfnets_jax.train.config import ConfigError, base_config, finalize
 
 
 def get_config(variant: str = "ResNet50"):
   if variant not in nf_resnet.VARIANTS:
-    raise ValueError(f"Unknown NF-ResNet variant {variant!r} in experiments/nf_resnet.py:<variant>; "
-                     f"valid: {', '.join(nf_resnet.VARIANTS)}.")
+    raise ConfigError(f"Unknown NF-ResNet variant {variant!r} in "
+                      f"experiments/nf_resnet.py:<variant>; valid: {', '.join(nf_resnet.VARIANTS)}.")
   c = base_config()
   c.model = f"nf_resnet:{variant}"
   c.model_kwargs.stochdepth_rate = 0.1

@@ -19,13 +19,13 @@ batch size, which does not change the result.
 """
 
 from nfnets_jax.models import nfnet
-from nfnets_jax.train.config import base_config, finalize
+from nfnets_jax.train.config import ConfigError, base_config, finalize
 
 
 def get_config(variant: str = "F0"):
   if variant not in nfnet.VARIANTS:
-    raise ValueError(f"Unknown NFNet variant {variant!r} in experiments/nfnet.py:<variant>; "
-                     f"valid: {', '.join(nfnet.VARIANTS)}.")
+    raise ConfigError(f"Unknown NFNet variant {variant!r} in experiments/nfnet.py:<variant>; "
+                      f"valid: {', '.join(nfnet.VARIANTS)}.")
   row = nfnet.VARIANTS[variant]
   c = base_config()
   c.model = f"nfnet:{variant}"

@@ -11,7 +11,11 @@ to a model's defaults that leaves the published recipe fails here.
 
 import importlib.util
 import inspect
+import operator
+import os
 import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -20,8 +24,10 @@ from nfnets_jax import optim
 from nfnets_jax.data.augment_spec import AugmentSpec, parse_augment_name
 from nfnets_jax.models.nf_regnet import NFRegNet
 from nfnets_jax.models.nfnet import NFNet
+from nfnets_jax.train import config as config_lib
 
-EXPERIMENTS = pathlib.Path(__file__).parents[1] / "experiments"
+REPO = pathlib.Path(__file__).parents[1]
+EXPERIMENTS = REPO / "experiments"
 
 # --- published values ----------------------------------------------------------------------
 
@@ -91,10 +97,8 @@ def load_experiment(name: str):
 
 
 def field(config, dotted: str) -> Any:
-  value = config
-  for part in dotted.split("."):
-    value = value[part]
-  return value
+  """The value of a dotted field, e.g. 'optimizer.base_lr' (fields are attributes)."""
+  return operator.attrgetter(dotted)(config)
 
 
 def differing_fields(config, expected: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -195,3 +199,53 @@ def test_nf_resnet_config_says_it_is_not_published_and_reuses_the_nfnet_recipe(v
   assert {name: field(config, name) for name in REUSED_NFNET_FIELDS} == {
       name: field(nfnet_config, name) for name in REUSED_NFNET_FIELDS}
   assert (config.dataset.image_size, config.dataset.eval_image_size) == (224, 224)
+
+
+# --- the experiment files' arguments --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, argument, message", [
+    ("nfnet", "F99", "Unknown NFNet variant 'F99' in experiments/nfnet.py:<variant>; valid: F0, "),
+    ("nf_regnet", "B9", "Unknown NF-RegNet variant 'B9' in experiments/nf_regnet.py:<variant>; "
+     "valid: B0, "),
+    ("nf_resnet", "ResNet51", "Unknown NF-ResNet variant 'ResNet51' in "
+     "experiments/nf_resnet.py:<variant>; valid: ResNet50, "),
+    ("finetune", "nfnet:F99", "experiments/finetune.py:<model> takes an NFNet, e.g. nfnet:F0; "
+     "got 'nfnet:F99'. Valid: nfnet:F0, "),
+    ("finetune", "nf_resnet:ResNet50", "takes an NFNet, e.g. nfnet:F0; got 'nf_resnet:ResNet50'"),
+])
+def test_an_unknown_experiment_argument_is_a_config_error_naming_it_and_the_valid_ones(
+    name, argument, message):
+  with pytest.raises(config_lib.ConfigError) as err:
+    load_experiment(name).get_config(argument)
+  assert message in str(err.value)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("experiments/nfnet.py:F99", "FATAL config error: Unknown NFNet variant 'F99' in "
+     "experiments/nfnet.py:<variant>; valid: F0, F1, "),
+    ("experiments/finetune.py:nfnet:F99", "FATAL config error: experiments/finetune.py:<model> "
+     "takes an NFNet, e.g. nfnet:F0; got 'nfnet:F99'. Valid: nfnet:F0, "),
+    ("experiments/demo.py:X", "FATAL config error: --config=experiments/demo.py:X: get_config() "
+     "takes 0 positional arguments but 1 was given"),
+    # ml_collections reports a missing file at the config's first use, or at
+    # the first override, as a traceback.
+    ("experiments/nfent.py:F0", "FATAL config error: --config=experiments/nfent.py:F0: no "
+     "readable experiment file 'experiments/nfent.py' (relative to "),
+    ("experiments/nfent.py:F0 --config.seed=1", "FATAL config error: "
+     "--config=experiments/nfent.py:F0: no readable experiment file 'experiments/nfent.py'"),
+])
+def test_the_trainer_reports_a_bad_experiment_argument_in_one_line(tmp_path, config, message):
+  """Through the real command line: one line naming the value (and the valid
+  ones), exit status 1, as any other config error; no traceback, no workdir."""
+  workdir = tmp_path / "run"
+  config, *overrides = config.split()
+  proc = subprocess.run(
+      [sys.executable, "-m", "nfnets_jax.train", f"--config={config}", *overrides,
+       f"--workdir={workdir}"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=120)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.strip().startswith(message), proc.stderr[-3000:]
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+  assert not workdir.exists()

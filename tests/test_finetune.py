@@ -262,6 +262,36 @@ def test_finetune_config_fits_clipping_to_the_batch_and_ema_to_the_run():
     _finetune_config("nf_resnet:ResNet50")
 
 
+@pytest.mark.parametrize("steps, decay", [(1, 0.0), (9, 0.0), (10, 0.0), (20, 0.5),
+                                         (2000, 0.995), (-1, 0.0)])
+def test_finetune_ema_default_is_valid_for_every_step_count(steps, decay):
+  """max(0, 1 - 10 / steps): no average (0) for runs of 10 steps or fewer and for
+  epochs (-1), where 1 - 10 / steps alone would be an ema_decay the user never set."""
+  config = _finetune_config(NANO)
+  config.num_train_steps = steps  # as --config.num_train_steps= sets it
+  assert config_lib.validate(config).ema_decay == pytest.approx(decay)
+
+
+@pytest.mark.parametrize("field, message", [
+    ("num_train_steps", "config.num_train_steps = 0 is invalid: expected -1 (use num_epochs) or"),
+    ("train_batch_size", "config.train_batch_size = 0 is invalid: expected a positive integer")])
+def test_a_zero_that_a_default_divides_by_is_named_itself(field, message):
+  """ema_decay and clipping follow these fields; a 0 is named, not a ZeroDivisionError."""
+  config = _finetune_config(NANO)
+  config[field] = 0
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("value", [-0.5, 1.0])
+def test_a_bad_ema_decay_set_by_the_user_is_named_with_its_range(value):
+  config = _finetune_config(NANO)
+  config.ema_decay = value
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      f"config.ema_decay = {value} is invalid: expected a number in [0, 1).")):
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"dataset.classes": "5-9"}, "config.num_classes = 1000 is invalid: expected 5"),
     ({"freeze": "linear("}, "config.freeze = 'linear(' is invalid: expected a Python regular"),
@@ -373,7 +403,7 @@ def test_the_documented_command_fine_tunes_published_f0_on_a_folder_of_jpegs(tmp
   # What the command line's --config.<field> flags set, shrunk to a CPU test.
   config.update_from_flattened_dict({
       "dataset.name": f"folder:{images}", "num_classes": 3, "train_batch_size": 3,
-      "eval_batch_size": 3, "num_train_steps": 1, "ema_decay": 0.9, "dataset.image_size": 32,
+      "eval_batch_size": 3, "num_train_steps": 1, "dataset.image_size": 32,
       "dataset.eval_image_size": 32, "async_checkpoints": False, "compute_dtype": "float32"})
   with Server() as server:
     server.files["/F0_haiku.npz"] = body

@@ -221,12 +221,7 @@ def test_the_lowering_is_a_model_argument_of_the_config():
 def _base_config_with(**fields):
   """`base_config()` with dotted fields set, e.g. `**{"optimizer.min_lr": 1.0}`."""
   config = config_lib.base_config()
-  for name, value in fields.items():
-    *parents, leaf = name.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(fields)
   return config
 
 

@@ -12,7 +12,8 @@ Multi-host jobs run this same command on every host (see launch/).
 The log shows progress, warnings and errors; absl's --verbosity=0 (-v 0) adds
 the libraries' info lines, -v 1 debug lines too (see nfnets_jax.cli).
 
-Exit statuses: 0 done; 1 a bad flag or config value, named in one line, or
+Exit statuses: 0 done; 1 a bad flag, config value or experiment-file argument
+(experiments/nfnet.py:F99), named in one line, or
 checkpoints that exist but none of which can be restored (each listed);
 3 the loss or gradients became non-finite (the last good checkpoint is kept);
 4 a checkpoint could not be saved (the line names the directory and the
@@ -49,11 +50,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with an override of a config field that does not
   exist reported as one line naming the flag (ml_collections raises it as a
-  chained AttributeError traceback from inside the parser)."""
+  chained AttributeError traceback from inside the parser), and so is an
+  experiment file that cannot be read or refuses its argument."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+  except OSError:  # an override applied to an experiment file that could not be read
+    _exit_if_config_file_unreadable(argv)
+    raise
   except flags.Error as err:  # e.g. --mode=fit: absl's message, without its traceback
-    sys.stderr.write(f"FATAL Flags parsing error: {err}\n")
+    _exit_if_config_file_unreadable(argv)
+    bad_config = _config_file_error(err, argv)
+    if bad_config:
+      sys.stderr.write(f"FATAL config error: {bad_config}\n")
+    else:
+      sys.stderr.write(f"FATAL Flags parsing error: {err}\n")
     sys.exit(cli.EXIT_FAILURE)
   except (AttributeError, KeyError) as err:
     detail = str(err.args[0]) if err.args else str(err)
@@ -70,7 +80,49 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.stderr.write(f"FATAL Flags parsing error: {where}the config has no field {name!r}. "
                      f"{hint or 'See the experiment file for the fields it defines.'}\n")
     sys.exit(cli.EXIT_FAILURE)
+  _exit_if_config_file_unreadable(argv)
+  return rest
 
+
+def _exit_if_config_file_unreadable(argv: list[str]) -> None:
+  """Exits with one line when --config names a file that cannot be read.
+
+  ml_collections defers that error to the config's first use (or to the first
+  --config.<field> override), where it is a traceback of several lines.
+  """
+  try:
+    value = config_flags.get_config_filename(flags.FLAGS["config"])
+  except flags.Error:  # not parsed: its overrides failed, or --config is missing
+    given = [arg.partition("=")[2] for arg in argv[1:] if arg.startswith("--config=")]
+    if not given:
+      return  # absl's own error says what is missing
+    value = given[-1]
+  path = value.split(":", 1)[0]
+  if not (os.path.isfile(path) and os.access(path, os.R_OK)):
+    sys.stderr.write(f"FATAL config error: --config={value}: no readable experiment file {path!r} "
+                     f"(relative to {os.getcwd()}); expected a Python file with get_config(), "
+                     "e.g. experiments/nfnet.py:F0\n")
+    sys.exit(cli.EXIT_FAILURE)
+
+
+def _config_file_error(err: Exception, argv: list[str]) -> str | None:
+  """The one line for a bad `--config=<file>:<argument>`, else None (a bug in the file).
+
+  ml_collections re-raises what the experiment file's `get_config` raised with
+  its traceback as the message. A `ConfigError` (an unknown variant, a value
+  `finalize` refuses) is reported as the other config errors are; a call that
+  does not fit `get_config`'s signature (`experiments/demo.py:X`) names the flag.
+  """
+  original = err
+  while original.__cause__ or original.__context__:
+    original = original.__cause__ or original.__context__
+  if isinstance(original, config_lib.ConfigError):
+    return str(original)
+  if isinstance(original, TypeError) and str(original).startswith("get_config()"):
+    given = [arg for arg in argv[1:] if arg.startswith("--config=")]
+    return (f"{given[-1] if given else '--config'}: {original} (the text after the file's "
+            "':' is its get_config's argument)")
+  return None
 
 def main(argv):
   if len(argv) > 1:

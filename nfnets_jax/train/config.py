@@ -198,9 +198,18 @@ def nullable_fields() -> tuple[str, ...]:
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
-  """(dotted field name, value) of every field that is not itself a ConfigDict."""
+  """(dotted field name, value) of every field that is not itself a ConfigDict.
+
+  A field computed from others that cannot be computed (experiments/finetune.py's
+  clipping from `train_batch_size = 0`) is left out: the range checks name the
+  field it follows.
+  """
   out = []
-  for key, value in config.items():
+  for key in config.keys():
+    try:
+      value = config[key]
+    except ArithmeticError:
+      continue
     if isinstance(value, ml_collections.ConfigDict):
       out += _leaves(value, f"{prefix}{key}.")
     else:
@@ -309,8 +318,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     value = _get(config, field)
     if value is not None and value not in choices:
       _fail(field, value, f"expected one of {', '.join(choices)}, or None for the default")
+  # In _RANGES' order: the fields others follow come first, so that a bad
+  # num_train_steps is named before the ema_decay computed from it.
   for field, (check, valid) in _RANGES.items():
-    value = _get(config, field)
+    try:
+      value = _get(config, field)
+    except ArithmeticError as err:
+      raise ConfigError(f"config.{field} cannot be computed from the fields it follows ({err}): "
+                        "set it, or those fields") from None
     if not check(value):
       _fail(field, value, f"expected {valid}")
   if config.num_train_steps == -1 and not config.num_epochs > 0:
