@@ -124,6 +124,7 @@ def _config_file_error(err: Exception, argv: list[str]) -> str | None:
             "':' is its get_config's argument)")
   return None
 
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
