@@ -137,17 +137,26 @@ def preprocess(image_bytes: bytes, image_size: int, eval_preproc: str) -> np.nda
 
 
 def make_predict_fn(loaded: inference.LoadedModel, compute_dtype: Any = "float32"):
-  """A jitted `images [N, H, W, 3] -> probabilities [N, num_classes]` (float32)."""
+  """A jitted `images [N, H, W, 3] -> probabilities [N, num_classes]` (float32).
+
+  It runs the folded network (`models.fold_for_inference`), which is faster
+  than the training form at the few images per call this tool sees
+  (docs/performance.md).
+  """
   import jax
   import jax.numpy as jnp
 
-  model = loaded.transform()
+  from nfnets_jax import models
+
+  loaded.transform()  # The same clear errors as the other tools for a model that cannot run.
+  folded = models.fold_for_inference(loaded.name, loaded.params, loaded.num_classes,
+                                     **loaded.model_kwargs)
   dtype = jnp.dtype(compute_dtype)
-  params = jax.device_put(loaded.params)
+  params = jax.device_put(folded.params)
 
   @jax.jit
   def probabilities(params, images):
-    logits = model.apply(params, None, images.astype(dtype), is_training=False)["logits"]
+    logits = folded.apply(params, images.astype(dtype))
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
   return lambda images: np.asarray(probabilities(params, images))

@@ -51,6 +51,21 @@ def nano_npz(tmp_path_factory):
   return make
 
 
+def test_predictions_are_the_training_form_networks(nano_npz):
+  """classify runs the folded network: its probabilities are the unfolded network's."""
+  import jax
+
+  from nfnets_jax import inference
+
+  loaded = inference.load_model(nano_npz(1000), model="nfnet:nano")
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  model = loaded.transform()
+  logits = jax.jit(lambda p, x: model.apply(p, None, x, is_training=False)["logits"])
+  want = jax.nn.softmax(logits(loaded.params, x))
+  np.testing.assert_allclose(classify.make_predict_fn(loaded)(x), np.asarray(want), atol=1e-6)
+  assert np.asarray(want).max() > 2e-3  # Not the uniform 1/1000 of a silent network.
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
   """The two scikit-learn photos, a grayscale and an RGBA PNG, a missing and a corrupt file."""
