@@ -28,9 +28,9 @@ import importlib
 import pathlib
 import sys
 import tempfile
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from nfnets_jax import cli, inference
+from nfnets_jax import cli, inference, serving
 
 FORMATS = ("stablehlo", "savedmodel", "tflite", "onnx")
 #: Formats that run the network in reduced precision inside the file.
@@ -66,9 +66,9 @@ def check_dependencies(fmt: str) -> None:
                         f"{INSTALL_HINT}") from None
 
 
-def export(serve: Callable[[Any], Any], input_shape: Sequence[Optional[int]], input_dtype: Any,
+def export(serve: serving.ServedModel, input_shape: Sequence[Optional[int]], input_dtype: Any,
            fmt: str, out: pathlib.Path) -> None:
-  """Writes `serve` (a pure JAX function of one NHWC batch) as `fmt` to `out`.
+  """Writes `serve` (one NHWC batch in, one array out) as `fmt` to `out`.
 
   `input_shape` has None for the (free) batch dimension.
   """
@@ -96,18 +96,31 @@ def stablehlo_bytes(serve, input_shape, input_dtype) -> bytes:
   return bytes(exported.serialize())
 
 
-def write_savedmodel(serve, input_shape, input_dtype, out: pathlib.Path,
+def write_savedmodel(serve: serving.ServedModel, input_shape, input_dtype, out: pathlib.Path,
                      platforms: Optional[Sequence[str]] = None) -> None:
-  """A SavedModel whose `serving_default(images)` returns {'output': ...}."""
+  """A SavedModel whose `serving_default(images)` returns {'output': ...}.
+
+  The parameters are TF variables passed to the converted program, so the file
+  holds them once (closed over, they would be constants in each traced function).
+  """
+  import jax
+  import numpy as np
   import tensorflow as tf
   from jax.experimental import jax2tf
 
+  leaves, treedef = jax.tree_util.tree_flatten(serve.params)
+  variables = [tf.Variable(np.asarray(leaf), trainable=False) for leaf in leaves]
   poly = "(batch, " + ", ".join(str(d) for d in input_shape[1:]) + ")"
-  converted = jax2tf.convert(serve, polymorphic_shapes=[poly], with_gradient=False,
+  converted = jax2tf.convert(serve.apply, polymorphic_shapes=[None, poly], with_gradient=False,
                              native_serialization_platforms=platforms)
+
+  def call(images):
+    return {"output": converted(jax.tree_util.tree_unflatten(treedef, variables), images)}
+
   module = tf.Module()
+  module.weights = variables  # Tracked, so tf.saved_model.save writes them.
   module.serve = tf.function(
-      lambda images: {"output": converted(images)}, autograph=False,
+      call, autograph=False,
       input_signature=[tf.TensorSpec(list(input_shape), tf.as_dtype(input_dtype), name="images")])
   tf.saved_model.save(module, str(out), signatures=module.serve.get_concrete_function())
 
@@ -165,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _export_from_flags(fv) -> None:
-  from nfnets_jax import models, serving
+  from nfnets_jax import models
 
   if not fv.format:
     raise cli.UsageError(f"--format is required: one of {', '.join(FORMATS)}.")

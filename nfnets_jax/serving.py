@@ -15,7 +15,7 @@ The batch dimension is free in both. Pure JAX, so every export format starts her
 """
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -77,20 +77,36 @@ def bicubic_resize(x: jax.Array, size: int) -> jax.Array:
                                        antialias=False)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # Hashed by identity, as functions are (jax.jit).
+class ServedModel:
+  """What an export computes: `self(images)`, or `apply(params, images)` with `params`
+  passed in (a SavedModel stores them as variables, once)."""
+  folded: FoldedModel
+  dtype: str = "float32"
+  preprocessing: Optional[Preprocessing] = None
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f"Unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}.")
+
+  @property
+  def params(self):
+    return self.folded.params
+
+  def apply(self, params, images: jax.Array) -> jax.Array:
+    x = images if self.preprocessing is None else self.preprocessing(images)
+    logits = self.folded.apply(params, x.astype(DTYPES[self.dtype]))
+    return logits if self.preprocessing is None else jax.nn.softmax(logits, axis=-1)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return self.apply(self.params, images)
+
+
 def served_function(folded: FoldedModel, dtype: str = "float32",
-                    preprocessing: Optional[Preprocessing] = None) -> Callable[[jax.Array], jax.Array]:
+                    preprocessing: Optional[Preprocessing] = None) -> ServedModel:
   """`images -> logits` (or uint8 images -> probabilities with `preprocessing`), the
   network run in `dtype` ('float32', 'bfloat16' or 'float16'), its parameters closed over."""
-  if dtype not in DTYPES:
-    raise ValueError(f"Unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}.")
-  compute = DTYPES[dtype]
-
-  def serve(images: jax.Array) -> jax.Array:
-    x = images if preprocessing is None else preprocessing(images)
-    logits = folded.apply(folded.params, x.astype(compute))
-    return logits if preprocessing is None else jax.nn.softmax(logits, axis=-1)
-
-  return serve
+  return ServedModel(folded, dtype, preprocessing)
 
 
 def input_spec(image_side: int, preprocessing: Optional[Preprocessing]) -> tuple[tuple, np.dtype]:
