@@ -9,7 +9,7 @@ recomputes on every call can be computed once:
   classifier, after the last activation), leaving the unscaled nonlinearity;
 * a block's `alpha * skip_gain` moves into its last convolution, unless a
   squeeze-excite gate sits after that convolution (the gate reads the unscaled
-  branch, so there the product, times the gate's 2, stays one scalar multiply).
+  branch, so there the product stays one scalar multiply after the gate).
 
 What is left is a plain convolutional network (same layers, kernels and
 biases, no per-call standardisation) whose logits equal the training form's
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from nfnets_jax.models import activations, conv as conv_lib, network, registry
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan
-from nfnets_jax.models.layers import avg_pool_same, squeeze_excite, standardize_weight
+from nfnets_jax.models.layers import standardize_weight
 
 _SEP = "/~/"
 # Model arguments that fix how a network is lowered or named, not what its plan is.
@@ -174,7 +174,7 @@ def _fold_block(spec: BlockSpec, params: Params, module: str, gamma: float) -> d
         layer: {k: _f32(v) for k, v in params[se + layer].items()}
         for layer in ("linear", "linear_1")}
   if gated:
-    block["scale"] = 2.0 * skip
+    block["scale"] = skip
   return block
 
 
@@ -206,24 +206,9 @@ def folded_block(spec: BlockSpec, act: Callable[[jax.Array], jax.Array], p: Mapp
   def conv(name, inputs):
     return _conv(p[name], inputs, specs[name], impl)
 
-  def excite(out):
-    return squeeze_excite(p["squeeze_excite"], out) * out
-
-  out = act(x)
-  if not spec.use_projection:
-    shortcut = x
-  elif spec.stride > 1 and spec.pool_shortcut:
-    shortcut = conv("conv_shortcut", avg_pool_same(out, spec.stride))
-  else:
-    shortcut = conv("conv_shortcut", out)
-  out = conv("conv1", act(conv("conv0", out)))
-  if spec.use_two_convs:
-    out = conv("conv1b", act(out))
-  if spec.se_position == "bottleneck":
-    out = 2.0 * excite(out)
-  out = conv("conv2", act(out))
+  out, shortcut = network.residual_branch(spec, act, conv, p.get("squeeze_excite"), act(x), x)
   if spec.se_position == "output":
-    out = excite(out) * p["scale"].astype(out.dtype)
+    out = out * p["scale"].astype(out.dtype)
   return out + shortcut
 
 

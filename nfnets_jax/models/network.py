@@ -31,6 +31,38 @@ def _conv(spec, conv_impl: str, name: Optional[str] = None) -> WSConv2D:
 BlockParams = dict[str, Any]  # {conv name: {w, gain, bias}, 'squeeze_excite': ..., 'skip_gain'}
 
 
+def residual_branch(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
+                    conv: Callable[[str, jax.Array], jax.Array], se_params: Optional[BlockParams],
+                    pre: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A block's residual branch and shortcut, before the skip gain.
+
+  `pre` is the block's input after its activation (and beta), `x` the input
+  itself; `conv(name, inputs)` applies the block's convolution `name`. The
+  training form (`block_forward`) and the folded one (`folding.py`) differ
+  only in the convolutions and in what they scale, so both call this.
+  """
+  def excite(out):
+    # x2 restores the variance the sigmoid gate (about 0.5 at init) removes.
+    return 2.0 * squeeze_excite(se_params, out) * out
+
+  if not spec.use_projection:
+    shortcut = x
+  elif spec.stride > 1 and spec.pool_shortcut:
+    shortcut = conv("conv_shortcut", avg_pool_same(pre, spec.stride))
+  else:
+    shortcut = conv("conv_shortcut", pre)
+
+  out = conv("conv1", activation(conv("conv0", pre)))
+  if spec.use_two_convs:
+    out = conv("conv1b", activation(out))
+  if spec.se_position == "bottleneck":
+    out = excite(out)
+  out = conv("conv2", activation(out))
+  if spec.se_position == "output":
+    out = excite(out)
+  return out, shortcut
+
+
 def block_forward(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
                   params: BlockParams, x: jax.Array, beta: Union[float, jax.Array],
                   keep_prob: Union[float, jax.Array], key: Optional[jax.Array],
@@ -48,28 +80,8 @@ def block_forward(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
     c = conv_specs[name]
     return ws_conv2d(params[name], inputs, c.stride, "SAME", c.groups, conv_impl)
 
-  def excite(out):
-    # x2 restores the variance the sigmoid gate (about 0.5 at init) removes.
-    return 2.0 * squeeze_excite(params["squeeze_excite"], out) * out
-
-  act = activation
-  out = act(x) * jnp.asarray(beta, x.dtype)
-  if not spec.use_projection:
-    shortcut = x
-  elif spec.stride > 1 and spec.pool_shortcut:
-    shortcut = conv("conv_shortcut", avg_pool_same(out, spec.stride))
-  else:
-    shortcut = conv("conv_shortcut", out)
-
-  out = conv("conv1", act(conv("conv0", out)))
-  if spec.use_two_convs:
-    out = conv("conv1b", act(out))
-  if spec.se_position == "bottleneck":
-    out = excite(out)
-  out = conv("conv2", act(out))
-  if spec.se_position == "output":
-    out = excite(out)
-
+  out, shortcut = residual_branch(spec, activation, conv, params.get("squeeze_excite"),
+                                  activation(x) * jnp.asarray(beta, x.dtype), x)
   res_avg_var = average_channel_variance(out)
   if key is not None:
     out = keep_branches(out, keep_prob, key)
