@@ -374,7 +374,9 @@ def test_the_documented_command_fine_tunes_published_f0_on_a_folder_of_jpegs(tmp
   config.update_from_flattened_dict({
       "dataset.name": f"folder:{images}", "num_classes": 3, "train_batch_size": 3,
       "eval_batch_size": 3, "num_train_steps": 1, "ema_decay": 0.9, "dataset.image_size": 32,
-      "dataset.eval_image_size": 32, "async_checkpoints": False, "compute_dtype": "float32"})
+      "dataset.eval_image_size": 32, "async_checkpoints": False, "compute_dtype": "float32",
+      # XLA's own convolutions: the same numbers (tests/test_conv.py), F0 compiles faster.
+      "model_kwargs.conv_impl": "xla"})
   with Server() as server:
     server.files["/F0_haiku.npz"] = body
     monkeypatch.setenv(weights.URL_ENV, server.url)
