@@ -296,7 +296,8 @@ def test_a_finetune_starts_from_init_from_trains_unfrozen_only_and_resumes_its_o
       "dataset.image_size": SIZE, "dataset.train_preproc": "resize", "dataset.augment_name": None,
       "dataset.deterministic": True, "dataset.autotune": False, "train_batch_size": 5,
       "num_train_steps": 4, "optimizer.weight_decay": 1e-2, "compute_dtype": "float32",
-      "async_checkpoints": False, "init_from": str(path), "freeze": "stem|NFNet/~/nf_block/"})
+      "async_checkpoints": False, "init_from": str(path), "freeze": "stem|NFNet/~/nf_block/",
+      "model_kwargs.conv_impl": "xla"})  # XLA's own convolutions: quicker to compile
   config_lib.finalize(config)
   workdir = str(tmp_path / "run")
   run = experiment.Experiment(config, workdir)
