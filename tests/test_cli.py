@@ -13,12 +13,14 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 from absl import flags
 
 from nfnets_jax import checkpoint, cli, cli_logs, models, report
+from session_share import once, session_root
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -130,10 +132,9 @@ NOISE = {
 }
 
 
-@pytest.fixture(scope="module")
-def evaluate_program(tmp_path_factory):
-  """Runs `python -m nfnets_jax.evaluate` on 40 digits with random nano weights."""
-  root = tmp_path_factory.mktemp("cli_quiet")
+def _run_evaluate_twice(root: pathlib.Path) -> dict:
+  """`python -m nfnets_jax.evaluate` on 40 digits with random nano weights, at
+  --verbosity=0 and at the default: each run's stdout and stderr."""
   rng = np.random.default_rng(0)
   params = {module: {name: rng.normal(scale=0.1, size=leaf.shape).astype(np.float32)
                      for name, leaf in group.items()}
@@ -142,7 +143,7 @@ def evaluate_program(tmp_path_factory):
   env = {key: value for key, value in os.environ.items()
          if key not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS")}
 
-  def run(*extra: str) -> subprocess.CompletedProcess:
+  def run(*extra: str) -> dict:
     argv = [sys.executable, "-m", "nfnets_jax.evaluate", f"--checkpoint={npz}",
             "--model=nfnet:nano", "--dataset=digits", "--split=test[:40]",
             f"--data_dir={root / 'tfds'}", "--image_size=24", "--eval_preproc=resize_crop_1",
@@ -150,10 +151,18 @@ def evaluate_program(tmp_path_factory):
             "--progress=lines", *extra]
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    return {"stdout": proc.stdout, "stderr": proc.stderr}
 
   verbose = run("--verbosity=0")  # first: it also prepares the dataset
   return {"verbose": verbose, "default": run()}
+
+
+@pytest.fixture(scope="session")
+def evaluate_program(tmp_path_factory):
+  """The two evaluate runs, once per session (session_share), not once per xdist worker
+  that runs one of the tests below; each run's output as `.stdout` and `.stderr`."""
+  runs = once(session_root(tmp_path_factory) / "cli_quiet", _run_evaluate_twice)
+  return {name: types.SimpleNamespace(**output) for name, output in runs.items()}
 
 
 @pytest.mark.slow

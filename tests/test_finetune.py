@@ -326,7 +326,8 @@ def test_a_finetune_starts_from_init_from_trains_unfrozen_only_and_resumes_its_o
       "dataset.image_size": SIZE, "dataset.train_preproc": "resize", "dataset.augment_name": None,
       "dataset.deterministic": True, "dataset.autotune": False, "train_batch_size": 5,
       "num_train_steps": 4, "optimizer.weight_decay": 1e-2, "compute_dtype": "float32",
-      "async_checkpoints": False, "init_from": str(path), "freeze": "stem|NFNet/~/nf_block/"})
+      "async_checkpoints": False, "init_from": str(path), "freeze": "stem|NFNet/~/nf_block/",
+      "model_kwargs.conv_impl": "xla"})  # XLA's own convolutions: quicker to compile
   config_lib.finalize(config)
   workdir = str(tmp_path / "run")
   run = experiment.Experiment(config, workdir)
@@ -404,7 +405,9 @@ def test_the_documented_command_fine_tunes_published_f0_on_a_folder_of_jpegs(tmp
   config.update_from_flattened_dict({
       "dataset.name": f"folder:{images}", "num_classes": 3, "train_batch_size": 3,
       "eval_batch_size": 3, "num_train_steps": 1, "dataset.image_size": 32,
-      "dataset.eval_image_size": 32, "async_checkpoints": False, "compute_dtype": "float32"})
+      "dataset.eval_image_size": 32, "async_checkpoints": False, "compute_dtype": "float32",
+      # XLA's own convolutions: the same numbers (tests/test_conv.py), F0 compiles faster.
+      "model_kwargs.conv_impl": "xla"})
   with Server() as server:
     server.files["/F0_haiku.npz"] = body
     monkeypatch.setenv(weights.URL_ENV, server.url)

@@ -245,10 +245,12 @@ def test_sigterm_in_a_step_a_save_and_an_evaluation_loses_no_step(demo_run, tmp_
 @pytest.mark.slow
 def test_two_processes_signal_one_both_stop_at_the_same_step_and_resume_bitwise(
     two_process_run, tmp_path):
-  # No compilation cache: JAX writes it from process 0 only, so with one process 1
-  # would compile alone while process 0 waits in the first collective, on a busy
-  # machine past gloo's 30 s (both compile here, at the same pace).
-  dirs = {"data_dir": two_process_run["data_dir"], "cache": ""}
+  # The shared run's compilation cache: JAX writes it from process 0 only, but both
+  # processes read it, and the train, eval and init programs have one key in both
+  # (checked with JAX_EXPLAIN_CACHE_MISSES=1: each process compiles only small
+  # programs of its own devices), so neither waits in a collective, past gloo's
+  # 30 s, while the other compiles a large program alone.
+  dirs = {"data_dir": two_process_run["data_dir"], "cache": two_process_run["cache"]}
   outputs = local_launch(dirs, tmp_path, module="preemption_hook",
                          env={"NFNETS_TEST_SIGNAL": "step:2", "NFNETS_TEST_SIGNAL_PROCESS": "1"})
   for status, _, stderr in outputs:

@@ -18,6 +18,7 @@ from nfnets_jax import models, optim
 from nfnets_jax.train import config as config_lib
 from nfnets_jax.train import sharding, steps
 from nfnets_jax.train.experiment import Experiment, check_shard_state
+from session_share import once, session_root
 
 SCRIPT = pathlib.Path(__file__).with_name("shard_state_script.py")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -110,14 +111,19 @@ def _script(*args):
   assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Trained on 8 devices, restored onto 4, then that copy onto 2."""
-  out = tmp_path_factory.mktemp("shard_state")
+def _train_and_restore(out: pathlib.Path) -> dict:
   _script("train", 8, out)
   _script("restore", 4, out, 8)
   _script("restore", 2, out, 4)
-  return out
+  return {"out": str(out)}
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+  """Trained on 8 devices, restored onto 4, then that copy onto 2: once per session
+  (session_share), not once per xdist worker that runs one of the tests below."""
+  return pathlib.Path(once(session_root(tmp_path_factory) / "shard_state",
+                           _train_and_restore)["out"])
 
 
 def _load(path):
