@@ -8,7 +8,8 @@ rounds interleaved (benchmarks/timing.py):
 * `jax folded`: `models.fold_for_inference` of the same parameters, jitted;
 * `onnxruntime`, `tf savedmodel`, `tflite` (LiteRT, XNNPACK): the files
   `python -m nfnets_jax.export` writes for them (from the same parameters,
-  each in a process of its own), loaded in their runtimes;
+  each in a process of its own), loaded in their runtimes, batch free;
+  `tflite fixed`: a TFLite file per batch size (`--batch_size`);
 * `timm eager`: timm's `dm_nfnet_f0`, random init, `eval()` under
   `torch.inference_mode`.
 
@@ -52,8 +53,9 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--size", type=int, default=256)
   parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
   parser.add_argument("--repeats", type=int, default=5, help="timed rounds per batch size")
-  parser.add_argument("--formats", default="onnx,savedmodel,tflite",
-                      help="comma-separated exported formats to run")
+  parser.add_argument("--formats", default="onnx,savedmodel,tflite,tflite-fixed",
+                      help="comma-separated exported formats to run (tflite-fixed: one TFLite "
+                           "file per batch size)")
   parser.add_argument("--export-dir", default=None,
                       help="where the exports go; files already there (from a run with the "
                            "same arguments) are reused. Default: a new temporary directory")
@@ -101,7 +103,21 @@ def tflite_runner(path: pathlib.Path):
 
 
 RUNNERS = {"onnx": ("onnxruntime", onnx_runner), "savedmodel": ("tf savedmodel", savedmodel_runner),
-           "tflite": ("tflite", tflite_runner)}
+           "tflite": ("tflite", tflite_runner), "tflite-fixed": ("tflite fixed", tflite_runner)}
+
+
+def export_file(params: pathlib.Path, name: str, fmt: str, path: pathlib.Path, size: int,
+                batch_size) -> None:
+  """The export CLI in a process of its own: converting a 270 MiB network takes
+  gigabytes, which this process (holding every contender) would keep."""
+  start = time.perf_counter()
+  subprocess.run([sys.executable, "-m", "nfnets_jax.export", f"--checkpoint={params}",
+                  f"--model={name}", f"--format={fmt}", f"--out={path}", f"--image_size={size}",
+                  *([f"--batch_size={batch_size}"] if batch_size else [])],
+                 check=True, capture_output=True)
+  size_mb = sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*"))
+                if p.is_file()) / 2**20
+  print(f"export {path.name}: {time.perf_counter() - start:.1f} s, {size_mb:.0f} MiB")
 
 
 def main() -> None:
@@ -121,27 +137,22 @@ def main() -> None:
   print(f"fold_for_inference: {time.perf_counter() - start:.1f} s")
   folded_apply = jax.jit(folded.apply)
 
-  runners = {}
+  runners = {}  # label -> {batch: run}
   tmp = pathlib.Path(args.export_dir or tempfile.mkdtemp(prefix="bench_export_"))
   tmp.mkdir(parents=True, exist_ok=True)
   checkpoint.save_params_npz(params, tmp / "params.npz")
   for fmt in [f for f in args.formats.split(",") if f]:
     label, make = RUNNERS[fmt]
-    path = tmp / f"model_{fmt}"
-    if path.exists():
-      print(f"export {fmt}: reusing {path}")
-      runners[label] = make(path)
-      continue
-    # The export CLI in a process of its own: converting a 270 MiB network takes
-    # gigabytes, which this process (holding every contender) would keep.
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "nfnets_jax.export", f"--checkpoint={tmp / 'params.npz'}",
-                    f"--model={name}", f"--format={fmt}", f"--out={path}",
-                    f"--image_size={args.size}"], check=True, capture_output=True)
-    size_mb = sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*"))
-                  if p.is_file()) / 2**20
-    print(f"export {fmt}: {time.perf_counter() - start:.1f} s, {size_mb:.0f} MiB")
-    runners[label] = make(path)
+    fixed = fmt.endswith("-fixed")
+    runners[label] = {}
+    for batch in batches:
+      path = tmp / (f"model_{fmt}_{batch}" if fixed else f"model_{fmt}")
+      if not path.exists():
+        export_file(tmp / "params.npz", name, fmt.removesuffix("-fixed"), path, args.size,
+                    batch if fixed else None)
+      if fixed or not runners[label]:
+        run = make(path)
+      runners[label][batch] = run
 
   torch.set_num_threads(os.cpu_count())
   peer = timm.create_model(f"dm_nfnet_{args.variant.lower()}", pretrained=False).eval()
@@ -153,7 +164,7 @@ def main() -> None:
     reference = np.asarray(unfolded(params, x))
     scale = np.abs(reference).max()
     outputs = {"jax folded": np.asarray(folded_apply(folded.params, x)),
-               **{label: np.asarray(run(x)) for label, run in runners.items()}}
+               **{label: np.asarray(runs[batch](x)) for label, runs in runners.items()}}
     for label, got in outputs.items():
       print(f"  batch {batch}: {label} max |logit - jax| / max |logit| = "
             f"{np.abs(got - reference).max() / scale:.1e}")
@@ -164,7 +175,7 @@ def main() -> None:
 
     fns = {"jax": lambda: unfolded(params, x).block_until_ready(),
            "jax folded": lambda: folded_apply(folded.params, x).block_until_ready(),
-           **{label: (lambda run=run: run(x)) for label, run in runners.items()},
+           **{label: (lambda run=runs[batch]: run(x)) for label, runs in runners.items()},
            "timm eager": timm_eager}
     timm_eager()
     med = alternate(fns, args.repeats)

@@ -6,7 +6,8 @@
 
 The exported network is the folded one (`models.fold_for_inference`): weight
 standardisation, gains and activation gammas computed once into plain
-kernels. The batch dimension is free. Without --with_preprocessing the file
+kernels. The batch dimension is free (--batch_size fixes it: TFLite runs a
+fixed-batch file much faster). Without --with_preprocessing the file
 takes normalised float32 NHWC images of --image_size (default: the model's
 test size) and returns the logits; with it, uint8 RGB images of --input_size
 (default: image_size + 32 for the published 'resize_crop_32') and returns the
@@ -70,7 +71,7 @@ def export(serve: serving.ServedModel, input_shape: Sequence[Optional[int]], inp
            fmt: str, out: pathlib.Path) -> None:
   """Writes `serve` (one NHWC batch in, one array out) as `fmt` to `out`.
 
-  `input_shape` has None for the (free) batch dimension.
+  `input_shape[0]` is the batch size, None for a free one.
   """
   check_format(fmt)
   check_dependencies(fmt)
@@ -87,10 +88,10 @@ def export(serve: serving.ServedModel, input_shape: Sequence[Optional[int]], inp
 
 
 def stablehlo_bytes(serve, input_shape, input_dtype) -> bytes:
-  """`jax.export` of `serve` for every `STABLEHLO_PLATFORMS`, batch symbolic, serialised."""
+  """`jax.export` of `serve` for every `STABLEHLO_PLATFORMS`, serialised."""
   import jax
 
-  batch, = jax.export.symbolic_shape("batch")
+  batch = input_shape[0] if input_shape[0] is not None else jax.export.symbolic_shape("batch")[0]
   spec = jax.ShapeDtypeStruct((batch, *input_shape[1:]), input_dtype)
   exported = jax.export.export(jax.jit(serve), platforms=STABLEHLO_PLATFORMS)(spec)
   return bytes(exported.serialize())
@@ -110,7 +111,9 @@ def write_savedmodel(serve: serving.ServedModel, input_shape, input_dtype, out: 
 
   leaves, treedef = jax.tree_util.tree_flatten(serve.params)
   variables = [tf.Variable(np.asarray(leaf), trainable=False) for leaf in leaves]
-  poly = "(batch, " + ", ".join(str(d) for d in input_shape[1:]) + ")"
+  # A None batch is symbolic in the program; a fixed one makes every shape static.
+  poly = (None if input_shape[0] is not None
+          else "(batch, " + ", ".join(str(d) for d in input_shape[1:]) + ")")
   converted = jax2tf.convert(serve.apply, polymorphic_shapes=[None, poly], with_gradient=False,
                              native_serialization_platforms=platforms)
 
@@ -165,6 +168,10 @@ def _define_flags():
       "Embed the evaluation preprocessing: the file takes uint8 RGB images of --input_size and "
       "returns class probabilities.", flag_values=fv)
   flags.DEFINE_integer(
+      "batch_size", None, "Fix the batch size in the file (default: free). Static shapes let "
+      "TFLite fold the broadcasts that a free batch leaves as ops (much faster there).",
+      lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer(
       "input_size", None, "With --with_preprocessing: the side of the uint8 input images. "
       "Default: the eval preprocessing's resize size (image_size + 32), so nothing is resized "
       "inside.", flag_values=fv)
@@ -202,12 +209,17 @@ def _export_from_flags(fv) -> None:
   folded = models.fold_for_inference(loaded.name, loaded.params, loaded.num_classes,
                                      conv_impl="xla", block_loop="unroll", **kwargs)
   serve = serving.served_function(folded, fv.compute_dtype, preprocessing)
-  shape, dtype = serving.input_spec(image_size, preprocessing)
+  shape, dtype = serving.input_spec(image_size, preprocessing, fv.batch_size)
   export(serve, shape, dtype, fv.format, pathlib.Path(fv.out))
   output = "probabilities" if preprocessing else "logits"
+  batch = fv.batch_size or "batch"
   print(f"Wrote {fv.out}: {fv.format}, {loaded.name} from {loaded.source}, input "
-        f"[batch, {shape[1]}, {shape[2]}, 3] {dtype.name}, output [batch, {loaded.num_classes}] "
+        f"[{batch}, {shape[1]}, {shape[2]}, 3] {dtype.name}, output [{batch}, {loaded.num_classes}] "
         f"{output}, computed in {fv.compute_dtype}.")
+  if fv.format == "tflite" and fv.batch_size is None:
+    print("Note: TFLite runs a file with a free batch several times slower than one with a "
+          "fixed --batch_size (its shape ops and broadcasts stay in the graph); see "
+          "docs/export.md.", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -386,13 +386,12 @@ def to_onnx(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[Optional
             input_dtype: Any, *, doc: str = "") -> Any:
   """The `onnx.ModelProto` of `fn` (one NHWC batch in, one array out).
 
-  `input_shape` has None for the batch dimension, which stays free in the model
-  (its input `INPUT_NAME` and output `OUTPUT_NAME` name it 'batch').
+  `input_shape[0]` is the batch size, or None to leave it free in the model (its
+  input `INPUT_NAME` and output `OUTPUT_NAME` name it 'batch').
   """
   import onnx
 
-  batch, = jax.export.symbolic_shape("batch")
-  spec = jax.ShapeDtypeStruct((batch, *input_shape[1:]), input_dtype)
+  spec = jax.ShapeDtypeStruct((_batch_dim(input_shape[0]), *input_shape[1:]), input_dtype)
   closed = jax.make_jaxpr(fn)(spec)
   builder = _Builder()
   translator = _Translator(builder)
@@ -416,6 +415,11 @@ def to_onnx(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[Optional
                                  producer_name="nfnets_jax", doc_string=doc)
   model.ir_version = min(model.ir_version, 10)  # Readable by ONNX Runtime releases since 1.20.
   return model
+
+
+def _batch_dim(batch_size: Optional[int]):
+  """`batch_size`, or a symbolic dimension called 'batch' for None."""
+  return jax.export.symbolic_shape("batch")[0] if batch_size is None else batch_size
 
 
 def save(model: Any, path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:

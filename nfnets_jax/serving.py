@@ -109,9 +109,11 @@ def served_function(folded: FoldedModel, dtype: str = "float32",
   return ServedModel(folded, dtype, preprocessing)
 
 
-def input_spec(image_side: int, preprocessing: Optional[Preprocessing]) -> tuple[tuple, np.dtype]:
-  """(shape with None for the batch, dtype) of what `served_function` takes."""
+def input_spec(image_side: int, preprocessing: Optional[Preprocessing],
+               batch_size: Optional[int] = None) -> tuple[tuple, np.dtype]:
+  """(shape, dtype) of what `served_function` takes; the batch is `batch_size`
+  (None: free)."""
   if preprocessing is None:
-    return (None, image_side, image_side, 3), np.dtype(np.float32)
+    return (batch_size, image_side, image_side, 3), np.dtype(np.float32)
   side = preprocessing.served_size
-  return (None, side, side, 3), np.dtype(np.uint8)
+  return (batch_size, side, side, 3), np.dtype(np.uint8)

@@ -297,6 +297,27 @@ def test_cli_writes_a_stablehlo_file_with_the_checkpoints_logits(nano, nano_npz,
                              atol=1e-5 * np.abs(logits[1]).max())
 
 
+@pytest.mark.parametrize("fmt", [pytest.param("onnx", marks=needs_onnx),
+                                 pytest.param("tflite", marks=[needs_tensorflow,
+                                                               pytest.mark.slow])])
+def test_a_fixed_batch_size_is_static_in_the_file(fmt, nano, nano_npz, tmp_path, capsys):
+  """--batch_size=3: the file's input is [3, 32, 32, 3] (TFLite then folds the broadcasts a
+  free batch leaves as ops), and it still gives JAX's logits."""
+  out = tmp_path / f"nano_{fmt}"
+  code, stdout, _ = run_cli(capsys, f"--checkpoint={nano_npz}", f"--model={NAME}",
+                            f"--format={fmt}", "--batch_size=3", f"--out={out}")
+  assert code == cli.EXIT_OK and "input [3, 32, 32, 3] float32" in stdout
+  if fmt == "onnx":
+    import onnxruntime
+    shape = onnxruntime.InferenceSession(str(out)).get_inputs()[0].shape
+  else:
+    from ai_edge_litert.interpreter import Interpreter
+    shape = list(Interpreter(model_path=str(out)).get_input_details()[0]["shape_signature"])
+  assert shape == [3, SIZE, SIZE, 3]
+  _, _, images, logits, _ = nano
+  assert_round_trip(fmt, out, {3: images[3]}, logits)
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["--format=pdf"], cli.EXIT_USAGE, "--format=pdf: value should be one of <stablehlo|savedmodel|tflite|onnx>"),
     (["--format=onnx", "--dtype=bfloat16"], cli.EXIT_USAGE, "--dtype=bfloat16 works with"),
