@@ -20,6 +20,7 @@ import string
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+from jax.extend import core as jax_core
 import numpy as np
 
 OPSET = 18
@@ -87,7 +88,7 @@ class _Translator:
   # -- values -------------------------------------------------------------------------
 
   def read(self, var):
-    if isinstance(var, jax.extend.core.Literal):
+    if isinstance(var, jax_core.Literal):
       return np.asarray(var.val)
     return self.env[var]
 
@@ -125,7 +126,7 @@ class _Translator:
     inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
     if inner is not None and name in ("jit", "pjit", "custom_jvp_call", "custom_vjp_call",
                                       "closed_call", "core_call", "remat"):
-      closed = inner if hasattr(inner, "jaxpr") else jax.extend.core.ClosedJaxpr(inner, ())
+      closed = inner if hasattr(inner, "jaxpr") else jax_core.ClosedJaxpr(inner, ())
       return self.run(closed.jaxpr, closed.consts, inputs)
     if not any(isinstance(x, _Node) for x in inputs) and _static_shapes(eqn.outvars):
       out = eqn.primitive.bind(*inputs, **eqn.params)
@@ -133,7 +134,8 @@ class _Translator:
     rule = _RULES.get(name)
     if rule is None:
       raise UnsupportedPrimitiveError(
-          f"No ONNX translation for the JAX primitive {name!r} (in {eqn}); "
+          f"No ONNX translation for the JAX primitive {name!r} (giving "
+          f"{', '.join(str(v.aval) for v in eqn.outvars)}); "
           f"the ONNX export covers {', '.join(sorted(_RULES))}.")
     return [rule(self, eqn, *inputs)]
 
