@@ -11,7 +11,8 @@ Two contracts (docs/export.md):
   'resize_crop_<pct>' size (skipped when `input_size` is that size), the centre
   crop and the normalisation.
 
-The batch dimension is free in both. Pure JAX, so every export format starts here.
+The batch dimension is free in both unless the exporter fixes it (`input_spec`).
+Pure JAX, so every export format starts here.
 """
 
 import dataclasses
