@@ -415,7 +415,8 @@ def to_onnx(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[Optional
       [value_info(OUTPUT_NAME, out_aval.dtype, out_aval.shape)], builder.initializers)
   model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
                                  producer_name="nfnets_jax", doc_string=doc)
-  model.ir_version = min(model.ir_version, 10)  # Readable by ONNX Runtime releases since 1.20.
+  # IR version 10 (ONNX 1.16) at most: not the newest this onnx writes, so older runtimes load it.
+  model.ir_version = min(model.ir_version, 10)
   return model
 
 
