@@ -141,18 +141,18 @@ def main() -> None:
   tmp = pathlib.Path(args.export_dir or tempfile.mkdtemp(prefix="bench_export_"))
   tmp.mkdir(parents=True, exist_ok=True)
   checkpoint.save_params_npz(params, tmp / "params.npz")
+  def exported(fmt, path, batch_size):
+    if not path.exists():
+      export_file(tmp / "params.npz", name, fmt.removesuffix("-fixed"), path, args.size,
+                  batch_size)
+    return RUNNERS[fmt][1](path)
+
   for fmt in [f for f in args.formats.split(",") if f]:
-    label, make = RUNNERS[fmt]
-    fixed = fmt.endswith("-fixed")
-    runners[label] = {}
-    for batch in batches:
-      path = tmp / (f"model_{fmt}_{batch}" if fixed else f"model_{fmt}")
-      if not path.exists():
-        export_file(tmp / "params.npz", name, fmt.removesuffix("-fixed"), path, args.size,
-                    batch if fixed else None)
-      if fixed or not runners[label]:
-        run = make(path)
-      runners[label][batch] = run
+    label = RUNNERS[fmt][0]
+    if fmt.endswith("-fixed"):  # One file per batch size.
+      runners[label] = {b: exported(fmt, tmp / f"model_{fmt}_{b}", b) for b in batches}
+    else:  # One file for every batch size.
+      runners[label] = dict.fromkeys(batches, exported(fmt, tmp / f"model_{fmt}", None))
 
   torch.set_num_threads(os.cpu_count())
   peer = timm.create_model(f"dm_nfnet_{args.variant.lower()}", pretrained=False).eval()
