@@ -1,11 +1,13 @@
 """Fine-tuning an NFNet on your own data, from pretrained weights.
 
   python -m nfnets_jax.train --config=experiments/finetune.py:nfnet:F0 \
-      --config.dataset.name=folder:/my/images --config.num_classes=37 --workdir=...
+      --config.dataset.name=folder:/my/images --workdir=...
 
 `init_from` defaults to the variant's published ImageNet weights
 (`published:F0`..`published:F6`; other variants start from scratch unless it
-is set); the classifier is re-initialised for `num_classes`. Transfer
+is set); the classifier is re-initialised for the dataset's classes
+(`num_classes` 0: their number, said in the log; a number set instead must
+match it). Transfer
 defaults, ours (short schedules with warm-up, a low learning rate and light
 augmentation, as in the usual transfer recipes, e.g. BiT's):
 
@@ -43,6 +45,7 @@ def get_config(model: str = "nfnet:F0"):
   row = nfnet.ALL_VARIANTS[variant]
   c = base_config()
   c.model = f"nfnet:{variant}"
+  c.num_classes = 0  # the dataset's number of classes
   if variant in weights.PUBLISHED:
     c.init_from = f"published:{variant}"
   c.model_kwargs.stochdepth_rate = 0.1
