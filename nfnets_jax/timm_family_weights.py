@@ -171,7 +171,9 @@ def _published(params: Mapping[str, Mapping[str, Any]], model: str,
   """`params` in the published tree, whichever block loop stacked them."""
   from nfnets_jax import models
 
-  for loop in models.BLOCK_LOOPS:
+  # 'scan' stacks every run 'auto' stacks and more, so it is tried first: a
+  # scan-stacked tree also holds all of 'auto's stacked modules.
+  for loop in ("scan", "auto"):
     layout = models.stacked_layout(model, num_classes, block_loop=loop)
     if layout.is_stacked_tree(params):
       return layout.to_published(params)
