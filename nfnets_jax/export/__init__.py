@@ -7,7 +7,8 @@ preprocessing) as one function; `writers.py` writes it in each format
 """
 
 from nfnets_jax.export.writers import (FORMATS, INSTALL_HINT, REDUCED_PRECISION_FORMATS,
-                                       STABLEHLO_PLATFORMS, check_dependencies, check_format,
-                                       export, savedmodel_to_tflite, stablehlo_bytes,
-                                       tflite_bytes, write_onnx, write_savedmodel)
+                                       STABLEHLO_PLATFORMS, check_dependencies,
+                                       check_export_format, export, savedmodel_to_tflite,
+                                       stablehlo_bytes, tflite_bytes, write_onnx,
+                                       write_savedmodel)
 

@@ -74,7 +74,7 @@ def _export_from_flags(fv) -> None:
   if fv.input_size is not None and not fv.with_preprocessing:
     raise cli.UsageError("--input_size applies only with --with_preprocessing.")
   with cli.usage_errors():
-    writers.check_format(fv.format, fv.compute_dtype)
+    writers.check_export_format(fv.format, fv.compute_dtype)
   writers.check_dependencies(fv.format)
   loaded = model_flags.load_model_from_flags(fv)
   settings = model_flags.eval_settings_from_flags(fv, loaded)

@@ -1,7 +1,7 @@
 """Writers of the four export formats, each from a served function (`serving`).
 
 `export(serve, input_shape, input_dtype, fmt, out)` writes one file (a
-directory for SavedModel); `check_format` and `check_dependencies` say early
+directory for SavedModel); `check_export_format` and `check_dependencies` say early
 what cannot work and what to install.
 """
 
@@ -29,7 +29,7 @@ _NEEDS = {
 }
 
 
-def check_format(fmt: str, dtype: str = "float32") -> None:
+def check_export_format(fmt: str, dtype: str = "float32") -> None:
   """A ValueError unless `fmt` is a format that can hold a `dtype` network."""
   if fmt not in FORMATS:
     raise ValueError(f"Unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}.")
@@ -54,7 +54,7 @@ def export(serve: serving.ServedModel, input_shape: Sequence[Optional[int]], inp
 
   `input_shape[0]` is the batch size, None for a free one.
   """
-  check_format(fmt)
+  check_export_format(fmt)
   check_dependencies(fmt)
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
