@@ -2,12 +2,12 @@
 
 For each entry of timm's `model_cfgs` (or the names given): timm's model with
 every parameter randomised (gains, SkipInit gains and biases too, so that no
-residual branch is switched off), converted to ours (`from_timm_family`), run
+residual branch is switched off), converted to ours (`from_timm`), run
 on the same random images in float32 inference mode on CPU; the table gives
 
 * params: ours (`models.count_params`) and timm's, and whether they are equal;
 * logits: max |ours - timm| / max |timm| (the issue's bar: below 1e-4);
-* back: whether `to_timm_family(from_timm_family(sd))` gives timm's arrays exactly;
+* back: whether `to_timm(from_timm(sd))` gives timm's arrays exactly;
 * seconds for the row.
 
 Needs the `peers` extra (torch, timm). Usage:
@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from nfnets_jax import models
-from nfnets_jax import timm_family_weights as timm_weights
+from nfnets_jax.weights import timm as timm_weights
 
 TOLERANCE = 1e-4
 
@@ -59,12 +59,12 @@ def check(name: str, size: int, batch: int = 2) -> dict:
   with torch.no_grad():
     expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
   del model
-  params = timm_weights.from_timm_family(sd, f"timm:{name}")
+  params = timm_weights.from_timm(sd, f"timm:{name}")
   net = models.transform(f"timm:{name}", 1000, conv_impl="xla")
   apply = jax.jit(lambda p, x: net.apply(p, None, x, is_training=False)["logits"])
   logits = np.asarray(apply(params, images))
   err = float(np.abs(logits - expected).max() / np.abs(expected).max())
-  back = timm_weights.to_timm_family(params, f"timm:{name}")
+  back = timm_weights.to_timm(params, f"timm:{name}")
   exact = sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
   return {"name": name, "ours": ours_params, "timm": timm_params, "err": err, "back": exact,
           "seconds": time.perf_counter() - start}

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoint, models
-from nfnets_jax import timm_family_weights as timm_weights
+from nfnets_jax import convert, models, weights
+from nfnets_jax.weights import timm as timm_weights
 from nfnets_jax.models import layers, network, timm_family
 
 TOL = 1e-4
@@ -157,31 +157,50 @@ def test_timm_native_models_start_with_their_branches_off():
 
 
 def test_conversion_refuses_a_state_dict_that_does_not_fit_by_name():
-  sd = timm_weights.to_timm_family(_random_params("timm:test_nfnet"), "timm:test_nfnet")
+  sd = timm_weights.to_timm(_random_params("timm:test_nfnet"), "timm:test_nfnet")
   sd.pop("stages.2.0.conv2.weight")
   sd["stages.0.0.conv1.bias"] = np.zeros(3, np.float32)
-  with pytest.raises(checkpoint.ParameterMismatchError) as error:
-    timm_weights.from_timm_family(sd, "timm:test_nfnet")
+  with pytest.raises(models.ParameterMismatchError) as error:
+    timm_weights.from_timm(sd, "timm:test_nfnet")
   assert "stages.2.0.conv2.weight (24, 8, 3, 3)" in str(error.value)
   assert "stages.0.0.conv1.bias: checkpoint (3,), model (8,)" in str(error.value)
-  with pytest.raises(ValueError, match=r"'nfnet:F0' is not one of timm's models.*eca_nfnet_l0"):
-    timm_weights.from_timm_family(sd, "nfnet:F0")
+  with pytest.raises(ValueError, match=r"not 'nf_regnet:B0'.*symmetric padding"):
+    timm_weights.from_timm(sd, "nf_regnet:B0")
 
 
 def test_conversion_round_trips_from_the_stacked_layout():
   params = _random_params("timm:test_nfnet")
-  sd = timm_weights.to_timm_family(params, "timm:test_nfnet")
+  sd = timm_weights.to_timm(params, "timm:test_nfnet")
   assert sd["stem.conv1.weight"].shape == (16, 3, 3, 3) and "stages.0.0.attn_last.fc1.weight" in sd
   stacked = models.stacked_layout("timm:eca_nfnet_l1", 1000, block_loop="scan")
   assert not stacked.is_identity
-  back = timm_weights.from_timm_family(sd, "timm:test_nfnet")
+  back = timm_weights.from_timm(sd, "timm:test_nfnet")
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+  assert models.infer_model(params) == "timm:test_nfnet"
+  assert timm_weights.to_timm(params, None).keys() == sd.keys()
   l1 = _random_params("timm:eca_nfnet_l1")
-  from_stacked = timm_weights.to_timm_family(stacked.stack(l1), "timm:eca_nfnet_l1")
-  from_published = timm_weights.to_timm_family(l1, "timm:eca_nfnet_l1")
+  from_stacked = timm_weights.to_timm(stacked.stack(l1), "timm:eca_nfnet_l1")
+  from_published = timm_weights.to_timm(l1, "timm:eca_nfnet_l1")
   assert sorted(from_stacked) == sorted(from_published)
   np.testing.assert_array_equal(from_stacked["stages.2.5.conv2.weight"],
                                 from_published["stages.2.5.conv2.weight"])
+
+
+def test_cli_converts_timm_models_both_ways(tmp_path, capsys):
+  params = _random_params("timm:test_nfnet", 10)
+  ours = weights.save_params_npz(params, tmp_path / "ours.npz")
+  exported = tmp_path / "test_nfnet.safetensors"
+  assert convert.main(["convert", f"--to_timm={ours}", f"--out={exported}"]) == 0
+  assert "model timm:test_nfnet" in capsys.readouterr().out
+  assert timm_weights.load_timm_state_dict(exported)["head.fc.weight"].shape == (10, 192)
+  back = tmp_path / "back.npz"
+  # A timm-native state dict is named, not guessed (nfnet_l0 has dm_nfnet_f0's shape).
+  assert convert.main(["convert", f"--from_timm={exported}", f"--out={back}"]) == 1
+  assert "--model=timm:eca_nfnet_l0" in capsys.readouterr().err
+  assert convert.main(["convert", f"--from_timm={exported}", "--model=timm:test_nfnet",
+                       f"--out={back}"]) == 0
+  loaded = weights.load_params(back, model="timm:test_nfnet", num_classes=10)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
 
 
 def _random_params(name: str, num_classes: int = 1000) -> dict:
@@ -216,12 +235,12 @@ def _check_agreement(name: str, size: int):
   images = np.random.default_rng(1).standard_normal((2, size, size, 3)).astype(np.float32)
   with torch.no_grad():
     expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-  params = timm_weights.from_timm_family(sd, f"timm:{name}")
+  params = timm_weights.from_timm(sd, f"timm:{name}")
   net = models.transform(f"timm:{name}", 1000, conv_impl="xla")
   logits = np.asarray(net.apply(params, None, images, is_training=False)["logits"])
   err = np.abs(logits - expected).max() / np.abs(expected).max()
   assert err < TOL, (name, err)
-  back = timm_weights.to_timm_family(params, f"timm:{name}")
+  back = timm_weights.to_timm(params, f"timm:{name}")
   assert sorted(back) == sorted(sd)
   for key, value in sd.items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)

@@ -22,7 +22,7 @@ is not, the plan says so:
   rate grows linearly from 0 at the first block to `stochdepth_rate` at the last.
 
 The parameter tree is this project's (module `<timm name>/~/nf_block_3/~/conv0`,
-HWIO kernels); `nfnets_jax.weights.timm_family` converts timm's state dicts both
+HWIO kernels); `nfnets_jax.weights.timm` converts timm's state dicts both
 ways. `train_imsize`/`test_imsize` are timm's `input_size`/`test_input_size`;
 the drop rates are this project's training defaults (timm's models default to
 none).
