@@ -186,6 +186,21 @@ def test_conversion_round_trips_from_the_stacked_layout():
                                 from_published["stages.2.5.conv2.weight"])
 
 
+@pytest.mark.parametrize("name", ["nf_ecaresnet26", pytest.param("test_nfnet", marks=pytest.mark.slow)])
+def test_folded_network_equals_the_training_form(name):
+  """The inference form classify and export run: gamma in the kernels, no SkipInit gain,
+  ECA gates, symmetric padding and max-pooling all fold."""
+  params = _random_params(f"timm:{name}")
+  params = {m: {n: (np.abs(v) if n == "gain" else 0.1 * v) for n, v in g.items()}
+            for m, g in params.items()}
+  images = np.random.default_rng(2).standard_normal((2, 33, 33, 3)).astype(np.float32)
+  net = models.transform(f"timm:{name}", 1000, conv_impl="xla")
+  expected = np.asarray(net.apply(params, None, images, is_training=False)["logits"])
+  folded = models.fold_for_inference(f"timm:{name}", params, conv_impl="xla")
+  logits = np.asarray(folded(images))
+  assert np.abs(logits - expected).max() / np.abs(expected).max() < 1e-5
+
+
 def test_cli_converts_timm_models_both_ways(tmp_path, capsys):
   params = _random_params("timm:test_nfnet", 10)
   ours = weights.save_params_npz(params, tmp_path / "ours.npz")
@@ -246,8 +261,9 @@ def _check_agreement(name: str, size: int):
     np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
-@pytest.mark.parametrize("name,size", [("test_nfnet", 33), ("nf_ecaresnet26", 32),
-                                       ("nf_regnet_b0", 32)])
+@pytest.mark.parametrize("name,size", [
+    ("test_nfnet", 33), ("nf_ecaresnet26", 32),
+    pytest.param("nf_regnet_b0", 32, marks=pytest.mark.slow)])
 def test_logits_equal_timms(name, size):
   _check_agreement(name, size)
 
