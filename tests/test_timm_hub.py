@@ -108,7 +108,7 @@ def test_trained_weights_load_by_name_from_the_hub_cache_without_torch(tmp_path)
   assert [p.name for p in converted] == [f"test_nfnet.r160_in1k-{REVISION}.npz"]
 
   assert out["meta"]["model"] == "timm:test_nfnet"
-  assert out["meta"]["eval"] == {"image_size": 160, "eval_preproc": "resize_crop_0.95"}
+  assert out["meta"]["eval"] == {"image_size": 160, "eval_preproc": "center_crop_0.95"}
   assert out["meta"]["timm_eval"]["mean"] == [0.5, 0.5, 0.5]
   assert out["meta"]["timm_eval"]["interpolation"] == "bicubic"
 
@@ -131,4 +131,6 @@ def test_every_trained_weight_has_a_model_and_eval_settings():
   for name, entry in timm_hub.HUB_WEIGHTS.items():
     models.parse_model_name(f"timm:{name}")
     assert 0 < entry.settings.crop_pct <= 1 and entry.settings.image_size >= 160
-  assert timm_hub.HUB_WEIGHTS["dm_nfnet_f0"].settings.crop_mode == "squash"
+  assert timm_hub.HUB_WEIGHTS["dm_nfnet_f0"].settings.eval_preproc == "resize_crop_0.9"
+  assert timm_hub.meta("timm:eca_nfnet_l0")["eval"] == {"image_size": 288,
+                                                       "eval_preproc": "center_crop_1.0"}

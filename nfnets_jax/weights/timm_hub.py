@@ -10,8 +10,10 @@ keyed by the hub revision the file came from.
 
 The weights travel with how timm evaluates them (`EvalSettings`: resolution,
 crop fraction and mode, interpolation, normalisation): `meta(name)` records
-the resolution and the nearest of our evaluation preprocessings for
-`evaluate` and `classify`, and timm's settings in full.
+the resolution and crop (`EvalSettings.eval_preproc`) for `evaluate` and
+`classify`, and timm's settings in full. Both crops are bicubic here as in
+timm; the normalisation is always ImageNet's here, which every entry but
+test_nfnet (mean and std 0.5) uses.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class EvalSettings:
 
   @property
   def eval_preproc(self) -> str:
-    """The nearest of this project's evaluation preprocessings (`data.preproc_spec`)."""
-    return f"resize_crop_{self.crop_pct}"
+    """This project's form of the crop (`data.preproc_spec`): 'resize_crop_<pct>' squashes
+    as timm's 'squash' does, 'center_crop_<pct>' keeps the aspect ratio as 'center' does."""
+    return f"{'resize_crop' if self.crop_mode == 'squash' else 'center_crop'}_{self.crop_pct}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +114,8 @@ def model_name(entry: HubWeight) -> str:
 
 def meta(name: str) -> dict[str, Any]:
   """What a training checkpoint's `meta` records, for timm's trained weights: the
-  network, and how to evaluate it (`eval`, read by evaluate and classify; `timm_eval`:
-  timm's settings in full)."""
+  network, and how to evaluate it (`eval`: resolution and crop, read by evaluate and classify;
+  `timm_eval`: timm's settings in full, interpolation and normalisation too)."""
   entry = lookup(name)
   s = entry.settings
   return {"model": model_name(entry), "num_classes": 1000, "model_kwargs": {},
