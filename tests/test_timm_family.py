@@ -11,6 +11,8 @@ logits in inference mode within 1e-4 of the largest logit (measured about
 1e-6), and the conversion back must give timm's arrays exactly.
 """
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,6 +218,28 @@ def test_cli_converts_timm_models_both_ways(tmp_path, capsys):
                        f"--out={back}"]) == 0
   loaded = weights.load_params(back, model="timm:test_nfnet", num_classes=10)
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+
+
+def _experiment(name: str):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      f"experiment_{name}", pathlib.Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_light_nfnet_experiment_and_fine_tuning_configs():
+  config = _experiment("nfnet_l").get_config("eca_nfnet_l1")
+  assert config.model == "timm:eca_nfnet_l1"
+  assert (config.dataset.image_size, config.dataset.eval_image_size) == (256, 320)
+  assert config.dataset.augment_name == "cutmix_mixup_randaugment_410"
+  with pytest.raises(ValueError, match=r"'eca_nfnet_l9'.*valid: nfnet_l0, eca_nfnet_l0"):
+    _experiment("nfnet_l").get_config("eca_nfnet_l9")
+  finetune = _experiment("finetune")
+  assert finetune.get_config("timm:eca_nfnet_l0").init_from == "timm:eca_nfnet_l0"
+  assert finetune.get_config("timm:eca_nfnet_l3").init_from is None  # timm publishes none
+  assert finetune.get_config("timm:test_nfnet").dataset.image_size == 160
 
 
 def _random_params(name: str, num_classes: int = 1000) -> dict:
