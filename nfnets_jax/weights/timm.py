@@ -43,11 +43,11 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from nfnets_jax import models
-from nfnets_jax.models import layers, tree
+from nfnets_jax.models import layers, timm_family, tree
 from nfnets_jax.weights import formats
 
 #: timm's `NfCfg.std_conv_eps`: added to the weight variance before the square root.
-TIMM_EPS = 1e-5
+TIMM_EPS = timm_family.TIMM_WS_EPS
 #: Our families whose weights describe a timm model.
 CONVERTIBLE_FAMILIES = ("nfnet", "timm")
 
