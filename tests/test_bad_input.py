@@ -13,7 +13,7 @@ import pytest
 
 from data_helpers import digits_data_dir, encode, random_image, write_folder  # noqa: F401
 from demo_run import REPO, run_trainer
-from nfnets_jax import checkpoint, evaluate, models
+from nfnets_jax import evaluate, models, weights
 from nfnets_jax.train import config as config_lib
 
 
@@ -144,7 +144,7 @@ def nano_weights(tmp_path_factory) -> str:
   params = {module: {name: (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
                      for name, leaf in group.items()}
             for module, group in models.param_shapes("nfnet:nano", 3).items()}
-  return str(checkpoint.save_params_npz(params, tmp_path_factory.mktemp("w") / "nano.npz"))
+  return str(weights.save_params_npz(params, tmp_path_factory.mktemp("w") / "nano.npz"))
 
 
 @pytest.mark.slow
