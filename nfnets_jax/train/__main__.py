@@ -18,8 +18,9 @@ checkpoints that exist but none of which can be restored (each listed), or a
 dataset split none of whose files can be read (they are named) or with no
 example to evaluate;
 3 the loss or gradients became non-finite (the last good checkpoint is kept);
-4 a checkpoint could not be saved (the line names the directory and the
-cause; the earlier checkpoints are intact); 75 stopped on SIGTERM/SIGINT
+4 a checkpoint could not be saved, or the workdir cannot be written (the line
+names the directory and the cause; the earlier checkpoints are intact); 1 too
+for a --workdir that is empty or a file; 75 stopped on SIGTERM/SIGINT
 after saving the step it reached, or before the first step (nothing to save):
 rerun the same command to resume (docs/training.md, "Preemption";
 launch/slurm.sbatch requeues on it); 128 + the signal's number: a second
@@ -38,6 +39,7 @@ from ml_collections import config_flags
 from nfnets_jax import cli
 from nfnets_jax.cli import runtime
 from nfnets_jax.train import config as config_lib
+from nfnets_jax.train import workdir_access
 
 #: Exit status of a run whose loss or gradients became non-finite.
 EXIT_NON_FINITE = 3
@@ -140,13 +142,17 @@ def main(argv):
     config = config_lib.validate(_CONFIG.value)
   except config_lib.ConfigError as err:
     _fatal_config_error(err)
+  try:
+    workdir = workdir_access.check(_WORKDIR.value, writes=_MODE.value != "eval")
+  except workdir_access.WorkdirError as err:
+    sys.stderr.write(f"FATAL {err}\n")
+    sys.exit(err.exit_code)
   runtime.setup()
   from nfnets_jax.train import preemption  # pylint: disable=import-outside-toplevel
   # From here on a signal ends the start-up at once and, once training, stops at a
   # step boundary (preemption.StopSignals says what each moment does).
   with preemption.StopSignals() as signals:
-    results = _run(config, signals)
-  workdir = os.path.abspath(_WORKDIR.value)
+    results = _run(config, workdir, signals)
   print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
   print(f"tensorboard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
   if "top1" in results:
@@ -161,7 +167,7 @@ def _fatal_config_error(err: Exception) -> None:
   sys.exit(cli.EXIT_FAILURE)
 
 
-def _run(config, signals) -> dict:
+def _run(config, workdir: str, signals) -> dict:
   """Builds the experiment and runs `--mode`; each failure the trainer knows ends the
   process with its line and exit status (see the module docstring)."""
   from nfnets_jax.data.integrity import UnreadableSplitError  # pylint: disable=import-outside-toplevel
@@ -169,9 +175,14 @@ def _run(config, signals) -> dict:
   from nfnets_jax.train.eval_totals import NoExamplesError  # pylint: disable=import-outside-toplevel
   from nfnets_jax.train.checkpoints import checkpoint_dir  # pylint: disable=import-outside-toplevel
   from nfnets_jax.train.experiment import Experiment, NonFiniteLossError  # pylint: disable=import-outside-toplevel
-  signals.checkpoint_dir = checkpoint_dir(os.path.abspath(_WORKDIR.value))
+  signals.checkpoint_dir = checkpoint_dir(workdir)
+  write_summaries = _MODE.value != "eval" or workdir_access.is_writable(workdir)
+  if not write_summaries:
+    logging.warning("The workdir %s cannot be written: the evaluation's TensorBoard scalars "
+                    "are not saved (the results are printed).", workdir)
   try:
-    experiment = Experiment(config, _WORKDIR.value)  # checks what needs the devices
+    experiment = Experiment(config, workdir,  # checks what needs the devices
+                            write_summaries=write_summaries)
   except config_lib.ConfigError as err:
     _fatal_config_error(err)
   try:

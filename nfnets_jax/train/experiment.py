@@ -192,9 +192,11 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> steps.St
 
 
 class Experiment:
-  """One training/evaluation run of a config in a workdir."""
+  """One training/evaluation run of a config in a workdir (`write_summaries`: False for a
+  read-only workdir evaluated in place: no TensorBoard scalars)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               write_summaries: bool = True):
     from nfnets_jax import data  # pylint: disable=import-outside-toplevel  (TF stays lazy)
     self._data = data
     self.config = config
@@ -224,7 +226,8 @@ class Experiment:
                                           self.mesh)
     self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints,
                                      config.async_checkpoints, self.layout)
-    self.reporter = Reporter(self.workdir, self.total_steps, config.train_batch_size)
+    self.reporter = Reporter(self.workdir, self.total_steps, config.train_batch_size,
+                             write=write_summaries)
     # Read and checked now, so a bad init_from fails before any compilation; used
     # only when the workdir has no checkpoint to resume.
     self._init_from = None
