@@ -31,30 +31,42 @@ def _images(n=2, size=32, seed=1):
 
 
 @functools.cache
+def _nano_init():
+  """Haiku's jitted init of nano (10 classes)."""
+  return jax.jit(models.transform(NANO, 10).init)
+
+
+@functools.cache
 def _nano_params():
   """Haiku's init of nano with live residual branches (its skip gains start at 0)."""
-  params = jax.jit(models.transform(NANO, 10).init)(jax.random.key(0), _images(1))
+  params = _nano_init()(jax.random.key(0), _images(1))
   return jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.full_like(x, 0.7) if optim.split_path(path)[1] == "skip_gain" else x,
       params)
 
 
 @functools.cache
-def _haiku_forward(name, num_classes, is_training, kwargs):
-  """Haiku's jitted logits, one per model and mode (shared by the tests)."""
+def _haiku_forward(name, num_classes, is_training, return_metrics, kwargs):
+  """Haiku's jitted forward pass, one per model and mode (shared by the tests)."""
   model = models.transform(name, num_classes, **dict(kwargs))
-  return jax.jit(lambda p, k, x: model.apply(p, k, x, is_training=is_training)["logits"])
+  return jax.jit(lambda p, k, x: model.apply(p, k, x, is_training, return_metrics))
 
 
-def _haiku_logits(name, params, images, is_training, rng=None, **kwargs):
+def _haiku_outputs(name, params, images, is_training, rng=None, return_metrics=False,
+                   **kwargs):
   num_classes = checkpoint.infer_num_classes(params)
-  forward = _haiku_forward(name, num_classes, is_training, tuple(sorted(kwargs.items())))
+  forward = _haiku_forward(name, num_classes, is_training, return_metrics,
+                           tuple(sorted(kwargs.items())))
   return forward(params, rng, images)
 
 
-@nnx.jit(static_argnames="is_training")
-def _nnx_logits(module, images, is_training):
-  return module(images, is_training=is_training)
+def _haiku_logits(name, params, images, is_training, rng=None, **kwargs):
+  return _haiku_outputs(name, params, images, is_training, rng, **kwargs)["logits"]
+
+
+@nnx.jit(static_argnames=("is_training", "return_metrics"))
+def _nnx_logits(module, images, is_training, return_metrics=False):
+  return module(images, is_training=is_training, return_metrics=return_metrics)
 
 
 def _assert_close_to_largest(got, want, tol=1e-6):
@@ -75,13 +87,19 @@ def _assert_trees_equal(a, b):
 
 
 def _check_logits_match(name, params, images, **kwargs):
-  """from_haiku's logits against Haiku's, in inference and in training mode."""
+  """from_haiku's logits (and signal metrics, `return_metrics=True`) against Haiku's,
+  in inference and in training mode."""
   module = nf_nnx.from_haiku(name, params, **kwargs)
   for is_training in (False, True):
-    _assert_close_to_largest(_nnx_logits(module, images, is_training),
-                             _haiku_logits(name, params, images, is_training, **kwargs))
+    got = _nnx_logits(module, images, is_training, return_metrics=True)
+    want = _haiku_outputs(name, params, images, is_training, return_metrics=True, **kwargs)
+    assert sorted(got) == sorted(want) and "res_avg_var_0" in got and "pool" in got
+    _assert_close_to_largest(got["logits"], want["logits"])
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
+@pytest.mark.slow
 def test_nano_logits_match_haiku_in_inference_and_training():
   _check_logits_match(NANO, _nano_params(), _images(), **NO_RANDOMNESS)
 
@@ -113,20 +131,14 @@ def test_to_haiku_gives_back_exactly_the_tree_from_haiku_took():
   assert back["NFNet/~/linear"]["w"] is params["NFNet/~/linear"]["w"]
 
 
-def test_create_initialises_as_haiku_does_and_returns_metrics_like_haiku():
+@pytest.mark.slow
+def test_create_initialises_as_haiku_does():
   module = nf_nnx.create(NANO, 10, rngs=nnx.Rngs(params=3))
-  want = jax.jit(models.transform(NANO, 10).init)(nnx.Rngs(params=3).params(), _images(1))
+  want = _nano_init()(nnx.Rngs(params=3).params(), _images(1))
   _assert_trees_equal(nf_nnx.to_haiku(module), want)
 
-  images = _images()
-  out = module(images, is_training=False, return_metrics=True)
-  ref = models.transform(NANO, 10).apply(want, None, images, is_training=False,
-                                         return_metrics=True)
-  assert sorted(out) == sorted(ref) and "res_avg_var_3" in out and "pool" in out
-  for key in ref:
-    np.testing.assert_allclose(out[key], ref[key], rtol=1e-6, atol=1e-7, err_msg=key)
 
-
+@pytest.mark.slow
 def test_training_draws_from_the_modules_rngs():
   """Stochastic depth and dropout take their keys from the module's `dropout`
   stream: the same keys give Haiku's logits, and each call draws a new one."""
@@ -154,6 +166,10 @@ def test_mismatched_parameters_are_named():
     nf_nnx.from_haiku("nfnet:F9", _nano_params())
   with pytest.raises(ValueError, match="BatchNorm statistics"):
     nf_nnx.create("bn_resnet:ResNet50", 10, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"no 'params' or 'default' stream \(streams: \['dropout'\]\)"):
+    nf_nnx.create(NANO, 10, rngs=nnx.Rngs(dropout=0))
+  with pytest.raises(ValueError, match=r"No published weights for 'nfnet:nano'; .*published:F0"):
+    nf_nnx.pretrained(NANO)
 
 
 def _labels_by_path(tree):
@@ -195,6 +211,7 @@ def _nnx_step(module, optimizer, images, labels):
   return loss
 
 
+@pytest.mark.slow
 def test_three_nnx_optimizer_steps_equal_three_haiku_steps():
   """nnx.Optimizer with nfnet_optimizer (AGC on), stochastic depth and dropout on,
   the same keys on both sides: the same parameters after three steps."""
@@ -256,9 +273,9 @@ def test_frozen_backbone_fine_tune_trains_only_the_head():
       != [] and len(jax.tree.leaves(nnx.state(module, nf_nnx.CLASSIFIER))) == 2
 
 
-def test_sam_grad_and_params_ema_take_the_nnx_state():
-  """`optim.sam_grad` and `optim.params_ema` on `nnx.state(module, nnx.Param)` give
-  what they give on the Haiku tree."""
+@pytest.mark.slow
+def test_sam_grad_takes_the_nnx_state():
+  """`optim.sam_grad` on `nnx.state(module, nnx.Param)` gives what it gives on the Haiku tree."""
   params, images = _nano_params(), _images(8)
   labels = jnp.arange(8) % 10
   module = nf_nnx.from_haiku(NANO, params, **NO_RANDOMNESS)
@@ -277,21 +294,27 @@ def test_sam_grad_and_params_ema_take_the_nnx_state():
   batch = {"images": images, "labels": labels}
   grads, _ = jax.jit(optim.sam_grad(nnx_loss, rho=0.1))(state, batch)
   want, _ = jax.jit(optim.sam_grad(haiku_loss, rho=0.1))(params, batch)
+  assert isinstance(grads, nnx.State)
   got = nnx.to_pure_dict(grads)["params"]
   for module_path, leaves in want.items():
     for name, value in leaves.items():
       np.testing.assert_allclose(got[module_path][name], value, rtol=1e-5, atol=1e-7)
 
-  # The average of the state and a moved state, as of the Haiku trees.
+
+def test_params_ema_takes_the_nnx_state():
+  """`optim.params_ema` on `nnx.state(module, nnx.Param)`: the average of the state and
+  a moved state is that of the Haiku trees, and stays an `nnx.State`."""
+  params = _nano_params()
+  state = nnx.state(nf_nnx.from_haiku(NANO, params), nnx.Param)
   ema = optim.params_ema(0.9)
-  moved = jax.tree.map(lambda x: 2.0 * x + 1.0, state)
-  got = ema.update(moved, ema.init(state))
+  got = ema.update(jax.tree.map(lambda x: 2.0 * x + 1.0, state), ema.init(state))
   want = ema.update(jax.tree.map(lambda x: 2.0 * x + 1.0, params), ema.init(params))
   assert int(got.count) == int(want.count) == 1
   assert isinstance(got.ema, nnx.State)
   _assert_trees_equal(nnx.to_pure_dict(got.ema)["params"], want.ema)
 
 
+@pytest.mark.slow
 def test_nnx_state_saves_and_restores_with_orbax(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint", reason="the orbax test needs orbax-checkpoint")
   module = nf_nnx.from_haiku(NANO, _nano_params(), rngs=nnx.Rngs(dropout=4))
@@ -312,7 +335,7 @@ def test_nnx_state_saves_and_restores_with_orbax(tmp_path):
 
 
 def test_to_haiku_writes_a_checkpoint_the_tools_load(tmp_path):
-  module = nf_nnx.create(NANO, 10, rngs=nnx.Rngs(0))
+  module = nf_nnx.from_haiku(NANO, _nano_params())
   path = tmp_path / "nano.npz"
   checkpoint.save_params_npz(nf_nnx.to_haiku(module), path)
   loaded = checkpoint.load_params(path, model=NANO)  # checks every name and shape
