@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nfnets_jax import checkpoint, models  # noqa: E402
+from nfnets_jax import models, weights  # noqa: E402
 from timing import add_cpu_tuning_flag, alternate, apply_cpu_tuning  # noqa: E402
 
 NUM_CLASSES = 1000
@@ -140,7 +140,7 @@ def main() -> None:
   runners = {}  # label -> {batch: run}
   tmp = pathlib.Path(args.export_dir or tempfile.mkdtemp(prefix="bench_export_"))
   tmp.mkdir(parents=True, exist_ok=True)
-  checkpoint.save_params_npz(params, tmp / "params.npz")
+  weights.save_params_npz(params, tmp / "params.npz")
   def exported(fmt, path, batch_size):
     if not path.exists():
       export_file(tmp / "params.npz", name, fmt.removesuffix("-fixed"), path, args.size,

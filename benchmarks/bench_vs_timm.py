@@ -19,7 +19,7 @@ load hits both alike:
   the child's size once both frameworks are imported.
 
 The process runs with the settings our command-line tools apply on CPU
-(`nfnets_jax.cpu_tuning`), which the timm model in the same process shares;
+(`nfnets_jax.cli.cpu_tuning`), which the timm model in the same process shares;
 `--cpu-tuning=off` measures JAX's and glibc's defaults instead.
 
 Both models are NFNet-F0 by default (timm `dm_nfnet_f0`, the published

@@ -11,7 +11,7 @@ import statistics
 import time
 from typing import Callable
 
-from nfnets_jax import cpu_tuning
+from nfnets_jax.cli import cpu_tuning
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -32,7 +32,7 @@ def add_cpu_tuning_flag(parser: argparse.ArgumentParser) -> None:
   """`--cpu-tuning on|off`: whether the run uses the process settings our tools apply."""
   parser.add_argument("--cpu-tuning", choices=("on", "off"), default="on",
                       help="on (default): what nfnets_jax's command-line tools do on CPU "
-                           "(nfnets_jax.cpu_tuning: synchronous XLA:CPU dispatch, glibc keeps "
+                           "(nfnets_jax.cli.cpu_tuning: synchronous XLA:CPU dispatch, glibc keeps "
                            "freed memory; shared by everything in the process); off: JAX's "
                            "and glibc's defaults")
 

@@ -27,7 +27,7 @@ those are overridden (unless set themselves). With `num_epochs`
 `--config.freeze='^(?!NFNet/~/linear/)'`.
 """
 
-from nfnets_jax import weights
+from nfnets_jax.weights import download
 from nfnets_jax.models import nfnet, parse_model_name
 from nfnets_jax.train.config import ConfigError, base_config, finalize
 
@@ -43,7 +43,7 @@ def get_config(model: str = "nfnet:F0"):
   row = nfnet.ALL_VARIANTS[variant]
   c = base_config()
   c.model = f"nfnet:{variant}"
-  if variant in weights.PUBLISHED:
+  if variant in download.PUBLISHED:
     c.init_from = f"published:{variant}"
   c.model_kwargs.stochdepth_rate = 0.1
   c.model_kwargs.drop_rate = row["drop_rate"]

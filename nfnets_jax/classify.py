@@ -28,7 +28,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from nfnets_jax import cli, inference, runtime
+from nfnets_jax import cli, weights
+from nfnets_jax.cli import model_flags, runtime
+from nfnets_jax.weights import loading
 
 #: Synset ID -> WordNet lemma of the 1000 ImageNet-1k classes, in TFDS label order.
 CLASS_NAMES_RESOURCE = "resources/imagenet_class_names.json"
@@ -66,9 +68,9 @@ def imagenet_classes() -> list[tuple[str, str]]:
   return classes
 
 
-def class_table(loaded: inference.LoadedModel) -> tuple[Optional[list[tuple[Optional[str], str]]],
+def class_table(loaded: weights.LoadedModel) -> tuple[Optional[list[tuple[Optional[str], str]]],
                                                       str]:
-  """The (synset, name) of each label and where they came from (an origin of `inference`).
+  """The (synset, name) of each label and where they came from (an origin of `weights.loading`).
 
   Names a training run recorded come first; recorded ImageNet synsets get their
   WordNet names. Without a record a 1000-class model gets ImageNet's; otherwise
@@ -78,11 +80,11 @@ def class_table(loaded: inference.LoadedModel) -> tuple[Optional[list[tuple[Opti
   if recorded:
     imagenet = imagenet_classes()
     if recorded == [synset for synset, _ in imagenet]:
-      return imagenet, inference.RECORD
-    return [(None, name) for name in recorded], inference.RECORD
+      return imagenet, loading.RECORD
+    return [(None, name) for name in recorded], loading.RECORD
   if loaded.num_classes == IMAGENET_NUM_CLASSES:
-    return imagenet_classes(), inference.DEFAULT
-  return None, inference.DEFAULT
+    return imagenet_classes(), loading.DEFAULT
+  return None, loading.DEFAULT
 
 
 def read_image(path: str | pathlib.Path) -> bytes:
@@ -136,7 +138,7 @@ def preprocess(image_bytes: bytes, image_size: int, eval_preproc: str) -> np.nda
     raise ImageError(f"cannot decode it ({err.message.splitlines()[0]})") from None
 
 
-def make_predict_fn(loaded: inference.LoadedModel, compute_dtype: Any = "float32"):
+def make_predict_fn(loaded: weights.LoadedModel, compute_dtype: Any = "float32"):
   """A jitted `images [N, H, W, 3] -> probabilities [N, num_classes]` (float32).
 
   It runs the folded network (`models.fold_for_inference`), which is faster
@@ -146,11 +148,8 @@ def make_predict_fn(loaded: inference.LoadedModel, compute_dtype: Any = "float32
   import jax
   import jax.numpy as jnp
 
-  from nfnets_jax import models
-
   loaded.transform()  # The same clear errors as the other tools for a model that cannot run.
-  folded = models.fold_for_inference(loaded.name, loaded.params, loaded.num_classes,
-                                     **loaded.model_kwargs)
+  folded = loaded.fold()
   dtype = jnp.dtype(compute_dtype)
   params = jax.device_put(folded.params)
 
@@ -174,8 +173,8 @@ def top_predictions(probabilities: np.ndarray, k: int,
   return out
 
 
-def classify_images(loaded: inference.LoadedModel, paths: Sequence[str], *, image_size: int,
-                    eval_preproc: str = inference.DEFAULT_EVAL_PREPROC,
+def classify_images(loaded: weights.LoadedModel, paths: Sequence[str], *, image_size: int,
+                    eval_preproc: str = model_flags.DEFAULT_EVAL_PREPROC,
                     top_k: int = DEFAULT_TOP_K, batch_size: int = DEFAULT_BATCH_SIZE,
                     compute_dtype: Any = "float32",
                     on_error=None) -> tuple[dict[str, list[Prediction]], dict[str, str]]:
@@ -225,7 +224,7 @@ def _define_flags():
   from absl import flags
 
   fv = flags.FlagValues()
-  inference.define_model_flags(fv)
+  model_flags.define_model_flags(fv)
   flags.DEFINE_integer("top_k", DEFAULT_TOP_K, "Classes to show per image.", flag_values=fv)
   flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images per forward pass.",
                        flag_values=fv)
@@ -235,7 +234,7 @@ def _define_flags():
   return fv, runtime_flags
 
 
-def _as_json(loaded: inference.LoadedModel, settings: inference.Settings,
+def _as_json(loaded: weights.LoadedModel, settings: weights.Settings,
              paths: Sequence[str], results: dict[str, list[Prediction]],
              failed: dict[str, str]) -> str:
   return json.dumps({
@@ -282,8 +281,8 @@ def _classify_from_flags(fv, runtime_flags: runtime.RuntimeFlags, paths: list[st
   if fv.batch_size < 1:
     raise cli.UsageError(f"--batch_size must be >= 1, got {fv.batch_size}.")
   runtime.setup(runtime_flags)
-  loaded = inference.load_model_from_flags(fv)
-  settings = inference.eval_settings_from_flags(fv, loaded)
+  loaded = model_flags.load_model_from_flags(fv)
+  settings = model_flags.eval_settings_from_flags(fv, loaded)
   classes, origin = class_table(loaded)
   settings.set("class_names", [name for _, name in classes] if classes else "class indices",
                origin)

@@ -29,7 +29,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from nfnets_jax import cli, inference, runtime
+from nfnets_jax import cli, models, weights
+from nfnets_jax.cli import model_flags, runtime
 
 #: Examples per device when --batch_size is not given.
 DEFAULT_PER_DEVICE_BATCH = 32
@@ -37,17 +38,17 @@ DEFAULT_PER_DEVICE_BATCH = 32
 WEIGHTS = "params"
 
 
-def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012",
+def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
                     split: str = "validation", *, batch_size: Optional[int] = None,
                     image_size: Optional[int] = None,
-                    eval_preproc: str = inference.DEFAULT_EVAL_PREPROC,
+                    eval_preproc: str = model_flags.DEFAULT_EVAL_PREPROC,
                     data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
                     val_fraction: float = 0.0, compute_dtype: Any = "float32",
                     progress: str = "auto") -> dict[str, Any]:
   """Scores `loaded` on a dataset split; the same call on every process of a job.
 
   Args:
-    loaded: the weights and their network (`inference.load_model`).
+    loaded: the weights and their network (`weights.load_model`).
     dataset, split: as `nfnets_jax.data.load` takes them.
     batch_size: global batch, divisible by the number of devices (default 32
       per device).
@@ -76,7 +77,7 @@ def evaluate_params(loaded: inference.LoadedModel, dataset: str = "imagenet2012"
   if batch_size is None:
     batch_size = DEFAULT_PER_DEVICE_BATCH * num_devices
   check_batch_size(batch_size)
-  image_size = inference.default_image_size(loaded.name) if image_size is None else image_size
+  image_size = models.default_image_size(loaded.name) if image_size is None else image_size
   if progress not in ("auto", "bar", "lines", "none"):
     raise ValueError(f"progress must be 'auto', 'bar', 'lines' or 'none', got {progress!r}")
 
@@ -213,14 +214,14 @@ def _define_flags():
   from absl import flags
 
   fv = flags.FlagValues()
-  inference.define_model_flags(fv)
+  model_flags.define_model_flags(fv)
   flags.DEFINE_string("dataset", None,
                       "Dataset: 'imagenet2012', 'digits' (embedded), 'folder:<path>' or any "
                       "TFDS image classification dataset. Default: the one the training run "
-                      f"evaluated on, else {inference.DEFAULT_DATASET!r}.", flag_values=fv)
+                      f"evaluated on, else {model_flags.DEFAULT_DATASET!r}.", flag_values=fv)
   flags.DEFINE_string("split", None, "Split to score, e.g. 'validation', 'train[:10000]'. "
                       "Default: the training run's eval split (of its dataset), else "
-                      f"{inference.DEFAULT_SPLIT!r}.", flag_values=fv)
+                      f"{model_flags.DEFAULT_SPLIT!r}.", flag_values=fv)
   flags.DEFINE_float("val_fraction", None, "For a single-tree 'folder:<path>': the fraction "
                      "of each class held out as 'validation'. Default: the training run's "
                      "(of its dataset), else 0.", flag_values=fv)
@@ -262,8 +263,8 @@ def _evaluate_from_flags(fv, runtime_flags: runtime.RuntimeFlags) -> None:
 
   if fv.batch_size is not None:
     check_batch_size(fv.batch_size)
-  loaded = inference.load_model_from_flags(fv)
-  settings = inference.eval_settings_from_flags(fv, loaded, dataset=True)
+  loaded = model_flags.load_model_from_flags(fv)
+  settings = model_flags.eval_settings_from_flags(fv, loaded, dataset=True)
   if jax.process_index() == 0:
     print(settings.describe(), file=sys.stderr, flush=True)
   results = evaluate_params(

@@ -142,7 +142,7 @@ def _cells(row: ModelCost) -> tuple[str, ...]:
           _pct(row.test_flops_diff_pct))
 
 
-def check_format(fmt: str, name: str = "format") -> None:
+def check_table_format(fmt: str, name: str = "format") -> None:
   """A ValueError naming `fmt` and the valid formats, unless it is one of `FORMATS`."""
   if fmt not in FORMATS:
     raise ValueError(f"Unknown {name} {fmt!r}; valid formats: {', '.join(FORMATS)}.")
@@ -150,7 +150,7 @@ def check_format(fmt: str, name: str = "format") -> None:
 
 def render(rows: Sequence[ModelCost], fmt: str = "table") -> str:
   """`rows` as an aligned text table, a Markdown table or JSON (a list of objects, raw counts)."""
-  check_format(fmt)
+  check_table_format(fmt)
   if fmt == "json":
     return json.dumps([row.as_dict() for row in rows], indent=2)
   cells = [HEADER] + [_cells(row) for row in rows]
@@ -209,7 +209,7 @@ MEMORY_HEADER = ("model", "px", "batch/device", "accum", "state", "peak", "fits"
 
 def render_memory(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
   """Memory rows (replicated then sharded, per setting) as a table, Markdown or JSON."""
-  check_format(fmt)
+  check_table_format(fmt)
   if fmt == "json":
     return json.dumps(list(rows), indent=2)
   gib = lambda n: f"{n / 2 ** 30:.2f}"
@@ -238,7 +238,7 @@ def _memory_from_flags(fv, argv: Sequence[str]) -> Optional[int]:
   """The memory report for the parsed flags, on `--devices` devices of this process or,
   with too few, in a child process given that many CPU host devices."""
   with cli.usage_errors():
-    check_format(fv.format, "--format")
+    check_table_format(fv.format, "--format")
     if fv.devices < 1:
       raise ValueError(f"--devices={fv.devices} is invalid: expected a positive integer.")
     per_device = fv.per_device_batch or max(1, 4096 // fv.devices)
@@ -319,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _report_from_flags(fv) -> None:
   """Prints the models the parsed flags select, in the format they ask for."""
   with cli.usage_errors():
-    check_format(fv.format, "--format")
+    check_table_format(fv.format, "--format")
     names = select_models(fv.families, fv.models)
   print(render([model_cost(name) for name in names], fv.format))
 

@@ -6,7 +6,7 @@ Prints one JSON object (see tests/test_train_checkpoints.py):
   each replicated array is written whole from one replica; orbax's default
   would slice it into one compiled piece per array shape and device.
 * `restored_equal`: the state read back is bitwise the state saved;
-  `published_equal`: `checkpoint.load_params` (the tools' reader) reads the
+  `published_equal`: `weights.load_params` (the tools' reader) reads the
   same parameters from the workdir.
 * `legacy_equal`: a checkpoint written as earlier versions wrote them
   (`StandardSave` items) restores into the same state.
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nfnets_jax import checkpoint, models, optim
+from nfnets_jax import models, optim, weights
 from nfnets_jax.train import steps
 from nfnets_jax.train.checkpoints import Checkpointer
 
@@ -50,14 +50,14 @@ checkpointer.save(state, meta)
 save_compiles = len(compiles) - before
 restored, _ = checkpointer.restore(target)
 checkpointer.close()
-published = checkpoint.load_params(f"{root}/new")
+published = weights.load_params(f"{root}/new")
 
-with checkpoint.checkpoint_manager(f"{root}/legacy") as manager:
+with weights.checkpoint_manager(f"{root}/legacy") as manager:
   manager.save(int(state.step), args=ocp.args.Composite(**{
-      checkpoint.PARAMS_ITEM: ocp.args.StandardSave(state.params),
-      checkpoint.EMA_PARAMS_ITEM: ocp.args.StandardSave(state.ema.ema),
+      weights.PARAMS_ITEM: ocp.args.StandardSave(state.params),
+      weights.EMA_PARAMS_ITEM: ocp.args.StandardSave(state.ema.ema),
       "opt_state": ocp.args.StandardSave(state.opt_state),
-      checkpoint.META_ITEM: ocp.args.JsonSave({**meta, "step": int(state.step),
+      weights.META_ITEM: ocp.args.JsonSave({**meta, "step": int(state.step),
                                               "ema_count": int(state.ema.count)})}))
   manager.wait_until_finished()
 legacy = Checkpointer(f"{root}/legacy", async_save=False)

@@ -15,7 +15,7 @@ import pytest
 import sklearn.datasets
 from PIL import Image
 
-from nfnets_jax import checkpoint, classify, models
+from nfnets_jax import classify, models, weights
 
 PHOTOS = pathlib.Path(sklearn.datasets.__file__).parent / "images"
 LINE = re.compile(r"^  (\d)  (\d\.\d{4})  (.+)$")
@@ -46,7 +46,7 @@ def nano_npz(tmp_path_factory):
     head = params["NFNet/~/linear"]
     fewer = {**params, "NFNet/~/linear": {"w": head["w"][:, :num_classes],
                                           "b": head["b"][:num_classes]}}
-    return str(checkpoint.save_params_npz(fewer, root / f"nano_{num_classes}.npz"))
+    return str(weights.save_params_npz(fewer, root / f"nano_{num_classes}.npz"))
 
   return make
 
@@ -55,9 +55,7 @@ def test_predictions_are_the_training_form_networks(nano_npz):
   """classify runs the folded network: its probabilities are the unfolded network's."""
   import jax
 
-  from nfnets_jax import inference
-
-  loaded = inference.load_model(nano_npz(1000), model="nfnet:nano")
+  loaded = weights.load_model(nano_npz(1000), model="nfnet:nano")
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
   model = loaded.transform()
   logits = jax.jit(lambda p, x: model.apply(p, None, x, is_training=False)["logits"])

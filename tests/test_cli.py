@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from nfnets_jax import checkpoint, cli, cli_logs, models, report
+from nfnets_jax import cli, models, report, weights
+from nfnets_jax.cli import logs as cli_logs
 from session_share import once, session_root
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def _run_evaluate_twice(root: pathlib.Path) -> dict:
   params = {module: {name: rng.normal(scale=0.1, size=leaf.shape).astype(np.float32)
                      for name, leaf in group.items()}
             for module, group in models.param_shapes("nfnet:nano", 10).items()}
-  npz = checkpoint.save_params_npz(params, root / "nano.npz")
+  npz = weights.save_params_npz(params, root / "nano.npz")
   env = {key: value for key, value in os.environ.items()
          if key not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS")}
 

@@ -27,7 +27,8 @@ import jax
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoint, convert, models
+from nfnets_jax import convert, models, weights
+from nfnets_jax.weights import timm as timm_weights
 from reference_data import rebuild_params
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -52,11 +53,11 @@ def _normwise(actual, expected) -> float:
 
 def test_round_trip_through_timm_layout():
   params = _reference_params("nfnet:nano", 10)
-  sd = convert.to_timm(params, "nfnet:nano")
+  sd = timm_weights.to_timm(params, "nfnet:nano")
   assert sd["head.fc.weight"].shape == (10, params["NFNet/~/linear"]["w"].shape[0])
   w = params["NFNet/~/nf_block/~/conv1"]["w"]
   assert sd["stages.0.0.conv2.weight"].shape == (w.shape[3], w.shape[2], w.shape[0], w.shape[1])
-  back = convert.from_timm(sd, "nfnet:nano")
+  back = timm_weights.from_timm(sd, "nfnet:nano")
   assert sorted(back) == sorted(params)
   for module, group in params.items():
     assert sorted(back[module]) == sorted(group)
@@ -74,7 +75,7 @@ def test_gain_fold_is_the_ratio_of_the_two_standardisations():
   # He-scale weights, where timm's eps matters (about 1% at fan_in 1152).
   w = params["NFNet/~/nf_block/~/conv1"]["w"] / np.sqrt(3 * 3 * 16)
   params["NFNet/~/nf_block/~/conv1"]["w"] = w
-  sd = convert.to_timm(params, "nfnet:nano")
+  sd = timm_weights.to_timm(params, "nfnet:nano")
   tw = sd["stages.0.0.conv2.weight"].astype(np.float64)
   flat = tw.reshape(tw.shape[0], -1)
   timm_kernel = ((flat - flat.mean(1, keepdims=True)) / np.sqrt(flat.var(1, keepdims=True) + 1e-5)
@@ -85,13 +86,13 @@ def test_gain_fold_is_the_ratio_of_the_two_standardisations():
 
 
 def test_mismatched_state_dict_lists_keys():
-  sd = convert.to_timm(_reference_params("nfnet:nano"), "nfnet:nano")
+  sd = timm_weights.to_timm(_reference_params("nfnet:nano"), "nfnet:nano")
   gain_shape = sd.pop("stages.1.0.conv2b.gain").shape
   sd["stages.9.0.conv1.weight"] = np.zeros((2, 2, 1, 1), np.float32)
   final_shape = sd["final_conv.weight"].shape
   sd["final_conv.weight"] = np.zeros((7,) + final_shape[1:], np.float32)
-  with pytest.raises(checkpoint.ParameterMismatchError) as err:
-    convert.from_timm(sd, "nfnet:nano")
+  with pytest.raises(weights.ParameterMismatchError) as err:
+    timm_weights.from_timm(sd, "nfnet:nano")
   message = str(err.value)
   assert f"stages.1.0.conv2b.gain {gain_shape}" in message
   assert "stages.9.0.conv1.weight (2, 2, 1, 1)" in message
@@ -100,29 +101,29 @@ def test_mismatched_state_dict_lists_keys():
 
 def test_other_families_are_refused_with_the_reason():
   with pytest.raises(ValueError, match="symmetric padding"):
-    convert.to_timm(_reference_params("nf_regnet:B0"), "nf_regnet:B0")
+    timm_weights.to_timm(_reference_params("nf_regnet:B0"), "nf_regnet:B0")
 
 
 def test_model_inference():
   params = _reference_params("nfnet:nano")
-  assert convert.infer_model(params) == "nfnet:nano"
-  assert convert.infer_timm_model(convert.to_timm(params, "nfnet:nano")) == "nfnet:nano"
+  assert models.infer_model(params) == "nfnet:nano"
+  assert timm_weights.infer_timm_model(timm_weights.to_timm(params, "nfnet:nano")) == "nfnet:nano"
   with pytest.raises(ValueError, match="pass the model name"):
-    convert.infer_timm_model({"stages.0.0.conv3.weight": np.zeros((5, 1, 1, 1))})
+    timm_weights.infer_timm_model({"stages.0.0.conv3.weight": np.zeros((5, 1, 1, 1))})
 
 
 def test_cli_timm_safetensors_both_ways(tmp_path, capsys):
   params = _reference_params("nfnet:nano")
-  ours = checkpoint.save_params_npz(params, tmp_path / "nano.npz")
+  ours = weights.save_params_npz(params, tmp_path / "nano.npz")
   exported = tmp_path / "nano.safetensors"
   assert convert.main(["convert", f"--to_timm={ours}", f"--out={exported}"]) == 0
   assert "model nfnet:nano" in capsys.readouterr().out
-  sd = convert.load_timm_state_dict(exported)
+  sd = timm_weights.load_timm_state_dict(exported)
   assert sd["stem.conv1.weight"].shape == (16, 3, 3, 3)
 
   back = tmp_path / "back.npz"
   assert convert.main(["convert", f"--from_timm={exported}", f"--out={back}"]) == 0
-  loaded = checkpoint.load_params(back, model="nfnet:nano")
+  loaded = weights.load_params(back, model="nfnet:nano")
   np.testing.assert_array_equal(loaded["NFNet/~/final_conv"]["w"],
                                 params["NFNet/~/final_conv"]["w"])
 
@@ -217,8 +218,8 @@ def _timm_logits(model, images, gelu: str):
 def test_from_timm_matches_timm_logits_on_a_photo(timm, photo, forward):
   model = _random_timm_f0(timm)
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  assert convert.infer_timm_model(sd) == "nfnet:F0"
-  params = convert.from_timm(sd, "nfnet:F0")
+  assert timm_weights.infer_timm_model(sd) == "nfnet:F0"
+  params = timm_weights.from_timm(sd, "nfnet:F0")
   ours = np.asarray(forward(params, photo))
 
   shipped = _timm_logits(model, photo, "exact")
@@ -228,7 +229,7 @@ def test_from_timm_matches_timm_logits_on_a_photo(timm, photo, forward):
   error = _normwise(ours, matched)
   assert error <= MATCHED_GELU_TOL
 
-  unfolded = convert.from_timm(sd, "nfnet:F0", timm_eps=0.0)
+  unfolded = timm_weights.from_timm(sd, "nfnet:F0", timm_eps=0.0)
   assert _normwise(forward(unfolded, photo), matched) > 100 * max(error, 1e-7)
 
 
@@ -236,14 +237,14 @@ def test_pth_files_load_without_pickled_code(timm, tmp_path):
   """A training-style .pth (weights under 'state_dict', DDP 'module.' prefix) reads back."""
   import torch
 
-  sd = convert.to_timm(_reference_params("nfnet:nano"), "nfnet:nano")
+  sd = timm_weights.to_timm(_reference_params("nfnet:nano"), "nfnet:nano")
   path = tmp_path / "nano.pth"
   torch.save({"state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()},
               "epoch": 3}, path)
-  loaded = convert.load_timm_state_dict(path)
+  loaded = timm_weights.load_timm_state_dict(path)
   assert sorted(loaded) == sorted(sd)
   assert all(loaded[k].shape == sd[k].shape and np.array_equal(loaded[k], sd[k]) for k in sd)
-  assert convert.from_timm(loaded, None)["NFNet/~/linear"]["w"].shape == (
+  assert timm_weights.from_timm(loaded, None)["NFNet/~/linear"]["w"].shape == (
       sd["head.fc.weight"].shape[::-1])
 
 
@@ -259,7 +260,7 @@ def test_to_timm_loads_strictly_and_matches_our_logits(timm, photo, forward):
   ours = np.asarray(forward(params, photo))
 
   model = timm.create_model("dm_nfnet_f0", pretrained=False).eval()
-  sd = convert.to_timm(params, "nfnet:F0")
+  sd = timm_weights.to_timm(params, "nfnet:F0")
   result = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   assert not result.missing_keys and not result.unexpected_keys
   assert _normwise(_timm_logits(model, photo, "tanh"), ours) <= MATCHED_GELU_TOL

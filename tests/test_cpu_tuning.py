@@ -18,7 +18,7 @@ import sys
 import pytest
 from absl import flags
 
-from nfnets_jax import runtime
+from nfnets_jax.cli import runtime
 
 TEMP_BYTES = 4096 * 4096 * 4
 # Untuned, the temporary is faulted in again on every call: one fault per 4 KiB
@@ -53,7 +53,7 @@ def faults_per_call(calls=4):
 
 _PROBE = _FAULTS + r"""
 import json, sys
-from nfnets_jax import cpu_tuning
+from nfnets_jax.cli import cpu_tuning
 mode = sys.argv[1]
 if mode == "late":
   jnp.ones(2).block_until_ready()   # creates the CPU client before tune_cpu
@@ -101,7 +101,7 @@ def test_tuned_process_reuses_the_temporary_buffer_instead_of_refaulting_it():
 # main thread of a tuned process; prints the page faults of the second write.
 _REALLOC = r"""
 import ctypes, json, resource, sys
-from nfnets_jax import cpu_tuning
+from nfnets_jax.cli import cpu_tuning
 tuning = cpu_tuning.tune_cpu()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
@@ -149,7 +149,7 @@ _TWO_PROCESSES = _FAULTS + r"""
 import json, sys
 from absl import flags
 from jax.experimental import multihost_utils
-from nfnets_jax import runtime
+from nfnets_jax.cli import runtime
 fv = flags.FlagValues()
 held = runtime.define_flags(fv)
 fv(["prog", *sys.argv[1:]])

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("flax", reason="the NNX example needs the flax extra (pip install -e .[flax])")
 
-from nfnets_jax import checkpoint  # noqa: E402
+from nfnets_jax import weights  # noqa: E402
 from reference_data import param_trees, rebuild_params  # noqa: E402
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -32,7 +32,7 @@ def test_readme_has_one_nnx_example():
 @pytest.mark.slow
 def test_readme_nnx_example_fine_tunes_the_pretrained_head(tmp_path):
   cache = tmp_path / "cache"
-  checkpoint.save_params_npz(rebuild_params(param_trees()["nfnet:F0"]), cache / "F0_safe.npz")
+  weights.save_params_npz(rebuild_params(param_trees()["nfnet:F0"]), cache / "F0_safe.npz")
   env = {**os.environ, "NFNETS_JAX_HOME": str(cache), "NFNETS_JAX_OFFLINE": "1"}
   proc = subprocess.run([sys.executable, "-c", BLOCKS[0]], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)

@@ -20,7 +20,8 @@ import pytest
 
 from data_helpers import encode, random_image, write_folder
 from demo_run import REPO
-from nfnets_jax import checkpoint, classify, evaluate, inference, models
+from nfnets_jax import classify, cli, evaluate, models, weights
+from nfnets_jax.cli import model_flags
 from nfnets_jax.train import config as config_lib
 from nfnets_jax.train import experiment
 from nfnets_jax.data.sources import open_source
@@ -33,7 +34,7 @@ def write_workdir(path, meta, num_classes=3):
   """A workdir as the trainer lays it out: zero nano weights (raw and EMA) and `meta`."""
   params = {m: {n: np.zeros(leaf.shape, np.float32) for n, leaf in g.items()}
             for m, g in models.param_shapes("nfnet:nano", num_classes).items()}
-  with checkpoint.checkpoint_manager(path) as manager:
+  with weights.checkpoint_manager(path) as manager:
     manager.save(5, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), ema_params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({"step": 5, **meta})))
@@ -60,8 +61,8 @@ def workdirs(tmp_path_factory):
 def resolve(*args, dataset=True):
   fv, _ = evaluate._define_flags()  # pylint: disable=protected-access
   fv(["evaluate", *args])
-  loaded = inference.load_model_from_flags(fv)
-  return loaded, inference.eval_settings_from_flags(fv, loaded, dataset=dataset)
+  loaded = model_flags.load_model_from_flags(fv)
+  return loaded, model_flags.eval_settings_from_flags(fv, loaded, dataset=dataset)
 
 
 def test_recorded_settings_are_the_defaults_and_flags_override_them(workdirs):
@@ -93,26 +94,26 @@ def test_checkpoints_without_a_record_keep_the_published_defaults(workdirs, tmp_
   loaded, settings = resolve(f"--checkpoint={old}")
   assert settings.values == {"model": "nfnet:nano", "num_classes": 3, "ema": False,
                              "dataset": "imagenet2012", "split": "validation", "data_dir": None,
-                             "image_size": inference.default_image_size("nfnet:nano"),
+                             "image_size": models.default_image_size("nfnet:nano"),
                              "eval_preproc": "resize_crop_32"}
   assert [settings.origins[k] for k in ("model", "ema", "dataset", "image_size")] == [
       "checkpoint", "default", "default", "default"]
   assert loaded.class_names is None and classify.class_table(loaded) == (None, "default")
-  npz = checkpoint.save_params_npz(checkpoint.load_params(old), tmp_path / "p.npz")
+  npz = weights.save_params_npz(weights.load_params(old), tmp_path / "p.npz")
   _, settings = resolve(f"--checkpoint={npz}", "--image_size=16", dataset=False)
   assert settings.origins == {"model": "weights", "num_classes": "weights", "ema": "default",
                               "image_size": "flag", "eval_preproc": "default"}
-  with pytest.raises(inference.UsageError, match=r"--val_fraction must be a number in \[0, 1\)"):
+  with pytest.raises(cli.UsageError, match=r"--val_fraction must be a number in \[0, 1\)"):
     resolve(f"--checkpoint={old}", "--val_fraction=1.5")
 
 
 def test_class_table_names_recorded_classes_and_imagenet_synsets(workdirs):
-  named = inference.load_model(workdirs["recorded"])
+  named = weights.load_model(workdirs["recorded"])
   classes, origin = classify.class_table(named)
   assert classes == [(None, "cat"), (None, "dog"), (None, "emu")] and origin == "checkpoint"
   top = classify.top_predictions(np.array([0.1, 0.7, 0.2]), 2, classes)
   assert [p.label() for p in top] == ["dog", "emu"]
-  imagenet = inference.load_model(workdirs["imagenet"])
+  imagenet = weights.load_model(workdirs["imagenet"])
   classes, origin = classify.class_table(imagenet)
   assert classes[0] == ("n01440764", "tench") and origin == "checkpoint"
 

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from demo_run import IMAGE_SIZE, REPO, trainer_env
-from nfnets_jax import checkpoint, evaluate, inference
+from nfnets_jax import evaluate, models, weights
 from nfnets_jax.train import experiment
 
 # The shared run's evaluation resolution and the demo config's eval preprocessing
@@ -137,7 +137,7 @@ def test_missing_checkpoint_is_named(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_load_meta_reads_the_trainers_record(demo_run, tmp_path):
-  meta = checkpoint.load_meta(demo_run["workdir"])
+  meta = weights.load_meta(demo_run["workdir"])
   assert meta["model"] == "nfnet:nano" and meta["num_classes"] == 10
   assert meta["step"] == demo_run["reported"]["step"]
   # The demo config's model arguments, as the trainer recorded them.
@@ -146,20 +146,20 @@ def test_load_meta_reads_the_trainers_record(demo_run, tmp_path):
   spec.loader.exec_module(demo)
   assert meta["model_kwargs"] == experiment.model_kwargs(demo.get_config())  # None left out
   step_dir = pathlib.Path(demo_run["workdir"]) / "checkpoints" / str(meta["step"])
-  assert checkpoint.load_meta(step_dir) == meta
+  assert weights.load_meta(step_dir) == meta
   # A bare parameter file records nothing.
-  params = checkpoint.load_params(demo_run["workdir"])
-  npz = checkpoint.save_params_npz(params, tmp_path / "p.npz")
-  assert checkpoint.load_meta(npz) is None
-  loaded = inference.load_model(npz)  # an NFNet and its classes, told by the weights alone
+  params = weights.load_params(demo_run["workdir"])
+  npz = weights.save_params_npz(params, tmp_path / "p.npz")
+  assert weights.load_meta(npz) is None
+  loaded = weights.load_model(npz)  # an NFNet and its classes, told by the weights alone
   assert (loaded.name, loaded.num_classes, loaded.model_kwargs) == ("nfnet:nano", 10, {})
 
 
 def test_default_image_size_is_the_published_test_size():
-  assert inference.default_image_size("nfnet:F0") == 256
-  assert inference.default_image_size("nfnet:F6+") == 576
-  assert inference.default_image_size("nf_regnet:B0") == 224
-  assert inference.default_image_size("nf_resnet:ResNet50") == 224
+  assert models.default_image_size("nfnet:F0") == 256
+  assert models.default_image_size("nfnet:F6+") == 576
+  assert models.default_image_size("nf_regnet:B0") == 224
+  assert models.default_image_size("nf_resnet:ResNet50") == 224
   with pytest.raises(ValueError, match="Unknown model 'nfnet:G0'"):
-    inference.default_image_size("nfnet:G0")
+    models.default_image_size("nfnet:G0")
 

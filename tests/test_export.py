@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoint, cli, export, models, onnx_graph, serving
+from nfnets_jax import cli, export, models, weights
+from nfnets_jax.export import command as export_command
+from nfnets_jax.export import onnx_graph
+from nfnets_jax.export import serving
 from test_folding import random_params, unfolded_logits
 
 NAME = "nfnet:nano"
@@ -232,7 +235,7 @@ def test_large_weights_go_to_a_side_file(nano, exported, tmp_path):
 def test_a_primitive_without_an_onnx_form_is_named():
   """In a fresh interpreter, so that the translator imports everything it uses itself."""
   script = ("import jax.numpy as jnp, numpy as np\n"
-            "from nfnets_jax import onnx_graph\n"
+            "from nfnets_jax.export import onnx_graph\n"
             "try:\n"
             "  onnx_graph.to_onnx(lambda x: jnp.sort(x, axis=-1), (None, 8), np.float32)\n"
             "except onnx_graph.UnsupportedPrimitiveError as err:\n"
@@ -289,12 +292,12 @@ def test_bfloat16_stablehlo_export_runs_in_bfloat16(nano):
 @pytest.fixture(scope="module")
 def nano_npz(nano, tmp_path_factory):
   path = tmp_path_factory.mktemp("ckpt") / "nano.npz"
-  checkpoint.save_params_npz(nano[0], path)
+  weights.save_params_npz(nano[0], path)
   return str(path)
 
 
 def run_cli(capsys, *args):
-  code = export.main(["export", *args])
+  code = export_command.main(["export", *args])
   captured = capsys.readouterr()
   return code, captured.out, captured.err
 

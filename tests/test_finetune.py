@@ -19,7 +19,8 @@ import numpy as np
 import optax
 import pytest
 
-from nfnets_jax import checkpoint, models, optim, weights
+from nfnets_jax import models, optim, weights
+from nfnets_jax.weights import download
 from nfnets_jax.data import subsets
 from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.train import config as config_lib
@@ -53,7 +54,7 @@ def test_a_mismatched_parameter_is_named_with_both_shapes():
   loaded = _values(5, seed=0)
   loaded["NFNet/~/stem_conv0"]["w"] = np.zeros((3, 3, 3, 8), np.float32)
   del loaded["NFNet/~/nf_block"]["skip_gain"]
-  with pytest.raises(checkpoint.ParameterMismatchError) as err:
+  with pytest.raises(weights.ParameterMismatchError) as err:
     init_from.plan("other.npz", loaded, fresh)
   message = str(err.value)
   assert "NFNet/~/stem_conv0/w: checkpoint (3, 3, 3, 8), model (3, 3, 3, 16)" in message
@@ -72,7 +73,7 @@ def test_an_unreadable_init_from_is_one_config_error(tmp_path):
 
 def test_the_classifier_is_reinitialised_for_other_num_classes_and_the_rest_loaded(tmp_path):
   source = _values(10, seed=1)
-  path = checkpoint.save_params_npz(source, tmp_path / "pretrained.npz")
+  path = weights.save_params_npz(source, tmp_path / "pretrained.npz")
   fresh = _values(5, seed=2)
   prepared = init_from.prepare(str(path), fresh)
   plan = prepared.plan
@@ -104,15 +105,15 @@ def test_published_names_load_from_a_local_mirror(tmp_path, monkeypatch):
       count += 1
       source.setdefault(module, {})[name] = np.full(leaf.shape, count, np.float32)
   body = dill.dumps(source)
-  monkeypatch.setitem(weights.PUBLISHED, "F0", weights.PublishedFile(
+  monkeypatch.setitem(download.PUBLISHED, "F0", download.PublishedFile(
       "F0", "F0_haiku.npz", hashlib.md5(body).hexdigest(), 83.6))
   fresh = models.param_shapes("nfnet:F0", 5)
   with Server() as server:
     server.files["/F0_haiku.npz"] = body
     del body
-    monkeypatch.setenv(weights.URL_ENV, server.url)
-    monkeypatch.setenv(weights.HOME_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(weights.OFFLINE_ENV, raising=False)
+    monkeypatch.setenv(download.URL_ENV, server.url)
+    monkeypatch.setenv(download.HOME_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(download.OFFLINE_ENV, raising=False)
     loaded = init_from.load("published:F0", ema=False)
     assert server.requests["/F0_haiku.npz"] == 1
   plan = init_from.plan("published:F0", loaded, fresh)
@@ -317,7 +318,7 @@ def test_a_finetune_starts_from_init_from_trains_unfrozen_only_and_resumes_its_o
   it restores that: a second run whose `init_from` no longer exists resumes it."""
   from nfnets_jax.train import experiment  # pylint: disable=import-outside-toplevel
   source = _values(10, seed=6)
-  path = checkpoint.save_params_npz(source, tmp_path / "pretrained.npz")
+  path = weights.save_params_npz(source, tmp_path / "pretrained.npz")
   config = config_lib.base_config()
   config.update_from_flattened_dict({
       "model": NANO, "num_classes": 3, "dataset.name": "digits",
@@ -393,7 +394,7 @@ def test_the_documented_command_fine_tunes_published_f0_on_a_folder_of_jpegs(tmp
       lambda leaf: (0.05 * rng.standard_normal(leaf.shape)).astype(np.float32),
       models.param_shapes("nfnet:F0", 1000))
   body = dill.dumps(published)
-  monkeypatch.setitem(weights.PUBLISHED, "F0", weights.PublishedFile(
+  monkeypatch.setitem(download.PUBLISHED, "F0", download.PublishedFile(
       "F0", "F0_haiku.npz", hashlib.md5(body).hexdigest(), 83.6))
   spec = importlib.util.spec_from_file_location("finetune_config", REPO / "experiments/finetune.py")
   module = importlib.util.module_from_spec(spec)
@@ -410,9 +411,9 @@ def test_the_documented_command_fine_tunes_published_f0_on_a_folder_of_jpegs(tmp
       "model_kwargs.conv_impl": "xla"})
   with Server() as server:
     server.files["/F0_haiku.npz"] = body
-    monkeypatch.setenv(weights.URL_ENV, server.url)
-    monkeypatch.setenv(weights.HOME_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(weights.OFFLINE_ENV, raising=False)
+    monkeypatch.setenv(download.URL_ENV, server.url)
+    monkeypatch.setenv(download.HOME_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(download.OFFLINE_ENV, raising=False)
     run = experiment.Experiment(config_lib.finalize(config), str(tmp_path / "run"))
     assert server.requests["/F0_haiku.npz"] == 1
   try:
@@ -422,10 +423,10 @@ def test_the_documented_command_fine_tunes_published_f0_on_a_folder_of_jpegs(tmp
   assert results["step"] == 1 and results["num_examples"] == 3
   assert 0.0 <= results["top1"] <= 1.0
   # One step in the warm-up barely moves the weights: they are the file's, not an init's.
-  trained = _flat(checkpoint.load_params(str(tmp_path / "run")))
+  trained = _flat(weights.load_params(str(tmp_path / "run")))
   assert set(trained) == set(_flat(published))
   for key, value in _flat(published).items():
     if key not in HEAD:
       np.testing.assert_allclose(trained[key], value, atol=1e-3, err_msg=key)
   assert trained["NFNet/~/linear/w"].shape == (3072, 3)
-  assert checkpoint.load_meta(str(tmp_path / "run"))["class_names"] == ["cat", "dog", "fox"]
+  assert weights.load_meta(str(tmp_path / "run"))["class_names"] == ["cat", "dog", "fox"]

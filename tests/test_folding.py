@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoint, models
+from nfnets_jax import models, weights
 
 NUM_CLASSES = 10
 
@@ -61,7 +61,7 @@ def test_folded_stacked_layout_matches_the_training_form():
 
 def test_parameters_of_another_model_are_refused():
   params = random_params("nfnet:nano")
-  with pytest.raises(checkpoint.ParameterMismatchError):
+  with pytest.raises(weights.ParameterMismatchError):
     models.fold_for_inference("nfnet:F0", params)
   with pytest.raises(ValueError, match="BatchNorm"):
     models.fold_for_inference("bn_resnet:ResNet50", params)

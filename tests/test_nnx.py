@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from nfnets_jax import checkpoint, models, optim  # noqa: E402
+from nfnets_jax import models, optim, weights  # noqa: E402
 from nfnets_jax import nnx as nf_nnx  # noqa: E402
 from reference_data import param_trees, rebuild_params  # noqa: E402
 
@@ -54,7 +54,7 @@ def _haiku_forward(name, num_classes, is_training, return_metrics, kwargs):
 
 def _haiku_outputs(name, params, images, is_training, rng=None, return_metrics=False,
                    **kwargs):
-  num_classes = checkpoint.infer_num_classes(params)
+  num_classes = models.infer_num_classes(params)
   forward = _haiku_forward(name, num_classes, is_training, return_metrics,
                            tuple(sorted(kwargs.items())))
   return forward(params, rng, images)
@@ -160,7 +160,7 @@ def test_training_draws_from_the_modules_rngs():
 def test_mismatched_parameters_are_named():
   params = {module: dict(leaves) for module, leaves in _nano_params().items()}
   del params["NFNet/~/stem_conv0"]["gain"]
-  with pytest.raises(checkpoint.ParameterMismatchError, match="NFNet/~/stem_conv0/gain"):
+  with pytest.raises(models.ParameterMismatchError, match="NFNet/~/stem_conv0/gain"):
     nf_nnx.from_haiku(NANO, params)
   with pytest.raises(ValueError, match="Unknown model 'nfnet:F9'"):
     nf_nnx.from_haiku("nfnet:F9", _nano_params())
@@ -337,6 +337,6 @@ def test_nnx_state_saves_and_restores_with_orbax(tmp_path):
 def test_to_haiku_writes_a_checkpoint_the_tools_load(tmp_path):
   module = nf_nnx.from_haiku(NANO, _nano_params())
   path = tmp_path / "nano.npz"
-  checkpoint.save_params_npz(nf_nnx.to_haiku(module), path)
-  loaded = checkpoint.load_params(path, model=NANO)  # checks every name and shape
+  weights.save_params_npz(nf_nnx.to_haiku(module), path)
+  loaded = weights.load_params(path, model=NANO)  # checks every name and shape
   _assert_trees_equal(loaded, jax.tree.map(np.asarray, nf_nnx.to_haiku(module)))

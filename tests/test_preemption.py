@@ -121,16 +121,16 @@ def test_no_readable_checkpoint_lists_every_step_and_moves_nothing(tmp_path):
 
 
 def test_tools_reading_a_damaged_step_get_a_clear_error_naming_the_other_steps(tmp_path):
-  """Evaluate/convert/classify read workdirs through checkpoint.load_params."""
-  from nfnets_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  """Evaluate/convert/classify read workdirs through weights.load_params."""
+  from nfnets_jax import weights  # pylint: disable=import-outside-toplevel
   _save_steps(tmp_path, 1, 2).close()
   _truncate_array_file(tmp_path / "checkpoints" / "2")
-  with pytest.raises(checkpoint.DamagedCheckpointError,
+  with pytest.raises(weights.DamagedCheckpointError,
                      match=r"\(step 2\): the 'params' item cannot be read \(.*\); the checkpoint may "
                            r"be damaged .* Other saved steps in .*checkpoints: \[1\]; read one with "
                            r"step= \(--step\)\."):
-    checkpoint.load_params(tmp_path)
-  assert checkpoint.load_params(tmp_path, step=1)["net/~/linear"]["w"][0, 0] == 1.0
+    weights.load_params(tmp_path)
+  assert weights.load_params(tmp_path, step=1)["net/~/linear"]["w"][0, 0] == 1.0
 
 
 class ReadOnly:

@@ -22,7 +22,8 @@ import dill
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoint, safe_pickle
+from nfnets_jax import weights
+from nfnets_jax.weights import safe_pickle
 
 
 def _tree():
@@ -179,7 +180,7 @@ def test_published_format_file_loads_through_load_params(tmp_path):
   with _registered("haiku._src.data_structures", flat_mapping):
     path = tmp_path / "F0_haiku.npz"
     path.write_bytes(dill.dumps(flat_mapping({m: flat_mapping(g) for m, g in tree.items()})))
-  _assert_same_tree(checkpoint.load_params(path), tree)
+  _assert_same_tree(weights.load_params(path), tree)
 
 
 # ----------------------------------------------------------------------------- what is refused
@@ -270,8 +271,8 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path, payload):
 
   path = tmp_path / "payload.pkl"
   path.write_bytes(data)
-  with pytest.raises(checkpoint.UntrustedPickleError, match=refused_name):
-    checkpoint.load_params(path)
+  with pytest.raises(weights.UntrustedPickleError, match=refused_name):
+    weights.load_params(path)
   time.sleep(0.2)  # A process the payload might have started would have written by now.
   assert not sentinel.exists()
 

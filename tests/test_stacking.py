@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoint, models, optim
+from nfnets_jax import models, optim, weights
 from nfnets_jax.train import steps
 from nfnets_jax.train.checkpoints import Checkpointer
 
@@ -194,7 +194,7 @@ def test_train_step_in_the_stacked_layout_matches_the_published(scanned, tmp_pat
   # published by the export tools, and restored stacked.
   checkpointer = Checkpointer(str(tmp_path), async_save=False, layout=layout)
   checkpointer.save(stacked, {"model": NAME})
-  on_disk = checkpoint.load_params(tmp_path)
+  on_disk = weights.load_params(tmp_path)
   _assert_trees_equal(on_disk, layout.unstack(jax.device_get(stacked.params)))
   restored, meta = checkpointer.restore(target)
   checkpointer.close()

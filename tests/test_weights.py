@@ -1,4 +1,4 @@
-"""The weights downloader (nfnets_jax/weights.py) against a real HTTP server on
+"""The weights downloader (nfnets_jax/weights/download.py) against a real HTTP server on
 127.0.0.1 that serves files of the test's own table: the real urllib client, real
 sockets, real files; no other network."""
 
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from nfnets_jax import weights
+from nfnets_jax.weights import download
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -78,7 +78,7 @@ class Server:
 
 
 def _entry(variant, body):
-  return weights.PublishedFile(variant, f"{variant}_test.npz", hashlib.md5(body).hexdigest(), 50.0)
+  return download.PublishedFile(variant, f"{variant}_test.npz", hashlib.md5(body).hexdigest(), 50.0)
 
 
 BODIES = {"A": os.urandom(3 * 2**20 + 17), "B": b"small file"}
@@ -95,12 +95,12 @@ def server():
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-  for name in (weights.HOME_ENV, weights.URL_ENV, weights.OFFLINE_ENV):
+  for name in (download.HOME_ENV, download.URL_ENV, download.OFFLINE_ENV):
     monkeypatch.delenv(name, raising=False)
 
 
 def _fetch(variant, cache, url, **kwargs):
-  return weights.fetch(variant, table=TABLE, cache_dir=cache, base_url=url, progress=False,
+  return download.fetch(variant, table=TABLE, cache_dir=cache, base_url=url, progress=False,
                        **kwargs)
 
 
@@ -118,7 +118,7 @@ def _free_port():
 
 def test_download_writes_the_exact_file_and_no_temporary(server, tmp_path):
   cache = tmp_path / "cache"
-  path = weights.fetch("A", table=TABLE, cache_dir=cache, base_url=server.url)  # progress on
+  path = download.fetch("A", table=TABLE, cache_dir=cache, base_url=server.url)  # progress on
   assert path == cache / "A_test.npz"
   assert path.read_bytes() == BODIES["A"]
   assert hashlib.md5(path.read_bytes()).hexdigest() == TABLE["A"].md5
@@ -135,7 +135,7 @@ def test_cache_hit_makes_no_request(server, tmp_path):
 
 def test_interrupted_download_leaves_nothing(server, tmp_path):
   server.cut_short.add("/A_test.npz")
-  with pytest.raises(weights.IncompleteDownloadError) as err:
+  with pytest.raises(download.IncompleteDownloadError) as err:
     _fetch("A", tmp_path, server.url)
   message = str(err.value)
   assert f"{server.url}/A_test.npz" in message and "interrupted" in message
@@ -148,7 +148,7 @@ def test_interrupted_download_leaves_nothing(server, tmp_path):
 
 def test_checksum_mismatch_names_both_sums_and_deletes_the_temporary(server, tmp_path):
   server.wrong.add("/B_test.npz")
-  with pytest.raises(weights.ChecksumError) as err:
+  with pytest.raises(download.ChecksumError) as err:
     _fetch("B", tmp_path, server.url)
   actual = hashlib.md5(bytes(b ^ 0xFF for b in BODIES["B"])).hexdigest()
   message = str(err.value)
@@ -161,14 +161,14 @@ def test_checksum_mismatch_names_both_sums_and_deletes_the_temporary(server, tmp
 def test_a_wrong_file_in_the_cache_is_caught(server, tmp_path):
   path = _fetch("B", tmp_path, server.url)
   path.write_bytes(b"hand-placed, wrong")  # A new size: this process hashes it again.
-  with pytest.raises(weights.ChecksumError) as err:
+  with pytest.raises(download.ChecksumError) as err:
     _fetch("B", tmp_path, server.url)
   assert str(path) in str(err.value) and TABLE["B"].md5 in str(err.value)
 
 
 def test_offline_env_names_the_url_and_the_path(server, tmp_path, monkeypatch):
-  monkeypatch.setenv(weights.OFFLINE_ENV, "1")
-  with pytest.raises(weights.OfflineError) as err:
+  monkeypatch.setenv(download.OFFLINE_ENV, "1")
+  with pytest.raises(download.OfflineError) as err:
     _fetch("B", tmp_path / "cache", server.url)
   message = str(err.value)
   assert f"{server.url}/B_test.npz" in message
@@ -184,7 +184,7 @@ def test_offline_env_names_the_url_and_the_path(server, tmp_path, monkeypatch):
 
 def test_unreachable_server_is_an_offline_error(tmp_path):
   url = f"http://127.0.0.1:{_free_port()}"
-  with pytest.raises(weights.OfflineError) as err:
+  with pytest.raises(download.OfflineError) as err:
     _fetch("B", tmp_path, url)
   message = str(err.value)
   assert f"{url}/B_test.npz" in message and str(tmp_path / "B_test.npz") in message
@@ -192,58 +192,58 @@ def test_unreachable_server_is_an_offline_error(tmp_path):
 
 
 def test_missing_file_on_the_server_names_the_status(server, tmp_path):
-  table = {"C": weights.PublishedFile("C", "C_test.npz", "0" * 32, 0.0)}
-  with pytest.raises(weights.DownloadError) as err:
-    weights.fetch("C", table=table, cache_dir=tmp_path, base_url=server.url, progress=False)
+  table = {"C": download.PublishedFile("C", "C_test.npz", "0" * 32, 0.0)}
+  with pytest.raises(download.DownloadError) as err:
+    download.fetch("C", table=table, cache_dir=tmp_path, base_url=server.url, progress=False)
   assert "404" in str(err.value) and f"{server.url}/C_test.npz" in str(err.value)
 
 
 def test_environment_selects_mirror_and_cache(server, tmp_path, monkeypatch):
   server.files["/mirror/B_test.npz"] = BODIES["B"]
-  monkeypatch.setenv(weights.URL_ENV, server.url + "/mirror/")
-  monkeypatch.setenv(weights.HOME_ENV, str(tmp_path / "home"))
-  path = weights.fetch("B", table=TABLE, progress=False)
+  monkeypatch.setenv(download.URL_ENV, server.url + "/mirror/")
+  monkeypatch.setenv(download.HOME_ENV, str(tmp_path / "home"))
+  path = download.fetch("B", table=TABLE, progress=False)
   assert path == tmp_path / "home" / "B_test.npz"
   assert path.read_bytes() == BODIES["B"]
   assert server.requests == {"/mirror/B_test.npz": 1}
 
 
 def test_unknown_variant_lists_the_valid_ones(tmp_path):
-  with pytest.raises(weights.UnknownVariantError, match=r"'F9'.*F0, F1, F2, F3, F4, F5, F6"):
-    weights.fetch("F9", cache_dir=tmp_path, offline=True)
+  with pytest.raises(download.UnknownVariantError, match=r"'F9'.*F0, F1, F2, F3, F4, F5, F6"):
+    download.fetch("F9", cache_dir=tmp_path, offline=True)
 
 
 def test_unwritable_cache_names_the_directory(server, tmp_path):
   (tmp_path / "a_file").write_text("not a directory")
   cache = tmp_path / "a_file" / "cache"
-  with pytest.raises(weights.CacheDirError) as err:
+  with pytest.raises(download.CacheDirError) as err:
     _fetch("B", cache, server.url)
-  assert str(cache) in str(err.value) and weights.HOME_ENV in str(err.value)
+  assert str(cache) in str(err.value) and download.HOME_ENV in str(err.value)
 
 
 def test_bad_offline_value_is_named(monkeypatch, tmp_path):
-  monkeypatch.setenv(weights.OFFLINE_ENV, "sometimes")
-  with pytest.raises(weights.WeightsError, match="'sometimes'"):
+  monkeypatch.setenv(download.OFFLINE_ENV, "sometimes")
+  with pytest.raises(download.WeightsError, match="'sometimes'"):
     _fetch("B", tmp_path, "http://127.0.0.1:9")
 
 
 def test_published_table():
-  assert list(weights.PUBLISHED) == [f"F{i}" for i in range(7)]
-  for name, entry in weights.PUBLISHED.items():
+  assert list(download.PUBLISHED) == [f"F{i}" for i in range(7)]
+  for name, entry in download.PUBLISHED.items():
     assert entry.variant == name and entry.filename == f"{name}_haiku.npz"
     assert len(entry.md5) == 32 and int(entry.md5, 16) >= 0
-  assert weights.PUBLISHED["F0"].md5 == "0a41039da1cb43adf47f1b7d86ddfe0f"
-  assert weights.PUBLISHED["F6"].imagenet_top1 == 86.5
-  assert weights.url_for("F3") == "https://storage.googleapis.com/dm-nfnets/F3_haiku.npz"
+  assert download.PUBLISHED["F0"].md5 == "0a41039da1cb43adf47f1b7d86ddfe0f"
+  assert download.PUBLISHED["F6"].imagenet_top1 == 86.5
+  assert download.url_for("F3") == "https://storage.googleapis.com/dm-nfnets/F3_haiku.npz"
 
 
 CHILD = """
 import json, pathlib, sys
-from nfnets_jax import weights
+from nfnets_jax.weights import download
 cache, url, marker, table = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-table = {k: weights.PublishedFile(**v) for k, v in table.items()}
+table = {k: download.PublishedFile(**v) for k, v in table.items()}
 pathlib.Path(marker).touch()
-print(weights.fetch("A", table=table, cache_dir=cache, base_url=url, progress=False))
+print(download.fetch("A", table=table, cache_dir=cache, base_url=url, progress=False))
 """
 
 

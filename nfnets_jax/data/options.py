@@ -9,6 +9,7 @@ once is checked by `build`.
 """
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 import ml_dtypes  # Registers 'bfloat16' with NumPy, so the name is understood without TF.
@@ -199,3 +200,12 @@ def group_keywords(**keywords: Any) -> dict[str, Any]:
   for name, value in keywords.items():
     fields[_GROUP_OF[name]][name] = value
   return {group: cls(**fields[group]) for group, cls in GROUPS.items()}
+
+
+def absolute_dataset_name(name: str) -> str:
+  """'folder:<path>' with a local path made absolute (so it names the same folder from any
+  directory); any other name as it is."""
+  prefix = "folder:"
+  if name.startswith(prefix) and "://" not in name:
+    return prefix + os.path.abspath(os.path.expanduser(name[len(prefix):]))
+  return name

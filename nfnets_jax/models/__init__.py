@@ -3,7 +3,9 @@
 `NFNet`, `NFResNet` and `NFRegNet` reproduce the published parameter trees, so
 published checkpoints load unchanged. Look models up by name with
 `create_model('nfnet:F0')` / `transform('nfnet:F0')`; size them with
-`count_params` and `count_flops`. `BNResNet` ('bn_resnet:ResNet50') is the
+`count_params` and `count_flops`; check a parameter tree
+against a model with `check_params` (tree.py). Trained weights come in through
+`nfnets_jax.weights` (`weights.pretrained('nfnet:F0')`). `BNResNet` ('bn_resnet:ResNet50') is the
 batch-normalised baseline for signal-propagation comparisons; it has state,
 so build it with `transform_with_state`.
 
@@ -29,11 +31,13 @@ from nfnets_jax.models.network import BLOCK_LOOPS, NFBlock, NormFreeNet
 from nfnets_jax.models.nf_regnet import NFRegNet
 from nfnets_jax.models.nf_resnet import NFResNet
 from nfnets_jax.models.nfnet import NFNet
-from nfnets_jax.models.registry import (FAMILIES, count_flops, count_params, create_model,
-                                        is_stateful, list_models, model_plan, param_shapes,
-                                        parse_model_name, pretrained, stacked_layout, transform,
-                                        transform_with_state)
+from nfnets_jax.models.registry import (COMPUTE_DTYPES, FAMILIES, count_flops, count_params,
+                                        create_model, default_image_size, is_stateful,
+                                        list_models, model_plan, param_shapes, parse_model_name,
+                                        stacked_layout, transform, transform_with_state)
 from nfnets_jax.models.stacking import StackedLayout
+from nfnets_jax.models.tree import (ParameterMismatchError, check_params, check_shapes,
+                                    infer_model, infer_num_classes)
 
 __all__ = [
     "ACTIVATION_NAMES", "GAMMAS", "get_activation",
@@ -41,8 +45,9 @@ __all__ = [
     "SqueezeExcite", "StochDepth", "WSConv2D", "signal_metrics", "standardize_weight",
     "CONV_IMPLS", "BLOCK_LOOPS",
     "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet",
-    "FAMILIES", "count_flops", "count_params", "create_model", "is_stateful", "list_models",
-    "model_plan", "param_shapes", "parse_model_name", "pretrained", "transform",
-    "transform_with_state",
+    "COMPUTE_DTYPES", "FAMILIES", "count_flops", "count_params", "create_model",
+    "default_image_size", "is_stateful", "list_models", "model_plan", "param_shapes",
+    "parse_model_name", "transform", "transform_with_state",
+    "ParameterMismatchError", "check_params", "check_shapes", "infer_model", "infer_num_classes",
     "StackedLayout", "stacked_layout", "fast_init", "FoldedModel", "fold_for_inference",
 ]

@@ -4,9 +4,8 @@ Haiku initialises parameters one by one: each `hk.next_rng_key()` splits the
 previous key, and each random initialiser is its own threefry-and-`erf_inv`
 computation. Inside `jit` that is one chain of dependent splits plus one
 kernel per parameter, and XLA:CPU compiles them one by one: for NFNet-F7
-(1,661 arrays, 586 of them random, 682 keys) the jitted init compiled for
-far longer than its train step (`benchmarks/bench_compile.py --init
---transforms fast,haiku`; docs/performance.md).
+the jitted init compiles for far longer than its train step
+(`benchmarks/bench_compile.py --init`; docs/performance.md).
 
 `transform(fn)` changes how the same numbers are computed, not which:
 
@@ -30,9 +29,7 @@ parameters outside JAX transformations (`hk.vmap`, `hk.scan`, ...), as every
 model here does: the recorded keys are used after `fn` returns. While `init`
 traces `fn`, deferred arrays read as zeros (the forward pass's outputs are
 discarded; an initialiser computed from another parameter's value would see
-the zeros, and none of this project's models has one). `apply` is Haiku's:
-precomputing its few keys (stochastic depth, dropout) the same way was
-measured to make no difference to the train step's compile time.
+the zeros, and none of this project's models has one). `apply` is Haiku's.
 """
 
 import dataclasses

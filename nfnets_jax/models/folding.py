@@ -24,7 +24,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets_jax.models import activations, conv as conv_lib, network, registry
+from nfnets_jax.models import activations, conv as conv_lib, network, registry, tree
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan
 from nfnets_jax.models.layers import standardize_weight
 
@@ -60,7 +60,7 @@ class FoldedModel:
 
 def fold_for_inference(name: str, params: Params, num_classes: Optional[int] = None, *,
                        conv_impl: Optional[str] = None, block_loop: Optional[str] = None,
-                       **model_kwargs: Any) -> FoldedModel:
+                       check: bool = True, **model_kwargs: Any) -> FoldedModel:
   """Folds the parameters of model `name` (e.g. 'nfnet:F0') into a `FoldedModel`.
 
   Args:
@@ -70,26 +70,27 @@ def fold_for_inference(name: str, params: Params, num_classes: Optional[int] = N
     num_classes: the classifier's width (default: read from `params`).
     conv_impl, block_loop: the folded network's lowering (see `models.transform`;
       `conv_impl=None` reads `$NFNETS_JAX_CONV_IMPL` now).
+    check: check `params` against the model first; False where the caller has
+      already (`nfnets_jax.weights.load_model` checks what it loads).
     **model_kwargs: the model's constructor arguments (e.g. `width`), as given
       to `models.transform`.
 
   Raises:
-    ValueError: an unknown or stateful model, or (`checkpoint.ParameterMismatchError`)
+    ValueError: an unknown or stateful model, or (`tree.ParameterMismatchError`)
       parameters that do not fit it.
   """
-  from nfnets_jax import checkpoint  # Lazy: checkpoint imports models lazily too.
-
   if registry.is_stateful(name):
     raise ValueError(f"Model {name!r} keeps BatchNorm statistics and has no weight "
                      "standardisation to fold; fold a normalizer-free model "
                      "(nfnet, nf_resnet or nf_regnet).")
   if num_classes is None:
-    num_classes = checkpoint.infer_num_classes(params) or 1000
+    num_classes = tree.infer_num_classes(params) or 1000
   plan_kwargs = {k: v for k, v in model_kwargs.items() if k not in _NOT_PLAN_KWARGS}
   plan = registry.model_plan(name, num_classes, **plan_kwargs)
   published = _published_tree(name, num_classes, params, model_kwargs)
-  checkpoint.validate_params(published, name, num_classes=num_classes,
-                             model_kwargs=model_kwargs, source="the parameters to fold")
+  if check:
+    tree.check_params(published, name, num_classes=num_classes, model_kwargs=model_kwargs,
+                      source="the parameters to fold")
   impl = conv_lib.resolve_impl(conv_impl)
   loop = network.check_block_loop(block_loop)
   # One compiled program: op by op, every kernel shape would compile its own.

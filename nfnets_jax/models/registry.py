@@ -15,6 +15,7 @@ by state read while a function is traced.
 """
 
 import dataclasses
+import sys
 from typing import Any, Callable, Mapping, Optional
 
 import haiku as hk
@@ -27,6 +28,10 @@ from nfnets_jax.models import fast_init as _fast_init
 from nfnets_jax.models.architecture import NetworkPlan
 from nfnets_jax.models.network import NormFreeNet
 from nfnets_jax.models.stacking import StackedLayout
+
+
+#: Precisions a forward pass may run in (parameters stay float32).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,24 +176,6 @@ def transform_with_state(name: str, num_classes: int = 1000, *,
   return hk.transform_with_state(_forward(name, num_classes, {**kwargs, **lowering}))
 
 
-def pretrained(name: str, *, conv_impl: Optional[str] = None, block_loop: Optional[str] = None,
-               **fetch_kwargs: Any) -> tuple[hk.Transformed, dict[str, dict[str, Any]]]:
-  """`(model, params)`: the published ImageNet weights of `name` ('nfnet:F0'..'nfnet:F6')
-  and the model they fit, its parameters in the model's own layout.
-
-  The weights are downloaded once and verified (`nfnets_jax.weights.fetch`,
-  whose keywords pass through), and never unpickled after the first load
-  (`nfnets_jax.pretrained`).
-  """
-  from nfnets_jax import pretrained as published  # pylint: disable=import-outside-toplevel
-
-  variant = published.variant_of(name)
-  model_name = published.model_name(variant)
-  model = transform(model_name, 1000, conv_impl=conv_impl, block_loop=block_loop)
-  layout = stacked_layout(model_name, 1000, block_loop=network.check_block_loop(block_loop))
-  return model, layout.stack(published.load(variant, **fetch_kwargs))
-
-
 def stacked_layout(name: str, num_classes: int = 1000, **kwargs: Any) -> StackedLayout:
   """The parameter layout of `transform(name, num_classes, **kwargs)` (see
   `stacking.py`): the runs of blocks that model scans (under the default
@@ -223,3 +210,20 @@ def count_flops(name: str, height: int, width: int, num_classes: int = 1000,
                 **kwargs: Any) -> tuple[list[int], int]:
   """Multiply-adds per layer and in total for one `height` x `width` image."""
   return model_plan(name, num_classes, **kwargs).count_flops(height, width)
+
+
+def default_image_size(name: str) -> int:
+  """The resolution `name` was published to be tested at (its variant's `test_imsize`).
+
+  Families whose variants share one size (NF-ResNets) keep it as the module
+  constant `TEST_IMSIZE` rather than in each row.
+  """
+  family, variant = parse_model_name(name)
+  spec = FAMILIES[family]
+  row = spec.variants[variant]
+  if "test_imsize" in row:
+    return int(row["test_imsize"])
+  size = getattr(sys.modules[spec.model_class.__module__], "TEST_IMSIZE", None)
+  if size is None:
+    raise ValueError(f"Model {name!r} has no published test resolution; pass an image size.")
+  return int(size)

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nfnets_jax import checkpoint
 from nfnets_jax import models
 from nfnets_jax.models import conv
 
@@ -144,11 +143,11 @@ def from_haiku(name: str, params: Params, *, rngs: Optional[nnx.Rngs] = None,
   `num_classes` defaults to the classifier's width in `params`. `rngs` serves
   dropout and stochastic depth in training (None: training must not need it).
 
-  Raises `checkpoint.ParameterMismatchError`, naming every missing, unexpected
+  Raises `models.ParameterMismatchError`, naming every missing, unexpected
   and mis-shaped parameter, when `params` does not fit the model.
   """
   if num_classes is None:
-    num_classes = checkpoint.infer_num_classes(params)
+    num_classes = models.infer_num_classes(params)
     if num_classes is None:
       raise ValueError(f"from_haiku({name!r}): the tree has no classifier "
                        "('<root>/~/linear' with a bias 'b') to take num_classes from; "
@@ -170,7 +169,7 @@ def _check_fits(params: Params, name: str, num_classes: int,
   got = {f"{m}/{n}": tuple(np.shape(x)) for m, leaves in params.items() for n, x in leaves.items()}
   settings = ", ".join([f"num_classes={num_classes}"]
                        + [f"{k}={v!r}" for k, v in sorted(model_kwargs.items())])
-  checkpoint.check_shapes(got, want, f"from_haiku: parameters vs model {name!r} ({settings})",
+  models.check_shapes(got, want, f"from_haiku: parameters vs model {name!r} ({settings})",
                           hint="Check the model name, num_classes and model arguments the "
                                "parameters were trained with.")
 

@@ -4,9 +4,8 @@ from typing import Any, Optional
 
 from flax import nnx
 
-# The one place the NNX side reaches the published weights (download, checksum,
-# conversion); it moves to `nfnets_jax.weights.pretrained` with the weights package.
-from nfnets_jax.models import pretrained as load_published
+# The one place the NNX side reaches the published weights (download, checksum, cache).
+from nfnets_jax.weights import pretrained as load_published
 from nfnets_jax.nnx.model import Model, from_haiku
 
 
@@ -15,7 +14,7 @@ def pretrained(name: str, *, rngs: Optional[nnx.Rngs] = None, conv_impl: Optiona
   """`name` ('nfnet:F0' .. 'nfnet:F6') with its published ImageNet weights (1000 classes).
 
   The weights are downloaded once, verified and cached as for
-  `models.pretrained` (whose `fetch_kwargs` pass through: `cache_dir`,
+  `weights.pretrained` (whose `fetch_kwargs` pass through: `cache_dir`,
   `offline`, ...). `rngs` serves stochastic depth and dropout when the module
   is trained (fine-tuning); inference needs none. `conv_impl` and
   `block_loop` fix how the model is lowered, as for `models.transform`.

@@ -30,7 +30,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nfnets_jax import cli, runtime
+from nfnets_jax import cli
+from nfnets_jax.cli import runtime
 from nfnets_jax.train import config as config_lib
 
 #: Exit status of a run whose loss or gradients became non-finite.

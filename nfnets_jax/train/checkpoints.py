@@ -1,6 +1,6 @@
 """Training checkpoints with orbax: asynchronous, atomic, keep the last N.
 
-Layout: the workdir contract of `nfnets_jax.checkpoint` (which the evaluate and
+Layout: the workdir contract of `nfnets_jax.weights.workdir` (which the evaluate and
 convert tools read), `<workdir>/checkpoints/<step>/` with items `params` and
 `ema_params` (Haiku trees), plus `opt_state` (the optax state) and `meta`
 (JSON: step, EMA update count, model name and kwargs).
@@ -13,16 +13,11 @@ Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a run killed at any moment (SIGKILL, preemption) leaves only
 complete checkpoints behind; `latest_step` never sees a partial one.
 
-The trees are written by orbax's `PyTreeCheckpointHandler` (what
-`StandardSave` uses inside: the array data and tree metadata are the same,
-the item's handler name in the step metadata differs, and either reads the
-other's). On the CPU backend its array handler writes each replicated array
-from one replica, whole: orbax's default there splits every replicated array
-among all replicas, which within one process gains nothing and on XLA:CPU
-costs one compiled and dispatched slice per array and device (timings: see
-docs/performance.md). That handler keeps no per-array metadata files, which
-orbax reads only to rebuild typed PRNG-key arrays; a train state holds none.
-Other backends keep orbax's defaults.
+The trees are written by orbax's `PyTreeCheckpointHandler` (what `StandardSave` uses
+inside; either reads the other's items). On the CPU backend each replicated array is
+written whole from one replica: orbax's default splits it among replicas, which on
+XLA:CPU costs a compiled slice per array and device (docs/performance.md). Other
+backends keep orbax's defaults.
 """
 
 import os
@@ -32,7 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nfnets_jax import checkpoint
+from nfnets_jax.weights import workdir as run_layout
 from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.optim import EmaState
 from nfnets_jax.train import sharding as sharding_lib
@@ -41,10 +36,10 @@ from nfnets_jax.train.state import TrainState
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINTS_SUBDIR)
+  return os.path.join(os.path.abspath(workdir), run_layout.CHECKPOINTS_SUBDIR)
 
 
-_TREE_ITEMS = (checkpoint.PARAMS_ITEM, checkpoint.EMA_PARAMS_ITEM, "opt_state")
+_TREE_ITEMS = (run_layout.PARAMS_ITEM, run_layout.EMA_PARAMS_ITEM, "opt_state")
 
 
 def _tree_handler() -> "ocp.PyTreeCheckpointHandler":
@@ -75,10 +70,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True,
                layout: Optional[StackedLayout] = None):
-    self._manager = checkpoint.checkpoint_manager(
+    self._manager = run_layout.checkpoint_manager(
         workdir, max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
         item_handlers={**{item: _tree_handler() for item in _TREE_ITEMS},
-                       checkpoint.META_ITEM: ocp.JsonCheckpointHandler()})
+                       run_layout.META_ITEM: ocp.JsonCheckpointHandler()})
     self._layout = layout if layout is not None and not layout.is_identity else None
     self._in_flight: Optional[int] = None  # the step of a save not known to be committed
     if self._layout is not None:
@@ -110,7 +105,7 @@ class Checkpointer:
     with save_failures(self.directory, step):
       self._manager.save(step, args=ocp.args.Composite(
           **{item: ocp.args.PyTreeSave(tree) for item, tree in zip(_TREE_ITEMS, trees)},
-          **{checkpoint.META_ITEM: ocp.args.JsonSave(meta)}))
+          **{run_layout.META_ITEM: ocp.args.JsonSave(meta)}))
 
   def restore(self, target: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
     """Restores step `step` (default: the latest) into the shapes/shardings of `target`.
@@ -130,14 +125,14 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{item: ocp.args.PyTreeRestore(tree, ocp.checkpoint_utils.construct_restore_args(tree))
            for item, tree in zip(_TREE_ITEMS, trees)},
-        **{checkpoint.META_ITEM: ocp.args.JsonRestore()}))
-    meta = dict(restored[checkpoint.META_ITEM])
+        **{run_layout.META_ITEM: ocp.args.JsonRestore()}))
+    meta = dict(restored[run_layout.META_ITEM])
     state = TrainState(
         step=_scalar(meta["step"], target.step.sharding),
-        params=restored[checkpoint.PARAMS_ITEM],
+        params=restored[run_layout.PARAMS_ITEM],
         opt_state=restored["opt_state"],
         ema=EmaState(count=_scalar(meta["ema_count"], target.step.sharding),
-                     ema=restored[checkpoint.EMA_PARAMS_ITEM]))
+                     ema=restored[run_layout.EMA_PARAMS_ITEM]))
     if self._layout is not None:
       state = jax.jit(self._layout.stack_all, out_shardings=jax.tree_util.tree_map(
           lambda leaf: leaf.sharding, state_target))(state)

@@ -18,7 +18,7 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 
 from nfnets_jax.data import preproc_spec, subsets  # TensorFlow-free, as this whole module
-from nfnets_jax.inference import COMPUTE_DTYPES
+from nfnets_jax.models.registry import COMPUTE_DTYPES
 
 #: Training leaves out float16: it would need loss scaling, which the trainer does not do.
 TRAIN_COMPUTE_DTYPES = tuple(dtype for dtype in COMPUTE_DTYPES if dtype != "float16")

@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nfnets_jax import inference, models, optim
+from nfnets_jax import models, optim
+from nfnets_jax.data import options
 from nfnets_jax.train import checkpoint_recovery
 from nfnets_jax.train import config as config_lib
 from nfnets_jax.train import freeze, init_from, preemption
@@ -47,7 +48,7 @@ def eval_record(dataset: ml_collections.ConfigDict) -> dict[str, Any]:
   data_dir = dataset.data_dir
   if data_dir and "://" not in data_dir:
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
-  return {"dataset": inference.absolute_dataset_name(dataset.name), "data_dir": data_dir, "val_fraction": dataset.val_fraction,
+  return {"dataset": options.absolute_dataset_name(dataset.name), "data_dir": data_dir, "val_fraction": dataset.val_fraction,
           "split": dataset.eval_split, "image_size": dataset.eval_image_size,
           "eval_preproc": dataset.eval_preproc, "ema": False}
 
@@ -213,7 +214,7 @@ class Experiment:
 
   def _meta(self) -> dict[str, Any]:
     """What the tools need to rebuild and score the network as this run does (see
-    `nfnets_jax.inference`): the model, how its eval runs, its class names."""
+    `nfnets_jax.weights.loading`): the model, how its eval runs, its class names."""
     return {"model": self.config.model, "num_classes": self.config.num_classes,
             "model_kwargs": model_kwargs(self.config),
             "eval": eval_record(self.config.dataset), "class_names": list(self.class_names)}

@@ -1,6 +1,6 @@
 """Starting a run from other weights: `config.init_from`.
 
-`init_from` names what `checkpoint.load_params` reads: a parameter file, a
+`init_from` names what `weights.load_params` reads: a parameter file, a
 training workdir (its latest step; its EMA weights with `init_from_ema`) or
 published weights (`published:F0`). The trainer reads it only when its own
 workdir has no checkpoint yet, so a resumed fine-tune continues from its own
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from nfnets_jax import checkpoint
+from nfnets_jax import models, weights
 from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.train.config import ConfigError
 from nfnets_jax.train.freeze import listed
@@ -52,7 +52,7 @@ def plan(source: str, loaded: Params, fresh: Params, *,
   tree is `fresh` (both published, arrays or shape structs).
 
   Raises:
-    checkpoint.ParameterMismatchError: anything but the classifier differs.
+    models.ParameterMismatchError: anything but the classifier differs.
   """
   got = {f"{m}/{n}": tuple(np.shape(v)) for m, group in loaded.items() for n, v in group.items()}
   want = {f"{m}/{n}": tuple(np.shape(v)) for m, group in fresh.items() for n, v in group.items()}
@@ -60,7 +60,7 @@ def plan(source: str, loaded: Params, fresh: Params, *,
   head_differs = reinit_classifier or any(got.get(key) != want[key] for key in head)
   reinitialised = tuple(sorted(head)) if head_differs else ()
   checked = {key for key in set(got) | set(want) if not (head_differs and key in head)}
-  checkpoint.check_shapes(
+  models.check_shapes(
       {key: got[key] for key in checked & set(got)},
       {key: want[key] for key in checked & set(want)},
       f"config.init_from = {source!r} vs the model",
@@ -81,7 +81,7 @@ def merge(loaded: Params, fresh: Params, init_plan: InitPlan) -> dict[str, dict[
 
 def load(source: str, *, ema: bool) -> dict[str, dict[str, np.ndarray]]:
   """The published tree `source` names (see the module docstring)."""
-  return checkpoint.load_params(source, ema=True) if ema else checkpoint.load_params(source)
+  return weights.load_params(source, ema=ema)
 
 
 class InitFromError(ConfigError):

@@ -24,7 +24,7 @@ from typing import Optional
 import jax
 from absl import flags, logging
 
-from nfnets_jax import cpu_tuning
+from nfnets_jax.cli import cpu_tuning
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nfnets_jax", "xla")
 
@@ -127,7 +127,7 @@ def setup(runtime_flags: Optional[RuntimeFlags] = None) -> None:
 
   `runtime_flags` are the holders `define_flags` returned for a tool's own
   flag set; by default the global flags (the trainer's). The log's defaults
-  are the CLIs' (`nfnets_jax.cli_logs`).
+  are the CLIs' (`nfnets_jax.cli.logs`).
   """
   runtime_flags = GLOBAL_FLAGS if runtime_flags is None else runtime_flags
   enable_compilation_cache(runtime_flags.compilation_cache_dir.value)

@@ -35,7 +35,8 @@ from absl import flags, logging
 #: TensorFlow's C++ log threshold (0 info, 1 warnings, 2 errors, 3 fatal only),
 #: read when TensorFlow is imported; importing JAX sets it to 1 unless it is set.
 TF_LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# The nfnets_jax package: this file is nfnets_jax/cli/logs.py.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _TF_DEPRECATION_NOTICES = os.path.join("tensorflow", "python", "util", "deprecation.py")
 #: What TensorFlow's libraries log while they load, before TF_CPP_MIN_LOG_LEVEL
 #: applies (TF 2.21: once per library that carries the notice).

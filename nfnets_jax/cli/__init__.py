@@ -18,7 +18,7 @@ Logs: by default the CLIs show warnings, errors, their progress and results;
 the info lines of the libraries underneath (TensorFlow's notices, JAX's
 backend probe, TFDS and orbax) stay out. absl's `--verbosity` (`-v`) brings
 them back: `-v 0` every info line, `-v 1` debug too. `run` sets this up
-(`cli_logs`) for the program only: importing `nfnets_jax` or calling a tool's
+(`cli/logs.py`) for the program only: importing `nfnets_jax` or calling a tool's
 `main` leaves the process's logging and environment alone.
 
 No absl import at module level: the tools' Python APIs work without absl.
@@ -120,7 +120,7 @@ def run(main: Callable[[list[str]], Optional[int]], *,
   """
   from absl import app
 
-  from nfnets_jax import cli_logs
+  from nfnets_jax.cli import logs as cli_logs
 
   parse = _take_logging_flags if flags_parser is None else flags_parser
 

@@ -8,7 +8,7 @@ NCHW, ONNX's layout) and elementwise ops, reductions, pads and slices follow
 that layout, so the graph transposes only where an op needs another one.
 
 Covers the primitives of the folded networks and the serving preprocessing
-(`nfnets_jax.serving`); anything else raises `UnsupportedPrimitiveError`
+(`nfnets_jax.export.serving`); anything else raises `UnsupportedPrimitiveError`
 naming it.
 """
 

@@ -3,7 +3,7 @@
 `fetch("F0")` returns the path of `F0_haiku.npz` in the cache, downloading it on
 first use from `BASE_URL` and checking its MD5 against the pinned table
 `PUBLISHED`. Nothing here opens the file: despite the suffix the published files
-are pickles, which `nfnets_jax.checkpoint` reads with its restricted unpickler.
+are pickles, which `formats.load_file` reads with its restricted unpickler.
 
 Where things live (read at each call; the matching argument of `fetch` wins):
 
