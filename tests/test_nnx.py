@@ -168,8 +168,9 @@ def test_mismatched_parameters_are_named():
     nf_nnx.create("bn_resnet:ResNet50", 10, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"no 'params' or 'default' stream \(streams: \['dropout'\]\)"):
     nf_nnx.create(NANO, 10, rngs=nnx.Rngs(dropout=0))
-  with pytest.raises(ValueError, match=r"No published weights for 'nfnet:nano'; .*published:F0"):
-    nf_nnx.pretrained(NANO)
+  for name in (NANO, "published:F7"):
+    with pytest.raises(ValueError, match=rf"No published weights for '{name}'; .*published:F0"):
+      nf_nnx.pretrained(name)
 
 
 def _labels_by_path(tree):

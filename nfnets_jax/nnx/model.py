@@ -170,13 +170,13 @@ def _check_fits(params: Params, name: str, num_classes: int,
   settings = ", ".join([f"num_classes={num_classes}"]
                        + [f"{k}={v!r}" for k, v in sorted(model_kwargs.items())])
   models.check_shapes(got, want, f"from_haiku: parameters vs model {name!r} ({settings})",
-                          hint="Check the model name, num_classes and model arguments the "
-                               "parameters were trained with.")
+                      hint="Check the model name, num_classes and model arguments the "
+                           "parameters were trained with.")
 
 
 def to_haiku(module: Model) -> dict[str, dict[str, jax.Array]]:
   """The module's parameters as the published Haiku tree `{module_path: {name: array}}`,
   which every tool here accepts (the same arrays, except that stacked runs are unstacked)."""
   if not isinstance(module, Model):
-    raise TypeError(f"to_haiku takes a nfnets_jax.nnx.Model, got {type(module).__name__}.")
+    raise TypeError(f"to_haiku takes an nfnets_jax.nnx.Model, got {type(module).__name__}.")
   return module.haiku.layout.to_published(module.haiku_params())

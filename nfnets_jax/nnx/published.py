@@ -4,14 +4,17 @@ from typing import Any, Optional
 
 from flax import nnx
 
-# The one place the NNX side reaches the published weights (download, checksum, cache).
+from nfnets_jax.nnx.model import Model
+# The one place the NNX side reaches the published weights (catalogue, download,
+# checksum, cache): the weights package.
 from nfnets_jax.weights import pretrained as load_published
-from nfnets_jax.nnx.model import Model, from_haiku
+from nfnets_jax.weights import published as catalogue
 
 
 def pretrained(name: str, *, rngs: Optional[nnx.Rngs] = None, conv_impl: Optional[str] = None,
                block_loop: Optional[str] = None, **fetch_kwargs: Any) -> Model:
-  """`name` ('nfnet:F0' .. 'nfnet:F6') with its published ImageNet weights (1000 classes).
+  """`name` ('nfnet:F0' .. 'nfnet:F6', or 'published:F0' ..) with its published ImageNet
+  weights (1000 classes).
 
   The weights are downloaded once, verified and cached as for
   `weights.pretrained` (whose `fetch_kwargs` pass through: `cache_dir`,
@@ -19,7 +22,10 @@ def pretrained(name: str, *, rngs: Optional[nnx.Rngs] = None, conv_impl: Optiona
   is trained (fine-tuning); inference needs none. `conv_impl` and
   `block_loop` fix how the model is lowered, as for `models.transform`.
   """
-  _, params = load_published(name, conv_impl=conv_impl, block_loop=block_loop, **fetch_kwargs)
+  model_name = catalogue.model_name(catalogue.variant_of(name))
+  _, params = load_published(model_name, conv_impl=conv_impl, block_loop=block_loop,
+                             **fetch_kwargs)
   lowering = {key: value for key, value in (("conv_impl", conv_impl), ("block_loop", block_loop))
               if value is not None}
-  return from_haiku(name, params, rngs=rngs, num_classes=1000, **lowering)
+  # The loader has checked the tree against the network, and stacked it as the model does.
+  return Model(model_name, params, num_classes=1000, model_kwargs=lowering, rngs=rngs)
