@@ -118,6 +118,10 @@ def test_nf_regnet_logits_match_haiku_with_its_runs_stacked():
   kwargs = {"block_loop": "scan", **NO_RANDOMNESS}
   module = nf_nnx.from_haiku("nf_regnet:B0", params, **kwargs)
   assert any("__x" in path for path in module.params), "no run was stacked"
+  # AGC finds the block axis of the stacked runs from the NNX state's paths too.
+  for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Param))[0]:
+    stacked = "__x" in optim.split_path(path)[0]
+    assert optim.stacked_layers(*optim.split_path(path)) == int(stacked), path
   _check_logits_match("nf_regnet:B0", params, _images(), **kwargs)
   _assert_trees_equal(nf_nnx.to_haiku(module), params)
 
