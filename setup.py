@@ -48,6 +48,8 @@ TOOLS = [
     "absl-py",
     "dill",
     "safetensors",
+    # timm's trained weights by name (nfnets_jax/weights/timm_hub.py): the hub's cache and download.
+    "huggingface_hub",
     "matplotlib",
 ]
 # `python -m nfnets_jax.export`: TensorFlow for SavedModel/TFLite (jax2tf, the TFLite

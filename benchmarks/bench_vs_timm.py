@@ -23,7 +23,8 @@ The process runs with the settings our command-line tools apply on CPU
 `--cpu-tuning=off` measures JAX's and glibc's defaults instead.
 
 Both models are NFNet-F0 by default (timm `dm_nfnet_f0`, the published
-architecture; `--variant` for others) with the same dropout (0.2) and stochastic
+architecture; `--variant` for others, and `--variant eca_nfnet_l0` for timm's
+models, ours as `timm:eca_nfnet_l0`) with the same dropout (0.2) and stochastic
 depth (0.1). Our train step is written over the public API (`models.transform`
 + `nfnet_optimizer`), so its state is in the model's own layout (identical
 blocks scanned and their parameters stacked, NFNet-F1 and deeper); inference
@@ -69,7 +70,9 @@ PAPER_V100_MS = 56.7  # F0 train step, batch 32/device at 192 px (paper, Table 1
 
 def parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--variant", default="F0", help="F0..F6 (timm has dm_nfnet_f0..f6)")
+  parser.add_argument("--variant", default="F0",
+                      help="F0..F6 (ours nfnet:F0 vs timm's dm_nfnet_f0), or a timm model name "
+                           "(ours timm:<name> vs timm's, e.g. eca_nfnet_l0)")
   parser.add_argument("--train-batch", type=int, default=8)
   parser.add_argument("--train-size", type=int, default=128)
   parser.add_argument("--infer-batch", type=int, default=8)
@@ -95,10 +98,10 @@ class Ours:
 
   def __init__(self, variant: str, dtype):
     self.dtype = dtype
-    self.model = registry.transform(f"nfnet:{variant}", NUM_CLASSES, drop_rate=DROP_RATE,
+    self.model = registry.transform(our_name(variant), NUM_CLASSES, drop_rate=DROP_RATE,
                                     stochdepth_rate=STOCHDEPTH_RATE)
     # Checkpoint files' tree, which inference is given (the identity for F0).
-    self.layout = registry.stacked_layout(f"nfnet:{variant}", NUM_CLASSES)
+    self.layout = registry.stacked_layout(our_name(variant), NUM_CLASSES)
     self.opt = nfnet_optimizer(LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                                clipping=CLIPPING)
     self.compile_s = {}
@@ -135,8 +138,18 @@ class Ours:
                                                            is_training=False)["logits"])
 
 
+def our_name(variant: str) -> str:
+  """'F0' -> 'nfnet:F0'; a timm name -> 'timm:<name>'."""
+  return f"nfnet:{variant}" if variant.startswith("F") else f"timm:{variant}"
+
+
+def timm_name(variant: str) -> str:
+  """'F0' -> 'dm_nfnet_f0' (the published architecture); a timm name stays itself."""
+  return f"dm_nfnet_{variant.lower()}" if variant.startswith("F") else variant
+
+
 def timm_model(variant: str, device: str):
-  model = timm.create_model(f"dm_nfnet_{variant.lower()}", pretrained=False,
+  model = timm.create_model(timm_name(variant), pretrained=False,
                             drop_rate=DROP_RATE, drop_path_rate=STOCHDEPTH_RATE)
   return model.to(device)
 

@@ -2,10 +2,13 @@
 
   python -m nfnets_jax.train --config=experiments/finetune.py:nfnet:F0 \
       --config.dataset.name=folder:/my/images --config.num_classes=37 --workdir=...
+  # timm's NFNets too, from timm's trained weights (the Hugging Face hub):
+  python -m nfnets_jax.train --config=experiments/finetune.py:timm:eca_nfnet_l0 ...
 
 `init_from` defaults to the variant's published ImageNet weights
-(`published:F0`..`published:F6`; other variants start from scratch unless it
-is set); the classifier is re-initialised for `num_classes`. Transfer
+(`published:F0`..`published:F6`, or timm's `timm:eca_nfnet_l0`, ... where timm
+publishes some; other variants start from scratch unless it is set); the
+classifier is re-initialised for `num_classes`. Transfer
 defaults, ours (short schedules with warm-up, a low learning rate and light
 augmentation, as in the usual transfer recipes, e.g. BiT's):
 
@@ -24,11 +27,12 @@ Clipping and EMA decay follow `train_batch_size` and `num_train_steps` when
 those are overridden (unless set themselves). With `num_epochs`
 (`num_train_steps=-1`) the step count is not known here, so the EMA decay is
 0 too: set `ema_decay` for an average. A linear probe trains the head only:
-`--config.freeze='^(?!NFNet/~/linear/)'`.
+`--config.freeze='^(?!NFNet/~/linear/)'` (a timm model's top module is its timm
+name: `'^(?!eca_nfnet_l0/~/linear/)'`).
 """
 
-from nfnets_jax.weights import download
-from nfnets_jax.models import nfnet, parse_model_name
+from nfnets_jax.weights import download, timm_hub
+from nfnets_jax.models import nfnet, parse_model_name, timm_family
 from nfnets_jax.train.config import ConfigError, base_config, finalize
 
 
@@ -37,14 +41,22 @@ def get_config(model: str = "nfnet:F0"):
     family, variant = parse_model_name(model)
   except ValueError:  # its message lists every family; this file takes NFNets only
     family = variant = None
-  if family != "nfnet" or variant not in nfnet.ALL_VARIANTS:
+  if family == "timm":
+    row = timm_family.CONFIGS[variant]
+    c = base_config()
+    c.model = model
+    if variant in timm_hub.HUB_WEIGHTS:
+      c.init_from = model
+  elif family == "nfnet" and variant in nfnet.ALL_VARIANTS:
+    row = nfnet.ALL_VARIANTS[variant]
+    c = base_config()
+    c.model = f"nfnet:{variant}"
+    if variant in download.PUBLISHED:
+      c.init_from = f"published:{variant}"
+  else:
     raise ConfigError(f"experiments/finetune.py:<model> takes an NFNet, e.g. nfnet:F0; got "
-                      f"{model!r}. Valid: {', '.join('nfnet:' + v for v in nfnet.ALL_VARIANTS)}.")
-  row = nfnet.ALL_VARIANTS[variant]
-  c = base_config()
-  c.model = f"nfnet:{variant}"
-  if variant in download.PUBLISHED:
-    c.init_from = f"published:{variant}"
+                      f"{model!r}. Valid: {', '.join('nfnet:' + v for v in nfnet.ALL_VARIANTS)}, "
+                      f"{', '.join('timm:' + v for v in timm_family.CONFIGS)}.")
   c.model_kwargs.stochdepth_rate = 0.1
   c.model_kwargs.drop_rate = row["drop_rate"]
   c.dataset.image_size = row["train_imsize"]

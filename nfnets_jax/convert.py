@@ -7,6 +7,9 @@ Command line (absl flags; exactly one of --from_pickle, --from_timm, --to_timm):
   python -m nfnets_jax.convert --from_pickle=F0_haiku.npz --out=F0_safe.npz
   # A timm `dm_nfnet_f*` state dict (.safetensors, or .pth with PyTorch installed):
   python -m nfnets_jax.convert --from_timm=dm_nfnet_f0.safetensors --out=F0.npz
+  # Any of timm's NF models, as 'timm:<timm name>' (named: not inferred):
+  python -m nfnets_jax.convert --from_timm=model.safetensors --model=timm:eca_nfnet_l0 \
+      --out=eca_nfnet_l0.npz
   # Ours (any source `weights.load_params` reads) to a timm .safetensors:
   python -m nfnets_jax.convert --to_timm=F0.npz --out=dm_nfnet_f0.safetensors
 
@@ -39,8 +42,9 @@ def _define_flags():
                       ".npz. Read with a restricted unpickler (dicts and arrays only); other "
                       "pickles need --trust_pickle.", flag_values=fv)
   flags.DEFINE_string("from_timm", None,
-                      "A timm dm_nfnet_f* state dict (.safetensors; .pth/.pt/.bin need PyTorch) to "
-                      "convert to the safe .npz.", flag_values=fv)
+                      "A timm state dict (.safetensors; .pth/.pt/.bin need PyTorch) to convert "
+                      "to the safe .npz: dm_nfnet_f* (as nfnet:F*, inferred) or any timm NF model "
+                      "with --model=timm:<timm name>.", flag_values=fv)
   flags.DEFINE_string("to_timm", None,
                       "Our parameters (.npz, orbax directory or training workdir) to convert to a "
                       "timm .safetensors.", flag_values=fv)
@@ -51,7 +55,8 @@ def _define_flags():
                     "(plain dicts of arrays, read safely); for other pickles it runs code named "
                     "inside the file: only for files from a source you trust.", flag_values=fv)
   flags.DEFINE_string("model", None,
-                      "Model name, e.g. nfnet:F0. Inferred for timm conversions when omitted; "
+                      "Model name, e.g. nfnet:F0 or timm:eca_nfnet_l0. Inferred for timm "
+                      "conversions of dm_nfnet state dicts and of our trees when omitted; "
                       "optional for --from_pickle (then used to check the parameters).",
                       flag_values=fv)
   flags.DEFINE_integer("num_classes", None,

@@ -62,6 +62,19 @@ def test_resize_crop_squashes_both_sides_then_centre_crops_as_published():
                             ).numpy()[..., 0], out, atol=1e-3)
 
 
+def test_center_crop_keeps_the_aspect_ratio_as_timm_does():
+  # 64 x 256 ramp, center_crop_0.5 at 32 px: shorter side to 64 (64 x 256, unchanged), then
+  # the central 32 x 32: source columns 112..144.
+  ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (64, 1, 3))
+  out = preprocess.eval_image(tf.constant(encode(ramp, "PNG")), (32, 32), "center_crop_0.5")
+  out = out.numpy()[..., 0]
+  assert out.shape == (32, 32)
+  np.testing.assert_allclose(out[0], np.arange(112, 144), atol=1e-3)
+  assert preprocess.aspect_kept_size(tf.constant([300, 200]), 100).numpy().tolist() == [150, 100]
+  with pytest.raises(ValueError, match="center_crop_<fraction>"):
+    preprocess.parse_eval_preproc("center_crop_1.5")
+
+
 def test_random_crop_windows_follow_inception_ranges():
   hw = (120, 160)
   windows = np.stack([preprocess.random_crop_window(tf.constant(hw), (32, 32),

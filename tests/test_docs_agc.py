@@ -1,4 +1,5 @@
-"""The README's "Using AGC in your own project" section runs as written."""
+"""The README's "Using AGC in your own project" example and docs/models.md's full NFNet
+recipe run as written."""
 
 import contextlib
 import io
@@ -7,14 +8,17 @@ import re
 
 import pytest
 
-DOC = pathlib.Path(__file__).parents[1] / "README.md"
+REPO = pathlib.Path(__file__).parents[1]
+DOC = REPO / "README.md"
 SECTION = DOC.read_text().split("## Using AGC in your own project", 1)[-1].split("\n## ", 1)[0]
-BLOCKS = re.findall(r"```python\n(.*?)```", SECTION, flags=re.S)
+RECIPE = (REPO / "docs" / "models.md").read_text().split("## The full NFNet recipe", 1)[-1]
+BLOCKS = (re.findall(r"```python\n(.*?)```", SECTION, flags=re.S)
+          + re.findall(r"```python\n(.*?)```", RECIPE.split("\n## ", 1)[0], flags=re.S))
 
 
 def test_doc_has_the_agc_section_and_examples():
   assert "## Using AGC in your own project" in DOC.read_text()
-  assert len(BLOCKS) == 2
+  assert len(BLOCKS) == 2  # the README's AGC example, the recipe in docs/models.md
 
 
 @pytest.mark.parametrize("index,expected", [(0, r"fraction of units clipped: (0|1)\.\d+"),

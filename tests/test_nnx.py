@@ -175,6 +175,8 @@ def test_mismatched_parameters_are_named():
   for name in (NANO, "published:F7"):
     with pytest.raises(ValueError, match=rf"No published weights for '{name}'; .*published:F0"):
       nf_nnx.pretrained(name)
+  with pytest.raises(weights.WeightsError, match=r"No trained timm weights for 'timm:nfnet_f7'"):
+    nf_nnx.pretrained("timm:nfnet_f7")
 
 
 def _labels_by_path(tree):

@@ -20,10 +20,13 @@ STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 #: (the 8x8 digits: a 3x3 crop or a mirrored 2 is no longer that digit).
 TRAIN_PREPROCS = ("inception_crop", "resize")
 
-EVAL_PREPROC_FORMS = ("eval_preproc must be 'crop_resize' or 'resize_crop_<pct>', where pct > 1 "
-                      "is a margin in pixels (e.g. 'resize_crop_32': resize to image_size + 32, "
-                      "then centre-crop) and 0 < pct <= 1 a fraction (e.g. 'resize_crop_0.875': "
-                      "resize to image_size / 0.875, then centre-crop)")
+EVAL_PREPROC_FORMS = ("eval_preproc must be 'crop_resize', 'resize_crop_<pct>' or "
+                      "'center_crop_<fraction>', where pct > 1 is a margin in pixels (e.g. "
+                      "'resize_crop_32': resize to image_size + 32, then centre-crop) and "
+                      "0 < pct <= 1 a fraction (e.g. 'resize_crop_0.875': resize to image_size / "
+                      "0.875, then centre-crop); 'center_crop_0.9' resizes the shorter side to "
+                      "image_size / 0.9 keeping the aspect ratio (timm's 'center' crop), then "
+                      "centre-crops")
 
 
 def image_size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -42,17 +45,19 @@ def image_size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def parse_eval_preproc(eval_preproc: str) -> tuple[str, float]:
-  """'crop_resize' -> ('crop_resize', 0); 'resize_crop_32' -> ('resize_crop', 32.0)."""
+  """'crop_resize' -> ('crop_resize', 0); 'resize_crop_32' -> ('resize_crop', 32.0);
+  'center_crop_0.95' -> ('center_crop', 0.95)."""
   if eval_preproc == "crop_resize":
     return "crop_resize", 0.0
-  prefix = "resize_crop_"
-  if isinstance(eval_preproc, str) and eval_preproc.startswith(prefix):
-    try:
-      pct = float(eval_preproc[len(prefix):])
-    except ValueError:
-      pct = float("nan")
-    if pct > 0:  # False for nan.
-      return "resize_crop", pct
+  for method, upper in (("resize_crop", float("inf")), ("center_crop", 1.0)):
+    prefix = method + "_"
+    if isinstance(eval_preproc, str) and eval_preproc.startswith(prefix):
+      try:
+        pct = float(eval_preproc[len(prefix):])
+      except ValueError:
+        pct = float("nan")
+      if 0 < pct <= upper:  # False for nan.
+        return method, pct
   raise ValueError(f"Unknown eval_preproc {eval_preproc!r}: {EVAL_PREPROC_FORMS}.")
 
 

@@ -15,7 +15,10 @@ Follows the published NFNets preprocessing:
   - 'resize_crop_{pct}': a bicubic resize of the whole image to
     (image_size + pct) on each side when pct > 1 (pixels), or image_size / pct
     when pct <= 1 (a fraction), then a centre crop of image_size. As published,
-    the resize does not keep the aspect ratio: both sides go to that size.
+    the resize does not keep the aspect ratio: both sides go to that size;
+  - 'center_crop_{fraction}': timm's 'center' crop: a bicubic resize of the
+    shorter side to int(image_size / fraction), the other side in proportion,
+    then a centre crop of image_size.
 
 Bicubic resizing overshoots, so images leave this module as float32 slightly
 outside [0, 255] (as in the published pipeline); RandAugment clips them.
@@ -99,6 +102,15 @@ def resize(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
   return tf.image.resize(image, size, method=tf.image.ResizeMethod.BICUBIC)
 
 
+def aspect_kept_size(hw: tf.Tensor, short_side: int) -> tf.Tensor:
+  """[2] int32: `hw` scaled so its shorter side is `short_side`, the longer side
+  truncated in proportion (torchvision's `Resize(short_side)`)."""
+  h, w = tf.unstack(tf.cast(hw, tf.float64))
+  short, long = tf.minimum(h, w), tf.maximum(h, w)
+  other = tf.cast(short_side * long / short, tf.int32)
+  return tf.where(h <= w, tf.stack([short_side, other]), tf.stack([other, short_side]))
+
+
 def train_image(image_bytes: tf.Tensor, image_size: tuple[int, int], seed: tf.Tensor,
                 train_preproc: str = "inception_crop") -> tf.Tensor:
   """Random crop, random flip, bicubic resize: float32 [H, W, 3] in about [0, 255].
@@ -123,6 +135,12 @@ def eval_image(image_bytes: tf.Tensor, image_size: tuple[int, int], eval_preproc
   if method == "crop_resize":
     image = decode_and_crop(image_bytes, lambda hw: center_crop_window(hw, image_size))
     image = resize(image, image_size)
+  elif method == "center_crop":
+    image = _decode_any(image_bytes)
+    image = resize(image, aspect_kept_size(tf.shape(image)[:2], int(min(image_size) / pct)))
+    offset_y = (tf.shape(image)[0] - image_size[0] + 1) // 2
+    offset_x = (tf.shape(image)[1] - image_size[1] + 1) // 2
+    image = image[offset_y:offset_y + image_size[0], offset_x:offset_x + image_size[1]]
   else:
     scaled = resize_crop_scaled_size(image_size, pct)
     image = resize(_decode_any(image_bytes), scaled)

@@ -1,7 +1,8 @@
 """Normalizer-free model families as Haiku modules.
 
 `NFNet`, `NFResNet` and `NFRegNet` reproduce the published parameter trees, so
-published checkpoints load unchanged. Look models up by name with
+published checkpoints load unchanged; `TimmNFNet` ('timm:eca_nfnet_l0', ...) is
+every model of timm's nfnet.py, computing what timm's compute (timm_family.py). Look models up by name with
 `create_model('nfnet:F0')` / `transform('nfnet:F0')`; size them with
 `count_params` and `count_flops`; check a parameter tree
 against a model with `check_params` (tree.py). Trained weights come in through
@@ -25,8 +26,8 @@ from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan, Ste
 from nfnets_jax.models.bn_resnet import BNResNet
 from nfnets_jax.models.conv import IMPLS as CONV_IMPLS
 from nfnets_jax.models.folding import FoldedModel, fold_for_inference
-from nfnets_jax.models.layers import (SqueezeExcite, StochDepth, WSConv2D, signal_metrics,
-                                      standardize_weight)
+from nfnets_jax.models.layers import (ChannelAttention, SqueezeExcite, StochDepth, WSConv2D,
+                                      signal_metrics, standardize_weight)
 from nfnets_jax.models.network import BLOCK_LOOPS, NFBlock, NormFreeNet
 from nfnets_jax.models.nf_regnet import NFRegNet
 from nfnets_jax.models.nf_resnet import NFResNet
@@ -36,15 +37,16 @@ from nfnets_jax.models.registry import (COMPUTE_DTYPES, FAMILIES, count_flops, c
                                         list_models, model_plan, param_shapes, parse_model_name,
                                         stacked_layout, transform, transform_with_state)
 from nfnets_jax.models.stacking import StackedLayout
+from nfnets_jax.models.timm_family import TimmNFNet
 from nfnets_jax.models.tree import (ParameterMismatchError, check_params, check_shapes,
                                     infer_model, infer_num_classes)
 
 __all__ = [
     "ACTIVATION_NAMES", "GAMMAS", "get_activation",
     "BlockSpec", "ConvSpec", "NetworkPlan", "StemSpec",
-    "SqueezeExcite", "StochDepth", "WSConv2D", "signal_metrics", "standardize_weight",
+    "ChannelAttention", "SqueezeExcite", "StochDepth", "WSConv2D", "signal_metrics", "standardize_weight",
     "CONV_IMPLS", "BLOCK_LOOPS",
-    "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet",
+    "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet", "TimmNFNet",
     "COMPUTE_DTYPES", "FAMILIES", "count_flops", "count_params", "create_model",
     "default_image_size", "is_stateful", "list_models", "model_plan", "param_shapes",
     "parse_model_name", "transform", "transform_with_state",

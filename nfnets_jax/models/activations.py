@@ -17,6 +17,7 @@ for completeness (and for use outside the models), but the models accept only
 shape-preserving activations (see `get_activation`).
 """
 
+import functools
 from typing import Callable, Mapping
 
 import jax
@@ -30,6 +31,8 @@ _BASE: Mapping[str, tuple[Activation, float]] = {
     "celu": (jax.nn.celu, 1.270926833152771),
     "elu": (jax.nn.elu, 1.2716004848480225),
     "gelu": (jax.nn.gelu, 1.7015043497085571),
+    # GELU evaluated exactly (with erf), as PyTorch does; timm scales it by gelu's gamma.
+    "gelu_exact": (functools.partial(jax.nn.gelu, approximate=False), 1.7015043497085571),
     "glu": (jax.nn.glu, 1.8484294414520264),
     "leaky_relu": (jax.nn.leaky_relu, 1.70590341091156),
     "log_sigmoid": (jax.nn.log_sigmoid, 1.9193484783172607),

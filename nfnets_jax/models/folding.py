@@ -20,13 +20,13 @@ forward pass can be jitted, exported (`nfnets_jax.export`) or served as is.
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 
 from nfnets_jax.models import activations, conv as conv_lib, network, registry, tree
 from nfnets_jax.models.architecture import BlockSpec, ConvSpec, NetworkPlan
-from nfnets_jax.models.layers import standardize_weight
+from nfnets_jax.models.layers import (PUBLISHED_STANDARDIZATION, Standardization, max_pool_3x3,
+                                      standardize_weight)
 
 _SEP = "/~/"
 # Model arguments that fix how a network is lowered or named, not what its plan is.
@@ -114,16 +114,25 @@ def fold_params(plan: NetworkPlan, params: Params) -> FoldedParams:
 
   {'stem': [conv, ...], 'blocks': [block, ...], 'final_conv': conv or None,
   'linear': {'w', 'b'}}, where a conv is {'w': kernel, 'b': bias} and a block
-  holds its convs by name, its 'squeeze_excite' parameters and, when its
+  holds its convs by name, its gate's ('squeeze_excite' or 'eca') parameters and, when its
   output is gated, 'scale'. Everything is float32.
   """
-  gamma = activations.GAMMAS[activations.canonical_name(plan.activation)]
+  # A plan with gamma in its convolutions' weight scale has plain activations
+  # (and unscaled features): its standardisation already holds gamma.
+  _, standardization = network.activation_and_standardization(plan)
+  gamma = (1.0 if plan.gamma_in_conv
+           else activations.GAMMAS[activations.canonical_name(plan.activation)])
   root = _root_module(params)
-  stem = [_fold_conv(params[f"{root}{_SEP}{spec.name}"], 1.0 if i == 0 else gamma)
+
+  def fold_conv(p, input_scale, output_scale=1.0):
+    return _fold_conv(p, input_scale, output_scale, standardization)
+
+  stem = [fold_conv(params[f"{root}{_SEP}{spec.name}"], 1.0 if i == 0 else gamma)
           for i, spec in enumerate(plan.stem.convs)]
-  blocks = [_fold_block(spec, params, f"{root}{_SEP}{_block_module(plan.block_name, i)}", gamma)
+  blocks = [_fold_block(spec, params, f"{root}{_SEP}{_block_module(plan.block_name, i)}", gamma,
+                        fold_conv)
             for i, spec in enumerate(plan.blocks)]
-  final_conv = (_fold_conv(params[f"{root}{_SEP}{plan.final_conv.name}"], 1.0)
+  final_conv = (fold_conv(params[f"{root}{_SEP}{plan.final_conv.name}"], 1.0)
                 if plan.final_conv else None)
   linear = params[f"{root}{_SEP}linear"]
   return {"stem": stem, "blocks": blocks, "final_conv": final_conv,
@@ -147,17 +156,23 @@ def _f32(x: Any) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
 
 
-def _fold_conv(p: Mapping[str, Any], input_scale: Any, output_scale: Any = 1.0) -> dict[str, jax.Array]:
+def _fold_conv(p: Mapping[str, Any], input_scale: Any, output_scale: Any = 1.0,
+               standardization: Standardization = PUBLISHED_STANDARDIZATION
+               ) -> dict[str, jax.Array]:
   """conv(input_scale * x) * output_scale as a plain kernel and bias."""
-  kernel = standardize_weight(_f32(p["w"]), _f32(p["gain"]))
+  kernel = standardize_weight(_f32(p["w"]), _f32(p["gain"]), standardization.eps,
+                              eps_in_variance=standardization.eps_in_variance,
+                              scale=standardization.scale)
   return {"w": kernel * (input_scale * output_scale), "b": _f32(p["bias"]) * output_scale}
 
 
-def _fold_block(spec: BlockSpec, params: Params, module: str, gamma: float) -> dict[str, Any]:
+def _fold_block(spec: BlockSpec, params: Params, module: str, gamma: float,
+                fold_conv: Callable[..., dict[str, jax.Array]]) -> dict[str, Any]:
   def conv(name, input_scale, output_scale=1.0):
-    return _fold_conv(params[f"{module}{_SEP}{name}"], input_scale, output_scale)
+    return fold_conv(params[f"{module}{_SEP}{name}"], input_scale, output_scale)
 
-  skip = _f32(params[module]["skip_gain"]) * spec.alpha
+  skip = (_f32(params[module]["skip_gain"]) * spec.alpha if spec.skip_gain
+          else _f32(spec.alpha))
   gated = spec.se_position == "output"
   names = {c.name for c in spec.convs}
   block = {
@@ -169,7 +184,9 @@ def _fold_block(spec: BlockSpec, params: Params, module: str, gamma: float) -> d
     block["conv1b"] = conv("conv1b", gamma)
   if "conv_shortcut" in names:
     block["conv_shortcut"] = conv("conv_shortcut", gamma * spec.beta)
-  if spec.se_position:
+  if spec.se_position and spec.attention == "eca":
+    block["eca"] = {"w": _f32(params[f"{module}{_SEP}eca"]["w"])}
+  elif spec.se_position:
     se = f"{module}{_SEP}squeeze_excite{_SEP}"
     block["squeeze_excite"] = {
         layer: {k: _f32(v) for k, v in params[se + layer].items()}
@@ -195,7 +212,7 @@ def _stack_runs(plan: NetworkPlan, folded: FoldedParams, block_loop: str) -> Fol
 
 
 def _conv(p: Mapping[str, jax.Array], x: jax.Array, spec: ConvSpec, impl: str) -> jax.Array:
-  out = conv_lib.conv2d(x, p["w"].astype(x.dtype), spec.stride, "SAME", spec.groups, impl=impl)
+  out = conv_lib.conv2d(x, p["w"].astype(x.dtype), spec.stride, spec.pads, spec.groups, impl=impl)
   return out + p["b"].astype(x.dtype)
 
 
@@ -207,7 +224,8 @@ def folded_block(spec: BlockSpec, act: Callable[[jax.Array], jax.Array], p: Mapp
   def conv(name, inputs):
     return _conv(p[name], inputs, specs[name], impl)
 
-  out, shortcut = network.residual_branch(spec, act, conv, p.get("squeeze_excite"), act(x), x)
+  out, shortcut = network.residual_branch(spec, act, conv, p.get(network.attention_key(spec)),
+                                          act(x), x)
   if spec.se_position == "output":
     out = out * p["scale"].astype(out.dtype)
   return out + shortcut
@@ -223,7 +241,7 @@ def folded_forward(plan: NetworkPlan, params: FoldedParams, images: jax.Array,
   for i, (spec, p) in enumerate(zip(plan.stem.convs, params["stem"])):
     out = _conv(p, base(out) if i else out, spec, conv_impl)
   if plan.stem.max_pool:
-    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
+    out = max_pool_3x3(out, plan.stem.pool_padding)
   entry = iter(params["blocks"])
   for run in plan.block_runs():
     if network.scans_run(block_loop, run):

@@ -4,6 +4,8 @@ Parameter names (`w`, `gain`, `bias`; `squeeze_excite/~/linear{,_1}` with `w`,
 `b`) are those of the published checkpoints and must not change.
 """
 
+import dataclasses
+import functools
 from typing import Optional, Union
 
 import haiku as hk
@@ -18,13 +20,18 @@ from nfnets_jax.models import conv
 WS_EPS = 1e-4
 
 
-def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = WS_EPS) -> jax.Array:
+def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = WS_EPS, *,
+                       eps_in_variance: bool = False, scale: float = 1.0) -> jax.Array:
   """Scaled weight standardisation of an HWIO kernel.
 
   `gain * (w - mean) / sqrt(max(fan_in * var, eps))`, with mean and variance
   over (H, W, I). Dividing by sqrt(fan_in) makes the layer variance preserving
   (like He init) for any weights, which is what lets NF networks drop
   BatchNorm. Written as `w * scale - mean * scale` so XLA fuses it into one pass.
+
+  timm's form (`eps_in_variance`): `scale * gain * (w - mean) / sqrt(fan_in * (var + eps))`,
+  where `scale` is the gamma of the activation the convolution reads when the
+  network moves it into the kernel (`NetworkPlan.gamma_in_conv`).
 
   The statistics are taken over the rows of the kernel viewed as a
   (fan_in, O) matrix: XLA:CPU lowers the gradient of a reduction over axes
@@ -35,22 +42,43 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = WS_EPS) -> ja
   rows = w.reshape(-1, shape[-1])
   mean = jnp.mean(rows, axis=0)
   var = jnp.var(rows, axis=0)
-  scale = jax.lax.rsqrt(jnp.maximum(var * rows.shape[0], eps)) * gain
-  return (rows * scale - mean * scale).reshape(shape)
+  fan_in = rows.shape[0]
+  if eps_in_variance:
+    factor = jax.lax.rsqrt((var + eps) * fan_in) * (gain * scale)
+  else:
+    factor = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+    if scale != 1.0:
+      factor = factor * scale
+  return (rows * factor - mean * factor).reshape(shape)
 
 
 ConvParams = dict[str, jax.Array]  # {"w": HWIO kernel, "gain": (O,), "bias": (O,)}
 
 
-def ws_conv2d(params: ConvParams, x: jax.Array, stride: int = 1, padding: str = "SAME",
-              groups: int = 1, conv_impl: str = "auto") -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Standardization:
+  """The arguments of `standardize_weight` a network fixes for all its convolutions."""
+  eps: float = WS_EPS
+  eps_in_variance: bool = False
+  scale: float = 1.0
+
+
+#: The published models' standardisation.
+PUBLISHED_STANDARDIZATION = Standardization()
+
+
+def ws_conv2d(params: ConvParams, x: jax.Array, stride: int = 1, padding: conv.Padding = "SAME",
+              groups: int = 1, conv_impl: str = "auto",
+              standardization: Standardization = PUBLISHED_STANDARDIZATION) -> jax.Array:
   """The pure function `WSConv2D` applies: standardise in float32, convolve in x's dtype.
 
   Separate from the module so that a stack of identical blocks can run it
   inside `jax.lax.scan` on stacked parameters (see `network.py`). `conv_impl`
-  is the convolution's lowering (see conv.py).
+  is the convolution's lowering (see conv.py); `padding` 'SAME' or explicit pads.
   """
-  kernel = standardize_weight(params["w"].astype(jnp.float32), params["gain"].astype(jnp.float32))
+  kernel = standardize_weight(params["w"].astype(jnp.float32), params["gain"].astype(jnp.float32),
+                              standardization.eps, eps_in_variance=standardization.eps_in_variance,
+                              scale=standardization.scale)
   out = conv.conv2d(x, kernel.astype(x.dtype), stride, padding, groups, impl=conv_impl)
   return out + params["bias"].astype(x.dtype)
 
@@ -72,8 +100,10 @@ class WSConv2D(hk.Module):
                kernel_shape: int,
                stride: int = 1,
                feature_group_count: int = 1,
-               padding: str = "SAME",
+               padding: conv.Padding = "SAME",
                conv_impl: Optional[str] = None,
+               standardization: Standardization = PUBLISHED_STANDARDIZATION,
+               gain_init: float = 1.0,
                name: Optional[str] = None):
     super().__init__(name=name)
     self.output_channels = output_channels
@@ -82,6 +112,8 @@ class WSConv2D(hk.Module):
     self.feature_group_count = feature_group_count
     self.padding = padding
     self.conv_impl = conv.resolve_impl(conv_impl)
+    self.standardization = standardization
+    self.gain_init = gain_init
 
   def parameters(self, in_ch: int) -> ConvParams:
     """Creates (at init) or fetches (at apply) `w`, `gain` and `bias` for `in_ch` inputs."""
@@ -97,13 +129,20 @@ class WSConv2D(hk.Module):
     w_init = hk.initializers.RandomNormal(stddev=np.sqrt(1.0 / np.prod(w_shape[:-1])))
     return {
         "w": hk.get_parameter("w", w_shape, jnp.float32, init=w_init),
-        "gain": hk.get_parameter("gain", (self.output_channels,), jnp.float32, init=jnp.ones),
+        "gain": hk.get_parameter("gain", (self.output_channels,), jnp.float32,
+                                 init=_constant(self.gain_init)),
         "bias": hk.get_parameter("bias", (self.output_channels,), jnp.float32, init=jnp.zeros),
     }
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return ws_conv2d(self.parameters(x.shape[-1]), x, self.stride, self.padding,
-                     self.feature_group_count, self.conv_impl)
+                     self.feature_group_count, self.conv_impl, self.standardization)
+
+
+def _constant(value: float):
+  if value == 1.0:
+    return jnp.ones
+  return jnp.zeros if value == 0.0 else hk.initializers.Constant(value)
 
 
 class LinearParameters(hk.Module):
@@ -162,6 +201,44 @@ class SqueezeExcite(hk.Module):
     return squeeze_excite(self.parameters(), x)
 
 
+def efficient_channel_attention(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+  """The pure function `ChannelAttention` applies, on its parameter dict {'w': (k,)}.
+
+  Each channel's gate is sigmoid(sum_j w[j] * m[c + j - k // 2]) over the
+  channels' spatial means m (zero beyond the ends): a k-tap filter sliding
+  along the channel axis, shared by all channels.
+  """
+  w = params["w"].astype(jnp.float32)
+  k = w.shape[0]
+  m = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+  padded = jnp.pad(m, ((0, 0), (k // 2, k // 2)))
+  channels = m.shape[-1]
+  logits = sum(w[j] * padded[:, j:j + channels] for j in range(k))
+  return jax.nn.sigmoid(logits)[:, None, None, :].astype(x.dtype)
+
+
+class ChannelAttention(hk.Module):
+  """ECA gate (Wang et al. 2020, "ECA-Net"): sigmoid(conv1d_k(mean_hw(x))), shape (N,1,1,C).
+
+  One `w` of `kernel` taps, initialised uniformly in +-1/sqrt(kernel) (a
+  PyTorch Conv1d's default, as timm's ECA models were trained).
+  """
+
+  def __init__(self, kernel: int, name: Optional[str] = "eca"):
+    super().__init__(name=name)
+    if kernel < 1 or kernel % 2 == 0:
+      raise ValueError(f"ECA kernel size must be a positive odd number, got {kernel!r}.")
+    self.kernel = kernel
+
+  def parameters(self) -> dict[str, jax.Array]:
+    bound = 1.0 / np.sqrt(self.kernel)
+    return {"w": hk.get_parameter("w", (self.kernel,), jnp.float32,
+                                  init=hk.initializers.RandomUniform(-bound, bound))}
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return efficient_channel_attention(self.parameters(), x)
+
+
 def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool) -> jax.Array:
   """Drops whole residual branches per example (batch-wise), without rescaling.
 
@@ -216,6 +293,21 @@ def avg_pool_same(x: jax.Array, stride: int) -> jax.Array:
     return sums / jnp.asarray(stride * stride, x.dtype)
   counts = window_sums(jnp.ones((1, h, w, 1), x.dtype))
   return sums / counts
+
+
+def max_pool_3x3(x: jax.Array, padding: str = "SAME") -> jax.Array:
+  """3x3 stride-2 max pooling of NHWC `x`, padded 'SAME' or 'symmetric' (1 pixel each
+  side, PyTorch's `MaxPool2d(3, 2, padding=1)`); padding never wins the max."""
+  if padding == "SAME":
+    return hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
+  if padding != "symmetric":
+    raise ValueError(f"padding must be 'SAME' or 'symmetric', got {padding!r}.")
+  _, h, w, _ = x.shape
+  oh, ow = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  # The max of the nine strided shifts of the padded map (one slice per window tap).
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  taps = [padded[:, i:i + 2 * oh - 1:2, j:j + 2 * ow - 1:2] for i in range(3) for j in range(3)]
+  return functools.reduce(jnp.maximum, taps)
 
 
 def signal_metrics(x: jax.Array, index: int) -> dict[str, jax.Array]:

@@ -14,21 +14,32 @@ import numpy as np
 
 from nfnets_jax.models import activations, conv as conv_lib
 from nfnets_jax.models.architecture import BlockSpec, NetworkPlan
-from nfnets_jax.models.layers import (SqueezeExcite, WSConv2D, avg_pool_same, average_channel_variance,
-                                      keep_branches, signal_metrics, squeeze_excite, ws_conv2d)
+from nfnets_jax.models.layers import (PUBLISHED_STANDARDIZATION, ChannelAttention, SqueezeExcite,
+                                      Standardization, WSConv2D, avg_pool_same,
+                                      average_channel_variance, efficient_channel_attention,
+                                      keep_branches, max_pool_3x3, signal_metrics, squeeze_excite,
+                                      ws_conv2d)
 
 Initializer = Callable[[tuple[int, ...], Any], jax.Array]
 
 INPUT_CHANNELS = 3
 
 
-def _conv(spec, conv_impl: str, name: Optional[str] = None) -> WSConv2D:
+def _conv(spec, conv_impl: str, standardization: Standardization,
+          name: Optional[str] = None) -> WSConv2D:
   return WSConv2D(spec.out_ch, spec.kernel, stride=spec.stride,
-                  feature_group_count=spec.groups, conv_impl=conv_impl,
+                  feature_group_count=spec.groups, padding=spec.pads, conv_impl=conv_impl,
+                  standardization=standardization, gain_init=spec.gain_init,
                   name=name or spec.name)
 
 
-BlockParams = dict[str, Any]  # {conv name: {w, gain, bias}, 'squeeze_excite': ..., 'skip_gain'}
+# {conv name: {w, gain, bias}, 'squeeze_excite' or 'eca': ..., 'skip_gain' (when the block has one)}
+BlockParams = dict[str, Any]
+
+
+def attention_key(spec: BlockSpec) -> str:
+  """The block parameters' key (and module name) of `spec`'s gate."""
+  return "squeeze_excite" if spec.attention == "se" else "eca"
 
 
 def residual_branch(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
@@ -37,13 +48,16 @@ def residual_branch(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array
   """A block's residual branch and shortcut, before the skip gain.
 
   `pre` is the block's input after its activation (and beta), `x` the input
-  itself; `conv(name, inputs)` applies the block's convolution `name`. The
-  training form (`block_forward`) and the folded one (`folding.py`) differ
+  itself; `conv(name, inputs)` applies the block's convolution `name`;
+  `se_params` are the gate's (squeeze-excite or ECA, as `spec.attention` says).
+  The training form (`block_forward`) and the folded one (`folding.py`) differ
   only in the convolutions and in what they scale, so both call this.
   """
+  gate = squeeze_excite if spec.attention == "se" else efficient_channel_attention
+
   def excite(out):
     # x2 restores the variance the sigmoid gate (about 0.5 at init) removes.
-    return 2.0 * squeeze_excite(se_params, out) * out
+    return 2.0 * gate(se_params, out) * out
 
   if not spec.use_projection:
     shortcut = x
@@ -66,7 +80,9 @@ def residual_branch(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array
 def block_forward(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
                   params: BlockParams, x: jax.Array, beta: Union[float, jax.Array],
                   keep_prob: Union[float, jax.Array], key: Optional[jax.Array],
-                  conv_impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+                  conv_impl: str = "auto",
+                  standardization: Standardization = PUBLISHED_STANDARDIZATION
+                  ) -> tuple[jax.Array, jax.Array]:
   """One block as a pure function of its parameters, in the published order.
 
   `beta` and `keep_prob` (1 - stochastic-depth rate) override `spec`'s so
@@ -78,15 +94,20 @@ def block_forward(spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
 
   def conv(name, inputs):
     c = conv_specs[name]
-    return ws_conv2d(params[name], inputs, c.stride, "SAME", c.groups, conv_impl)
+    return ws_conv2d(params[name], inputs, c.stride, c.pads, c.groups, conv_impl,
+                     standardization)
 
-  out, shortcut = residual_branch(spec, activation, conv, params.get("squeeze_excite"),
+  out, shortcut = residual_branch(spec, activation, conv, params.get(attention_key(spec)),
                                   activation(x) * jnp.asarray(beta, x.dtype), x)
   res_avg_var = average_channel_variance(out)
   if key is not None:
     out = keep_branches(out, keep_prob, key)
-  # SkipInit: the branch starts switched off, so the block is the identity at init.
-  out = out * params["skip_gain"].astype(out.dtype)
+    if spec.rescale_stochdepth:
+      out = out / jnp.asarray(keep_prob, out.dtype)
+  if spec.skip_gain:
+    # SkipInit: the branch starts switched off, so the block is the identity at init.
+    # (Without it, conv2's gain starts at zero to the same end.)
+    out = out * params["skip_gain"].astype(out.dtype)
   return out * jnp.asarray(spec.alpha, out.dtype) + shortcut, res_avg_var
 
 
@@ -98,14 +119,21 @@ class NFBlock(hk.Module):
   """
 
   def __init__(self, spec: BlockSpec, activation: Callable[[jax.Array], jax.Array],
-               conv_impl: str = "auto", name: Optional[str] = None):
+               conv_impl: str = "auto",
+               standardization: Standardization = PUBLISHED_STANDARDIZATION,
+               name: Optional[str] = None):
     super().__init__(name=name)
     self.spec = spec
     self.activation = activation
     self.conv_impl = conv_impl
-    self.convs = {c.name: _conv(c, conv_impl) for c in spec.convs}
-    self.se = (SqueezeExcite(spec.se_channels, spec.se_hidden)
-               if spec.se_position else None)
+    self.standardization = standardization
+    self.convs = {c.name: _conv(c, conv_impl, standardization) for c in spec.convs}
+    if not spec.se_position:
+      self.se = None
+    elif spec.attention == "se":
+      self.se = SqueezeExcite(spec.se_channels, spec.se_hidden)
+    else:
+      self.se = ChannelAttention(spec.eca_kernel)
 
   def parameters(self) -> BlockParams:
     """Creates (at init) or fetches (at apply) every parameter of the block."""
@@ -116,13 +144,15 @@ class NFBlock(hk.Module):
     if "conv_shortcut" in order:
       order.insert(0, order.pop(order.index("conv_shortcut")))
     params = {}
+    gate = attention_key(self.spec)
     for name in order:
       if name == "conv2" and self.spec.se_position == "bottleneck":
-        params["squeeze_excite"] = self.se.parameters()
+        params[gate] = self.se.parameters()
       params[name] = self.convs[name].parameters(conv_specs[name].in_ch)
     if self.spec.se_position == "output":
-      params["squeeze_excite"] = self.se.parameters()
-    params["skip_gain"] = hk.get_parameter("skip_gain", (), jnp.float32, init=jnp.zeros)
+      params[gate] = self.se.parameters()
+    if self.spec.skip_gain:
+      params["skip_gain"] = hk.get_parameter("skip_gain", (), jnp.float32, init=jnp.zeros)
     return params
 
   def prepare(self, x: jax.Array, is_training: bool) -> tuple[BlockParams, Optional[jax.Array]]:
@@ -140,7 +170,7 @@ class NFBlock(hk.Module):
     spec = self.spec
     params, key = self.prepare(x, is_training)
     return block_forward(spec, self.activation, params, x, spec.beta,
-                         1.0 - spec.stochdepth_rate, key, self.conv_impl)
+                         1.0 - spec.stochdepth_rate, key, self.conv_impl, self.standardization)
 
 
 #: How a network runs each run of interchangeable blocks (`NormFreeNet(block_loop=...)`):
@@ -172,6 +202,21 @@ def scans_run(block_loop: str, run: range) -> bool:
   return block_loop == "scan" or len(run) >= AUTO_SCAN_MIN_RUN
 
 
+def activation_and_standardization(
+    plan: NetworkPlan) -> tuple[Callable[[jax.Array], jax.Array], Standardization]:
+  """The network's activation and its convolutions' standardisation.
+
+  The activation carries its gamma, unless the plan moves gamma into the
+  convolutions' weight scale (`NetworkPlan.gamma_in_conv`).
+  """
+  activation = activations.get_activation(plan.activation, elementwise_only=True)
+  scale = 1.0
+  if plan.gamma_in_conv:
+    activation = activations.unscaled_activation(plan.activation)
+    scale = activations.GAMMAS[activations.canonical_name(plan.activation)]
+  return activation, Standardization(plan.weight_std.eps, plan.weight_std.eps_in_variance, scale)
+
+
 def _stack(trees: list[Any]) -> Any:
   return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
 
@@ -199,11 +244,13 @@ class NormFreeNet(hk.Module):
     self.plan = plan
     self.conv_impl = conv_lib.resolve_impl(conv_impl)
     self.block_loop = check_block_loop(block_loop)
-    self.activation = activations.get_activation(plan.activation, elementwise_only=True)
-    self.stem = [_conv(c, self.conv_impl) for c in plan.stem.convs]
-    self.blocks = [NFBlock(spec, self.activation, self.conv_impl, name=plan.block_name)
+    self.activation, self.standardization = activation_and_standardization(plan)
+    self.stem = [_conv(c, self.conv_impl, self.standardization) for c in plan.stem.convs]
+    self.blocks = [NFBlock(spec, self.activation, self.conv_impl, self.standardization,
+                           name=plan.block_name)
                    for spec in plan.blocks]
-    self.final_conv = _conv(plan.final_conv, self.conv_impl) if plan.final_conv else None
+    self.final_conv = (_conv(plan.final_conv, self.conv_impl, self.standardization)
+                       if plan.final_conv else None)
     self.fc = hk.Linear(plan.num_classes, w_init=fc_init)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
@@ -224,7 +271,7 @@ class NormFreeNet(hk.Module):
         out = self.activation(out)
       out = conv(out)
     if self.plan.stem.max_pool:
-      out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
+      out = max_pool_3x3(out, self.plan.stem.pool_padding)
     if return_metrics:
       outputs.update(signal_metrics(out, 0))
 
@@ -263,11 +310,12 @@ class NormFreeNet(hk.Module):
     betas = jnp.asarray(np.array([spec.beta for spec in specs], np.float32))
     keep = jnp.asarray(np.array([1.0 - spec.stochdepth_rate for spec in specs], np.float32))
     activation, template, conv_impl = self.activation, specs[0], self.conv_impl
+    standardization = self.standardization
 
     def body(carry, xs):
       block_params, beta, keep_prob, key = xs
       out, res_avg_var = block_forward(template, activation, block_params, carry, beta,
-                                       keep_prob, key, conv_impl)
+                                       keep_prob, key, conv_impl, standardization)
       metrics = {"res_avg_var": res_avg_var, **signal_metrics(out, 0)} if return_metrics else {}
       return out, metrics
 

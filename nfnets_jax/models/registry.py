@@ -1,4 +1,5 @@
-"""Models by name: `'family:variant'`, e.g. `'nfnet:F0'`, `'nf_resnet:ResNet50'`.
+"""Models by name: `'family:variant'`, e.g. `'nfnet:F0'`, `'nf_resnet:ResNet50'`,
+`'timm:eca_nfnet_l0'` (timm's models by their timm names, see timm_family.py).
 
 Command-line tools and configs name models with these strings; this module is
 the single place that maps a name to its Haiku class, its variant table and its
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax.models import bn_resnet, conv, nf_regnet, nf_resnet, nfnet, network
+from nfnets_jax.models import bn_resnet, conv, nf_regnet, nf_resnet, nfnet, network, timm_family
 from nfnets_jax.models import fast_init as _fast_init
 from nfnets_jax.models.architecture import NetworkPlan
 from nfnets_jax.models.network import NormFreeNet
@@ -57,6 +58,9 @@ FAMILIES: Mapping[str, Family] = {
                         nf_regnet.VARIANTS),
     "bn_resnet": Family(bn_resnet.BNResNet, bn_resnet.bn_resnet_plan, bn_resnet.VARIANTS,
                         bn_resnet.ALL_VARIANTS, stateful=True),
+    # timm's normalizer-free models by their timm names, e.g. 'timm:eca_nfnet_l0'.
+    "timm": Family(timm_family.TimmNFNet, timm_family.timm_plan, timm_family.CONFIGS,
+                   timm_family.CONFIGS),
 }
 
 

@@ -115,14 +115,15 @@ class StackedLayout:
     return self.unstack(params)
 
   def is_stacked_tree(self, tree: Any) -> bool:
-    """Whether `tree` is a mapping holding this layout's stacked modules."""
+    """Whether `tree` is a mapping holding this layout's stacked modules (or their sub-modules:
+    a block may have no parameters of its own)."""
     return (isinstance(tree, Mapping) and bool(self._stacked_names)
-            and all(name in tree for name in self._stacked_names))
+            and _holds_all(tree, self._stacked_names))
 
   def is_published_tree(self, tree: Any) -> bool:
     """Whether `tree` is a mapping holding every block module of this layout's runs."""
     return (isinstance(tree, Mapping) and bool(self._run_of_block)
-            and all(block in tree for block in self._run_of_block))
+            and _holds_all(tree, self._run_of_block))
 
   def stack_all(self, tree: Any) -> Any:
     """`stack` applied to every published parameter tree inside `tree` (e.g. an optax state)."""
@@ -137,6 +138,21 @@ class StackedLayout:
       return tree
     return jax.tree_util.tree_map(lambda t: self._unstack(t) if self.is_stacked_tree(t) else t,
                                   tree, is_leaf=self.is_stacked_tree)
+
+
+def _holds_all(tree: Mapping[str, Any], modules: Any) -> bool:
+  """Whether every one of `modules` is a key of `tree` or has a sub-module there."""
+  if not all(isinstance(key, str) for key in tree):
+    return False
+  owners = set()
+  for key in tree:
+    owners.add(key)
+    head, sep, rest = key.partition(_SEP)
+    while sep:
+      owners.add(head)
+      part, sep, rest = rest.partition(_SEP)
+      head = f"{head}{_SEP}{part}"
+  return all(module in owners for module in modules)
 
 
 def _stack_leaves(leaves: list[Any]) -> Any:

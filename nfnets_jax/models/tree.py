@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from nfnets_jax.models import nfnet, registry
+from nfnets_jax.models import nfnet, registry, timm_family
 
 Params = dict[str, dict[str, Any]]
 # Listing every bad name of a wholly wrong checkpoint would bury the message.
@@ -100,11 +100,15 @@ def check_params(params: Mapping[str, Mapping[str, Any]], model: str, *,
 
 
 def infer_model(params: Mapping[str, Mapping[str, Any]]) -> str:
-  """'nfnet:F0' etc. from one of our NFNet parameter trees.
+  """'nfnet:F0' etc. from one of our NFNet parameter trees; 'timm:<name>' from a
+  tree of timm's models, whose top module is the timm name.
 
   A stage starts at each block with a projection shortcut (every NFNet stage's
   first block has one), which gives the depths; `conv2`'s output gives widths.
   """
+  roots = {module.partition("/~/")[0] for module in params}
+  if len(roots) == 1 and roots <= set(timm_family.CONFIGS):
+    return f"timm:{roots.pop()}"
   blocks = {}
   for module in params:
     match = re.fullmatch(r"NFNet/~/nf_block(?:_(\d+))?", module)

@@ -2,17 +2,19 @@
 
 * `load_params(path)`: a parameter tree from this project's `.npz`, a published
   `*_haiku.npz` pickle (restricted unpickler), an orbax directory, a training
-  workdir or step, or `'published:F0'` .. `'published:F6'`.
+  workdir or step, `'published:F0'` .. `'published:F6'`, or timm's trained
+  weights by name (`'timm:eca_nfnet_l0'`, from the Hugging Face hub).
 * `load_meta(path)`: the record a training run saved with its weights.
 * `load_model(path)`: the parameters and the network they fit (`LoadedModel`),
   checked once.
-* `pretrained('nfnet:F0')`: `(model, params)` of the published ImageNet weights,
-  downloaded once and verified.
+* `pretrained('nfnet:F0')`, `pretrained('timm:eca_nfnet_l0')`: `(model, params)`
+  of the published ImageNet weights (or timm's), downloaded once and verified.
 * `save_params_npz`, `save_params_orbax`: this project's files.
 
 Behind it: `formats` (files), `workdir` (the training-run layout),
 `safe_pickle`, `published` and `download` (the published catalogue and its
-verified download), `timm` (timm <-> ours), `loading` (the face's functions).
+verified download), `timm` (timm <-> ours), `timm_hub` (timm's trained weights
+from the hub), `loading` (the face's functions).
 """
 
 from nfnets_jax.models.tree import ParameterMismatchError

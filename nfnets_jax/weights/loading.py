@@ -24,7 +24,7 @@ import pathlib
 from typing import Any, Mapping, Optional
 
 from nfnets_jax import models
-from nfnets_jax.weights import formats, published, workdir
+from nfnets_jax.weights import formats, published, timm_hub, workdir
 
 #: Where a setting came from, as the tools print it.
 FLAG, RECORD, WEIGHTS, DEFAULT = "flag", "checkpoint", "weights", "default"
@@ -116,18 +116,22 @@ class _Source:
   found: Optional[workdir.Found] = None
   variant: Optional[str] = None
   meta: Optional[dict[str, Any]] = None
+  hub: Optional[timm_hub.HubWeight] = None
 
   @classmethod
   def open(cls, path: formats.PathLike, step: Optional[int]) -> "_Source":
     named = published.resolve(path)
     if named is not None:
       return cls(path, variant=named[0], meta=named[1])
+    on_hub = timm_hub.resolve(path)
+    if on_hub is not None:
+      return cls(path, hub=on_hub[0], meta=on_hub[1])
     location = pathlib.Path(path)
     if not location.exists():
       raise FileNotFoundError(
           f"No checkpoint at {str(path)!r}: expected a .npz file, a published *_haiku.npz "
-          "pickle, an orbax checkpoint directory, a training workdir or published:F0 .. "
-          "published:F6.")
+          "pickle, an orbax checkpoint directory, a training workdir, published:F0 .. "
+          "published:F6 or timm's trained weights (timm:eca_nfnet_l0, ...).")
     if location.is_dir():
       found = workdir.locate(location, step=step)
       return cls(location, found=found, meta=found.meta)
@@ -137,12 +141,14 @@ class _Source:
     if self.found is not None:
       return workdir.read_params(self.found, ema=ema, step=step)
     if ema or step is not None:
-      what = ("names one published parameter tree" if self.variant
+      what = ("names one published parameter tree" if self.variant or self.hub
               else "is a single file holding one parameter tree")
       raise ValueError(f"{str(self.path)!r} {what}; ema= and step= apply only to training "
                        "workdirs (and their checkpoint directories).")
     if self.variant:
       return published.load(self.variant)
+    if self.hub:
+      return timm_hub.load(self.hub.name)
     return formats.load_file(pathlib.Path(self.path), trust_pickle=trust_pickle)
 
 
@@ -286,17 +292,27 @@ def _describe_source(path: formats.PathLike, meta: Mapping[str, Any], ema: bool)
 
 def pretrained(name: str, *, conv_impl: Optional[str] = None, block_loop: Optional[str] = None,
                **fetch_kwargs: Any):
-  """`(model, params)`: the published ImageNet weights of `name` ('nfnet:F0'..'nfnet:F6')
-  and the model they fit, its parameters in the model's own layout.
+  """`(model, params)`: the published ImageNet weights of `name` ('nfnet:F0'..'nfnet:F6',
+  or timm's trained 'timm:eca_nfnet_l0', ...) and the model they fit, its parameters
+  in the model's own layout.
 
   The weights are downloaded once and verified (`download.fetch`, whose
-  keywords pass through), never unpickled after the first load, and checked
-  against the network once.
+  keywords pass through; timm's through huggingface_hub, `timm_hub.load`'s),
+  never unpickled after the first load, and checked against the network once.
   """
+  if timm_hub.is_hub_name(name):
+    entry = timm_hub.lookup(name)
+    return _in_model(timm_hub.model_name(entry), timm_hub.load(name, **fetch_kwargs),
+                     f"hf://{entry.repo_id}", conv_impl, block_loop)
   variant = published.variant_of(name)
-  model_name = published.model_name(variant)
-  params = published.load(variant, **fetch_kwargs)
-  models.check_params(params, model_name, num_classes=1000, source=f"published:{variant}")
+  return _in_model(published.model_name(variant), published.load(variant, **fetch_kwargs),
+                   f"published:{variant}", conv_impl, block_loop)
+
+
+def _in_model(model_name: str, params: formats.Params, source: str, conv_impl: Optional[str],
+              block_loop: Optional[str]):
+  """`(model, params)` for `pretrained`: the tree checked once, in the model's own layout."""
+  models.check_params(params, model_name, num_classes=1000, source=source)
   model = models.transform(model_name, 1000, conv_impl=conv_impl, block_loop=block_loop)
   layout = models.stacked_layout(model_name, 1000, block_loop=block_loop)
   return model, layout.stack(params)
