@@ -1,14 +1,15 @@
 """Fine-tuning an NFNet on your own data, from pretrained weights.
 
   python -m nfnets_jax.train --config=experiments/finetune.py:nfnet:F0 \
-      --config.dataset.name=folder:/my/images --config.num_classes=37 --workdir=...
+      --config.dataset.name=folder:/my/images --workdir=...
   # timm's NFNets too, from timm's trained weights (the Hugging Face hub):
   python -m nfnets_jax.train --config=experiments/finetune.py:timm:eca_nfnet_l0 ...
 
 `init_from` defaults to the variant's published ImageNet weights
 (`published:F0`..`published:F6`, or timm's `timm:eca_nfnet_l0`, ... where timm
 publishes some; other variants start from scratch unless it is set); the
-classifier is re-initialised for `num_classes`. Transfer
+classifier is re-initialised for the dataset's classes (`num_classes` 0: their
+number, said in the log; a number set instead must match it). Transfer
 defaults, ours (short schedules with warm-up, a low learning rate and light
 augmentation, as in the usual transfer recipes, e.g. BiT's):
 
@@ -57,6 +58,7 @@ def get_config(model: str = "nfnet:F0"):
     raise ConfigError(f"experiments/finetune.py:<model> takes an NFNet, e.g. nfnet:F0; got "
                       f"{model!r}. Valid: {', '.join('nfnet:' + v for v in nfnet.ALL_VARIANTS)}, "
                       f"{', '.join('timm:' + v for v in timm_family.CONFIGS)}.")
+  c.num_classes = 0  # the dataset's number of classes
   c.model_kwargs.stochdepth_rate = 0.1
   c.model_kwargs.drop_rate = row["drop_rate"]
   c.dataset.image_size = row["train_imsize"]

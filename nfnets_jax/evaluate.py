@@ -66,12 +66,16 @@ def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
     images_per_sec (after the first batch, so without compilation),
     skipped_files (corrupt files this process dropped; each is also logged),
     and the settings used.
+
+  Raises:
+    ValueError: the dataset has more classes than the model outputs; no file of the
+      split could be read (`UnreadableSplitError`), or no example was scored
+      (`NoExamplesError`: there is no accuracy to report).
   """
   import jax
   import jax.numpy as jnp
 
-  from nfnets_jax import data
-  from nfnets_jax.train import eval_totals, steps
+  from nfnets_jax.train import steps
 
   num_devices, num_processes = jax.device_count(), jax.process_count()
   if batch_size is None:
@@ -82,62 +86,17 @@ def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
     raise ValueError(f"progress must be 'auto', 'bar', 'lines' or 'none', got {progress!r}")
 
   mesh = steps.make_mesh()
-  model = loaded.transform()
-  eval_step = steps.make_eval_step(model, loaded.num_classes, jnp.dtype(compute_dtype), mesh)
-  sharding = steps.replicated(mesh)
-  # Every process holds the same weights; make_array_from_callback builds the
-  # replicated global array from them without any cross-host transfer.
-  params = jax.tree_util.tree_map(
-      lambda leaf: jax.make_array_from_callback(np.shape(leaf), sharding,
-                                                lambda index: np.asarray(leaf)[index]),
-      loaded.params)
-  batches = data.load(dataset, split, is_training=False,
-                      batch_dims=(batch_size // num_processes,), image_size=image_size,
-                      eval_preproc=eval_preproc, data_dir=data_dir, manual_dir=manual_dir,
-                      val_fraction=val_fraction, process_index=jax.process_index(),
-                      process_count=num_processes)
-  if batches.num_classes > loaded.num_classes:
-    raise ValueError(
-        f"{dataset!r} has {batches.num_classes} classes but the model {loaded.name} has "
-        f"{loaded.num_classes} outputs; labels beyond them could never be predicted. Check "
-        "--dataset and --checkpoint (or --num_classes).")
-
-  num_steps = len(batches)
-  reporter = _Progress(num_steps, batch_size, progress, enabled=jax.process_index() == 0)
-  totals = eval_totals.EvalTotals()
-  start = time.perf_counter()
-  warm = None  # (time, examples) when the first (compiling) batch had finished.
-  pending = None
-
-  def collect(result):
-    nonlocal warm
-    totals.add(jax.device_get(result))
-    examples = totals.count(WEIGHTS)
-    now = time.perf_counter()
-    if warm is None:
-      warm = (now, examples)
-      rate = examples / (now - start)
-    else:  # Throughput since the first batch, whose time is mostly compilation.
-      rate = (examples - warm[1]) / max(now - warm[0], 1e-9)
-    reporter.update(examples, rate)
-
-  for batch in batches:
-    result = eval_step({WEIGHTS: params}, steps.global_batch(mesh, batch))
-    # Fetch the previous batch's sums while this one runs: the device stays busy
-    # and the progress shown is what has really been computed.
-    if pending is not None:
-      collect(pending)
-    pending = result
-  if pending is not None:
-    collect(pending)
-  seconds = time.perf_counter() - start
+  eval_step = steps.make_eval_step(loaded.transform(), loaded.num_classes,
+                                   jnp.dtype(compute_dtype), mesh)
+  params = replicated_params(loaded.params, mesh)
+  batches = _this_process_batches(dataset, split, batch_size // num_processes, image_size,
+                                  eval_preproc, data_dir, manual_dir, val_fraction)
+  check_classes_fit(batches.num_classes, loaded, dataset)
+  reporter = _Progress(len(batches), batch_size, progress, enabled=jax.process_index() == 0)
+  totals, timer = _score(eval_step, params, batches, mesh, reporter)
   reporter.close()
-
   count = totals.count(WEIGHTS)
-  if warm is not None and num_steps > 1 and seconds > warm[0] - start:
-    images_per_sec = (count - warm[1]) / (seconds - (warm[0] - start))
-  else:
-    images_per_sec = count / seconds if seconds > 0 else 0.0
+  totals.require_examples(WEIGHTS, f"{dataset!r} split {split!r}")
   return {
       "model": loaded.name,
       "checkpoint": loaded.source,
@@ -153,9 +112,103 @@ def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
       **totals.means(WEIGHTS),
       "num_examples": count,
       "skipped_files": len(batches.skipped_files),
-      "seconds": seconds,
-      "images_per_sec": images_per_sec,
+      "seconds": timer.seconds,
+      "images_per_sec": timer.images_per_sec(count, len(batches)),
   }
+
+
+def replicated_params(params: Any, mesh: Any) -> Any:
+  """`params` as arrays replicated over `mesh`. Every process holds the same weights;
+  make_array_from_callback builds the global arrays without any cross-host transfer."""
+  import jax
+
+  from nfnets_jax.train import steps
+
+  sharding = steps.replicated(mesh)
+  return jax.tree_util.tree_map(
+      lambda leaf: jax.make_array_from_callback(np.shape(leaf), sharding,
+                                                lambda index: np.asarray(leaf)[index]),
+      params)
+
+
+def _this_process_batches(dataset: str, split: str, local_batch: int, image_size: int,
+                          eval_preproc: str, data_dir: Optional[str], manual_dir: Optional[str],
+                          val_fraction: float):
+  """This process's part of the split, in evaluation batches (`data.load`)."""
+  import jax
+
+  from nfnets_jax import data
+
+  return data.load(dataset, split, is_training=False, batch_dims=(local_batch,),
+                   image_size=image_size, eval_preproc=eval_preproc, data_dir=data_dir,
+                   manual_dir=manual_dir, val_fraction=val_fraction,
+                   process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def check_classes_fit(num_classes: int, loaded: weights.LoadedModel, dataset: str) -> None:
+  """A ValueError when the dataset has classes the model cannot predict."""
+  if num_classes > loaded.num_classes:
+    raise ValueError(
+        f"{dataset!r} has {num_classes} classes but the model {loaded.name} has "
+        f"{loaded.num_classes} outputs; labels beyond them could never be predicted. Check "
+        "--dataset and --checkpoint (or --num_classes).")
+
+
+class _Timer:
+  """Wall time of the pass, and throughput after its first (compiling) batch."""
+
+  def __init__(self):
+    self._start = time.perf_counter()
+    self._warm: Optional[tuple[float, float]] = None  # (time, examples) after the first batch
+    self.seconds = 0.0
+
+  def batch_done(self, examples: float) -> float:
+    """Records a finished batch (`examples` real examples so far); the rate to show."""
+    now = time.perf_counter()
+    self.seconds = now - self._start
+    if self._warm is None:
+      self._warm = (now, examples)
+      return examples / self.seconds
+    # Throughput since the first batch, whose time is mostly compilation.
+    return (examples - self._warm[1]) / max(now - self._warm[0], 1e-9)
+
+  def stop(self) -> None:
+    """The pass is over: `seconds` is its whole wall time."""
+    self.seconds = time.perf_counter() - self._start
+
+  def images_per_sec(self, count: int, num_steps: int) -> float:
+    warm = self._warm
+    if warm is not None and num_steps > 1 and self.seconds > warm[0] - self._start:
+      return (count - warm[1]) / (self.seconds - (warm[0] - self._start))
+    return count / self.seconds if self.seconds > 0 else 0.0
+
+
+def _score(eval_step, params: Any, batches, mesh: Any, reporter: "_Progress"):
+  """Runs every batch through `eval_step`; returns the totals and the timer.
+
+  The previous batch's sums are fetched while the next one runs: the device stays
+  busy and the progress shown is what has really been computed.
+  """
+  import jax
+
+  from nfnets_jax.train import eval_totals, steps
+
+  totals, timer, pending = eval_totals.EvalTotals(), _Timer(), None
+
+  def collect(result):
+    totals.add(jax.device_get(result))
+    examples = totals.count(WEIGHTS)
+    reporter.update(examples, timer.batch_done(examples))
+
+  for batch in batches:
+    result = eval_step({WEIGHTS: params}, steps.global_batch(mesh, batch))
+    if pending is not None:
+      collect(pending)
+    pending = result
+  if pending is not None:
+    collect(pending)
+  timer.stop()
+  return totals, timer
 
 
 def check_batch_size(batch_size: int) -> None:

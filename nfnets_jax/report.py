@@ -5,10 +5,12 @@
     python -m nfnets_jax.report --memory --devices=8 --per_device_batch=512 [--image_size=192]
         [--variants=F0,F7] [--grad_accum_steps=32]
 
-`--memory` prints each NFNet variant's per-device memory in training
-instead: the compiled train step's peak, replicated and sharded
-(`config.shard_state`), without and with gradient accumulation, and the
-smallest accelerator (16, 24, 40, 80 GiB) it fits; see `memory_report`.
+`--memory` prints NFNet variants' per-device memory in training instead
+(F0 by default, `--variants=all` for F0..F7): the compiled train step's peak,
+replicated and sharded (`config.shard_state`), without and with gradient
+accumulation, and the smallest accelerator (16, 24, 40, 80 GiB) it fits; see
+`memory_rows`. Each row is printed as soon as it is compiled (minutes per
+variant on a CPU), with a progress line on stderr for each compilation.
 
 Every number is computed from the models themselves: parameters by tracing
 each model's `init` abstractly (`registry.count_params`, no weights are
@@ -27,7 +29,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from nfnets_jax import cli
 from nfnets_jax.models import registry
@@ -183,24 +185,34 @@ def smallest_fit(peak_bytes: int) -> str:
   return "none"
 
 
-def memory_report(variants: Sequence[str], per_device_batch: int, grad_accum_steps: int,
-                  image_size: Optional[int] = None, mesh: Any = None) -> list[dict[str, Any]]:
-  """`train.memory.train_step_memory` of each `nfnet:<variant>` on `mesh`: replicated and
-  sharded, with one micro-batch and (if `grad_accum_steps` > 1) with that many.
+def memory_rows(variants: Sequence[str], per_device_batch: int, grad_accum_steps: int,
+                image_size: Optional[int] = None, mesh: Any = None,
+                progress: Optional[Callable[[str], None]] = None) -> Iterator[dict[str, Any]]:
+  """`train.memory.train_step_memory` of each `nfnet:<variant>` on `mesh`, each row as soon
+  as its step is compiled: replicated then sharded, with one micro-batch and (if
+  `grad_accum_steps` > 1) with that many. `progress` is told what compiles next.
 
   `image_size` None: each variant's train resolution. Each row is a
   `StepMemory` dict plus `fits`, the smallest accelerator the peak fits.
   """
   from nfnets_jax.train import memory  # pylint: disable=import-outside-toplevel  (jax-heavy)
-  rows = []
-  for variant in variants:
-    name = variant if ":" in variant else f"nfnet:{variant}"
+  settings = [(variant if ":" in variant else f"nfnet:{variant}", accum, shard)
+              for variant in variants for accum in sorted({1, grad_accum_steps})
+              for shard in (False, True)]
+  for i, (name, accum, shard) in enumerate(settings):
     size = image_size or image_sizes(name)[0]
-    for accum in sorted({1, grad_accum_steps}):
-      for shard in (False, True):
-        row = memory.train_step_memory(name, mesh, per_device_batch, size, accum, shard)
-        rows.append({**row.as_dict(), "fits": smallest_fit(row.peak_bytes)})
-  return rows
+    if progress is not None:
+      progress(f"compiling {i + 1}/{len(settings)}: {name} at {size} px, {per_device_batch} per "
+               f"device, {accum} micro-batch{'es' if accum > 1 else ''}, "
+               f"{'sharded' if shard else 'replicated'} state")
+    row = memory.train_step_memory(name, mesh, per_device_batch, size, accum, shard)
+    yield {**row.as_dict(), "fits": smallest_fit(row.peak_bytes)}
+
+
+def memory_report(variants: Sequence[str], per_device_batch: int, grad_accum_steps: int,
+                  image_size: Optional[int] = None, mesh: Any = None) -> list[dict[str, Any]]:
+  """Every row of `memory_rows`, as a list."""
+  return list(memory_rows(variants, per_device_batch, grad_accum_steps, image_size, mesh))
 
 
 MEMORY_HEADER = ("model", "px", "batch/device", "accum", "state", "peak", "fits", "sharded state",
@@ -212,17 +224,9 @@ def render_memory(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
   check_table_format(fmt)
   if fmt == "json":
     return json.dumps(list(rows), indent=2)
-  gib = lambda n: f"{n / 2 ** 30:.2f}"
-  cells = [MEMORY_HEADER]
-  for replicated, sharded in zip(rows[::2], rows[1::2]):
-    cells.append((replicated["model"], str(replicated["image_size"]),
-                  str(replicated["per_device_batch"]), str(replicated["grad_accum_steps"]),
-                  gib(replicated["state_bytes"]), gib(replicated["peak_bytes"]),
-                  replicated["fits"], gib(sharded["state_bytes"]), gib(sharded["peak_bytes"]),
-                  sharded["fits"]))
-  devices = rows[0]["devices"] if rows else 0
-  note = (f"\nPer device, GiB, on {devices} devices: XLA's memory analysis of the compiled "
-          "train step (bfloat16 compute, float32 state). 'accum' is grad_accum_steps.\n")
+  cells = [MEMORY_HEADER] + [_memory_cells(replicated, sharded)
+                             for replicated, sharded in zip(rows[::2], rows[1::2])]
+  note = _memory_note(rows[0]["devices"] if rows else 0)
   if fmt == "markdown":
     lines = ["| " + " | ".join(c) + " |" for c in cells]
     lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(MEMORY_HEADER) - 1)) + "|")
@@ -232,6 +236,51 @@ def render_memory(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
                      for i, (text, width) in enumerate(zip(c, widths))).rstrip() for c in cells]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines) + "\n" + note
+
+
+def _memory_cells(replicated: dict[str, Any], sharded: dict[str, Any]) -> tuple[str, ...]:
+  """One table row: a setting's replicated and sharded figures side by side."""
+  gib = lambda n: f"{n / 2 ** 30:.2f}"  # noqa: E731
+  return (replicated["model"], str(replicated["image_size"]), str(replicated["per_device_batch"]),
+          str(replicated["grad_accum_steps"]), gib(replicated["state_bytes"]),
+          gib(replicated["peak_bytes"]), replicated["fits"], gib(sharded["state_bytes"]),
+          gib(sharded["peak_bytes"]), sharded["fits"])
+
+
+def _memory_note(devices: int) -> str:
+  return (f"\nPer device, GiB, on {devices} devices: XLA's memory analysis of the compiled "
+          "train step (bfloat16 compute, float32 state). 'accum' is grad_accum_steps.\n")
+
+
+def print_memory_rows(rows: Iterable[dict[str, Any]], fmt: str, devices: int,
+                      names: Sequence[str]) -> None:
+  """Prints memory rows as they come: each table or Markdown line once both halves of
+  its setting are in (fixed column widths, as later rows are not known yet); JSON, a
+  list, once all are."""
+  check_format(fmt)
+  if fmt == "json":
+    print(json.dumps(list(rows), indent=2), flush=True)
+    return
+  widths = [max(len(header), 7) for header in MEMORY_HEADER]
+  widths[0] = max([widths[0]] + [len(name) for name in names])
+
+  def line(cells: Sequence[str]) -> str:
+    if fmt == "markdown":
+      return "| " + " | ".join(cells) + " |"
+    return "  ".join(text.ljust(width) if i == 0 else text.rjust(width)
+                     for i, (text, width) in enumerate(zip(cells, widths))).rstrip()
+
+  print(line(MEMORY_HEADER), flush=True)
+  print("|" + "|".join(["---"] + ["---:"] * (len(MEMORY_HEADER) - 1)) + "|" if fmt == "markdown"
+        else "  ".join("-" * w for w in widths), flush=True)
+  pending = None
+  for row in rows:
+    if pending is None:
+      pending = row
+      continue
+    print(line(_memory_cells(pending, row)), flush=True)
+    pending = None
+  print(_memory_note(devices), end="", flush=True)
 
 
 def _memory_from_flags(fv, argv: Sequence[str]) -> Optional[int]:
@@ -248,8 +297,7 @@ def _memory_from_flags(fv, argv: Sequence[str]) -> Optional[int]:
                        f"--per_device_batch={per_device}.")
     if fv.image_size is not None and fv.image_size < 1:
       raise ValueError(f"--image_size={fv.image_size} is invalid: expected a positive integer.")
-    variants = fv.variants or [v for v in registry.FAMILIES["nfnet"].variants
-                               if v.startswith("F") and not v.endswith("+")]
+    variants = _memory_variants(fv.variants)
     for variant in variants:
       registry.parse_model_name(variant if ":" in variant else f"nfnet:{variant}")
   import jax  # pylint: disable=import-outside-toplevel
@@ -257,9 +305,29 @@ def _memory_from_flags(fv, argv: Sequence[str]) -> Optional[int]:
     return _memory_in_child(fv.devices, argv)
   from nfnets_jax.train import steps  # pylint: disable=import-outside-toplevel
   mesh = steps.make_mesh(jax.devices()[:fv.devices])
-  print(render_memory(memory_report(variants, per_device, accum, fv.image_size, mesh),
-                      fv.format), end="")
+  names = [v if ":" in v else f"nfnet:{v}" for v in variants]
+  rows = memory_rows(variants, per_device, accum, fv.image_size, mesh, progress=_progress_line)
+  print_memory_rows(rows, fv.format, fv.devices, names)
   return None
+
+
+#: What `--memory` compiles without `--variants`: one variant, a few minutes on a CPU;
+#: the others on request (`--variants=F0,F3` or `all`), each a few minutes more.
+DEFAULT_MEMORY_VARIANTS = ("F0",)
+
+
+def _memory_variants(flag: Optional[Sequence[str]]) -> list[str]:
+  """The variants `--variants` names: DEFAULT_MEMORY_VARIANTS, a list, or 'all' (F0..F7)."""
+  if not flag:
+    return list(DEFAULT_MEMORY_VARIANTS)
+  if list(flag) == ["all"]:
+    return [v for v in registry.FAMILIES["nfnet"].variants
+            if v.startswith("F") and not v.endswith("+")]
+  return list(flag)
+
+
+def _progress_line(text: str) -> None:
+  print(f"memory report: {text} ...", file=sys.stderr, flush=True)
 
 
 def _memory_in_child(devices: int, argv: Sequence[str]) -> int:
@@ -270,9 +338,12 @@ def _memory_in_child(devices: int, argv: Sequence[str]) -> int:
   env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
-  proc = subprocess.run([sys.executable, "-m", "nfnets_jax.report", *argv[1:]], env=env,
-                        stdout=subprocess.PIPE, check=False, text=True)
-  print(proc.stdout, end="")
+  # Its output is passed on line by line, as each row is ready (stderr, its progress,
+  # goes straight through).
+  with subprocess.Popen([sys.executable, "-m", "nfnets_jax.report", *argv[1:]], env=env,
+                        stdout=subprocess.PIPE, text=True) as proc:
+    for line in proc.stdout:
+      print(line, end="", flush=True)
   return proc.returncode
 
 
@@ -296,8 +367,9 @@ def _define_flags():
                        "(default: 4096 / devices, the paper's batch).", flag_values=fv)
   flags.DEFINE_integer("image_size", None, "--memory: train resolution (default: each "
                        "variant's own).", flag_values=fv)
-  flags.DEFINE_list("variants", None, "--memory: NFNet variants (default F0..F7).",
-                    flag_values=fv)
+  flags.DEFINE_list("variants", None, "--memory: NFNet variants, e.g. F0,F3, or 'all' "
+                    f"(F0..F7; default {','.join(DEFAULT_MEMORY_VARIANTS)}: each variant's "
+                    "compiles take minutes on a CPU).", flag_values=fv)
   flags.DEFINE_integer("grad_accum_steps", None, "--memory: micro-batches of the accumulation "
                        f"columns (default: micro-batches of {DEFAULT_MICRO_BATCH}).",
                        flag_values=fv)

@@ -7,20 +7,28 @@ Run like the trainer, as a script or `-m preemption_hook` (launch/local.py's
   NFNETS_TEST_SIGNAL=save:K   right after the asynchronous save of step K started,
                               then a second signal (SIGINT) while it is written
   NFNETS_TEST_SIGNAL=eval:1   after the first batch of the run's first evaluation
+  NFNETS_TEST_SIGNAL=stuck:K  right after step K is dispatched, then that step never
+                              returns (a stuck input pipeline or device, as a blocked
+                              wait of the main thread)
   NFNETS_TEST_SIGNAL_PROCESS  which process signals itself (default 0)
+  NFNETS_TEST_MIN_GRACE       the stop's minimum grace period, seconds (with a grace
+                              factor of 0: exactly that; default the trainer's own)
 
 So tests/test_preemption.py interrupts at exact moments instead of guessing
 with sleeps. Everything else is the trainer unchanged.
 """
 
+import functools
 import os
 import signal
+import threading
 
 import jax
 
 from nfnets_jax.train import __main__ as trainer
 from nfnets_jax.train import config as config_lib
 from nfnets_jax.train import experiment as experiment_lib
+from nfnets_jax.train import preemption
 from nfnets_jax import cli
 
 
@@ -38,7 +46,7 @@ class SignalledExperiment(experiment_lib.Experiment):
     if jax.process_index() != int(os.environ.get("NFNETS_TEST_SIGNAL_PROCESS", "0")):
       return
     at = int(at)
-    if moment == "step":
+    if moment in ("step", "stuck"):
       step_fn = self.train_step
 
       def train_step(state, batch):
@@ -46,6 +54,8 @@ class SignalledExperiment(experiment_lib.Experiment):
         out = step_fn(state, batch)
         if step == at:
           _signal_self(signal.SIGTERM)
+          if moment == "stuck":
+            threading.Event().wait()  # never set: the step never returns
         return out
       self.train_step = train_step
     elif moment == "save":
@@ -67,10 +77,15 @@ class SignalledExperiment(experiment_lib.Experiment):
         return out
       self.eval_step = eval_step
     else:
-      raise ValueError(f"NFNETS_TEST_SIGNAL={moment}:{at}: expected step:K, save:K or eval:K")
+      raise ValueError(f"NFNETS_TEST_SIGNAL={moment}:{at}: expected step:K, stuck:K, save:K "
+                       "or eval:K")
 
 
 experiment_lib.Experiment = SignalledExperiment
+if "NFNETS_TEST_MIN_GRACE" in os.environ:
+  preemption.StopSignals = functools.partial(
+      preemption.StopSignals, min_grace_s=float(os.environ["NFNETS_TEST_MIN_GRACE"]),
+      grace_factor=0.0)
 
 if __name__ == "__main__":
   config_lib.accept_none_overrides()

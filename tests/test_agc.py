@@ -135,3 +135,27 @@ def test_bfloat16_gradients_stay_bfloat16():
   expected, fraction = _reference_tree(params, grads64, 0.01, 1e-3)
   _assert_trees_close(updates, expected, rtol=1e-2, atol=1e-30)
   np.testing.assert_allclose(float(agc_clip_fraction(state)), fraction, rtol=1e-6)
+
+
+def test_complex_parameters_are_clipped_by_their_modulus_as_optax_does():
+  """Issue 38, defect 9: a cast to float32 dropped the imaginary part of complex gradients.
+  Each unit's norm is its complex values' (optax's `abs_sq`), so the clip equals optax's
+  and keeps the phase of every element."""
+  rng = np.random.default_rng(3)
+  cplx = lambda shape, scale: jnp.asarray(  # noqa: E731
+      scale * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)), jnp.complex64)
+  params = {"m": {"w": cplx((4, 6), 1.0), "b": cplx((6,), 0.1)}}
+  grads = {"m": {"w": cplx((4, 6), 5.0), "b": cplx((6,), 1e-4)}}
+  ours, state = jax.jit(adaptive_grad_clip(0.02, record_clip_fraction=True).update)(
+      grads, adaptive_grad_clip(0.02, record_clip_fraction=True).init(params), params)
+  theirs, _ = jax.jit(optax.adaptive_grad_clip(0.02, axis=(0,)).update)(
+      {"w": grads["m"]["w"]}, optax.EmptyState(), {"w": params["m"]["w"]})
+  assert ours["m"]["w"].dtype == jnp.complex64
+  np.testing.assert_allclose(ours["m"]["w"], theirs["w"], rtol=1e-6)
+  # Every unit of w is clipped to 0.02 x its parameters' norm, phases unchanged.
+  unit_norms = np.linalg.norm(np.asarray(ours["m"]["w"]), axis=0)
+  np.testing.assert_allclose(unit_norms, 0.02 * np.linalg.norm(params["m"]["w"], axis=0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.angle(ours["m"]["w"]), np.angle(grads["m"]["w"]), atol=1e-5)
+  np.testing.assert_array_equal(ours["m"]["b"], grads["m"]["b"])  # small: left as is
+  assert float(agc_clip_fraction(state)) == pytest.approx(6 / 7)

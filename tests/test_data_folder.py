@@ -90,3 +90,71 @@ def test_empty_folder_is_a_clear_error(tmp_path):
   (tmp_path / "empty" / "cat" / "notes.txt").write_text("no images here")
   with pytest.raises(ValueError, match="holds no .jpg/.jpeg/.png images"):
     open_source(f"folder:{tmp_path / 'empty'}", "train")
+
+
+# ----------------------------------------------------------------------------- layout accidents
+
+
+def test_a_stray_image_in_a_split_folder_does_not_turn_splits_into_classes(tmp_path, caplog):
+  """Issue 38, defect 7: one image directly inside train/ made train/ and val/ the classes
+  of a single tree (and 'train' its only split). The layout is where most images are;
+  the stray image is named in a warning and not read."""
+  root = tmp_path / "imgs"
+  write_folder(root / "train", {"cat": 3, "dog": 3})
+  write_folder(root / "val", {"cat": 1, "dog": 1}, seed=50)
+  stray = root / "train" / "IMG_0001.jpg"
+  stray.write_bytes(encode(random_image(3)))
+  source = open_source(f"folder:{root}", "validation")
+  assert source.class_names == ("cat", "dog")
+  assert source.split_names == ["train", "val"]
+  assert source.num_examples("train") == 6 and source.num_examples("validation") == 2
+  assert str(stray) not in [path for path, _ in source.splits["train"]]
+  assert any("directly inside split folders are not read" in r.getMessage()
+             and "train/IMG_0001.jpg" in r.getMessage() for r in caplog.records)
+
+
+def test_empty_class_folders_and_nested_images_are_named_in_warnings(tmp_path, caplog):
+  root = tmp_path / "pets"
+  write_folder(root, {"cat": 2, "dog": 2})
+  (root / "emu").mkdir()
+  write_folder(root / "dog" / "puppies", {"small": 2})  # dog/puppies/small/img_*.jpg
+  write_folder(root / "cat", {"kittens": 1})  # cat/kittens/img_0.jpg
+  (root / "loose.jpg").write_bytes(encode(random_image(4)))
+  source = open_source(f"folder:{root}", "train")
+  assert source.class_names == ("cat", "dog", "emu")  # emu is still a class, with no example
+  assert source.num_examples("train") == 4
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("Class folder(s) without" in m and m.endswith("emu. Each is still a class (a label) "
+                                                             "but has no example here.")
+             for m in messages), messages
+  assert any("nested inside class folders" in m and "cat/kittens/img_0.jpg" in m
+             for m in messages), messages
+  assert any("directly inside it are not read" in m and "loose.jpg" in m for m in messages)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda tmp: "", "names no folder: write 'folder:<path>'"),
+    (lambda tmp: "  ", "names no folder"),
+    (lambda tmp: str(_one_image(tmp)), "is a file, not a folder"),
+    (lambda tmp: str(tmp / "missing"), "does not exist"),
+])
+def test_folder_names_that_are_not_folders_say_what_is_wrong(tmp_path, make, match):
+  """`folder:` with an empty path read the current directory; a file's path said that
+  it did not exist."""
+  with pytest.raises((ValueError, FileNotFoundError), match=match):
+    open_source(f"folder:{make(tmp_path)}", "train")
+
+
+def _one_image(tmp_path):
+  path = tmp_path / "photo.jpg"
+  path.write_bytes(encode(random_image(5)))
+  return path
+
+
+def test_as_many_images_at_either_depth_is_an_error_naming_some(tmp_path):
+  root = tmp_path / "mixed"
+  write_folder(root, {"a": 2})  # a/img_0.jpg, a/img_1.jpg
+  write_folder(root / "b", {"x": 2})  # b/x/img_0.jpg, b/x/img_1.jpg
+  with pytest.raises(ValueError, match=r"as many images directly in its sub-folders \(2, e\.g\. "
+                                       r"a/img_0\.jpg, a/img_1\.jpg\) as one level deeper \(2\)"):
+    open_source(f"folder:{root}", "train")

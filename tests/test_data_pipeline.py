@@ -300,6 +300,90 @@ def test_corrupt_files_are_skipped_counted_and_named(tmp_path, caplog):
   assert sorted(training.skipped_files) == sorted([str(garbage), str(truncated)])
 
 
+def test_files_under_8_bytes_are_named_and_counted_not_a_crash(tmp_path, caplog):
+  """Issue 38, defect 3: `looks_like_image` raised on files shorter than the WebP check's
+  8-byte offset, so such files were dropped by tf.data unnamed and uncounted."""
+  from nfnets_jax.data.integrity import looks_like_image  # pylint: disable=import-outside-toplevel
+  for data in (b"", b"\xff", b"\xff\xd8\xff", b"RIFF", b"1234567"):
+    assert not bool(looks_like_image(tf.constant(data))), data
+  root = tmp_path / "images"
+  write_folder(root, {"a": 3, "b": 2})
+  empty, tiny = root / "a" / "empty.jpg", root / "b" / "tiny.png"
+  empty.write_bytes(b"")
+  tiny.write_bytes(b"\x89PN")
+  caplog.set_level(logging.WARNING)
+  batches = load(f"folder:{root}", "train", is_training=False, batch_dims=(4,), image_size=12)
+  assert sum(int(b["mask"].sum()) for b in batches) == 5
+  assert sorted(batches.skipped_files) == sorted([str(empty), str(tiny)])
+  training = load(f"folder:{root}", "train", is_training=True, batch_dims=(4,), image_size=12,
+                  seed=0)
+  _take(training, 4)  # a few epochs: each file is named once, not once per epoch
+  assert sorted(training.skipped_files) == sorted([str(empty), str(tiny)])
+  assert sum(str(tiny) in r.getMessage() for r in caplog.records) == 2  # one per pipeline
+
+
+def test_files_the_decoder_refuses_are_named_and_counted(tmp_path):
+  """A JPEG whose start and end markers are intact but whose body is not a JPEG passes the
+  byte checks; its decoder's error drops it, and the file is named as the others are."""
+  root = tmp_path / "images"
+  write_folder(root, {"a": 2, "b": 2})
+  garbled = root / "a" / "garbled.jpg"
+  garbled.write_bytes(b"\xff\xd8" + b"not a jpeg body" * 10 + b"\xff\xd9")
+  dangling = root / "b" / "moved.jpg"
+  dangling.symlink_to(tmp_path / "gone.jpg")  # listed, but reading it fails
+  batches = load(f"folder:{root}", "train", is_training=False, batch_dims=(2,), image_size=12)
+  assert sum(int(b["mask"].sum()) for b in batches) == 4
+  assert sorted(batches.skipped_files) == sorted([str(garbled), str(dangling)])
+
+
+def _next_within(batches, seconds: float):
+  """next(batches) in a thread: its result or exception, or a failure if it did not end."""
+  import threading  # pylint: disable=import-outside-toplevel
+  outcome = {}
+
+  def run():
+    try:
+      outcome["batch"] = next(batches)
+    except Exception as err:  # pylint: disable=broad-except
+      outcome["error"] = err
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert outcome, f"next() did not end within {seconds} s"
+  return outcome
+
+
+def test_a_training_split_with_no_readable_image_ends_in_one_error_naming_them(tmp_path):
+  """Issue 38, defect 2: an endless stream of files that are all skipped waited forever for
+  its first example. Once every file of the split was tried, one error says how many
+  and which (short, garbage and undecodable files alike)."""
+  root = tmp_path / "broken"
+  for label in ("a", "b"):
+    (root / label).mkdir(parents=True)
+  names = [root / "a" / "short.jpg", root / "a" / "garbage.png", root / "b" / "garbled.jpg"]
+  names[0].write_bytes(b"\xff\xd8")
+  names[1].write_bytes(b"plain text, not a PNG")
+  names[2].write_bytes(b"\xff\xd8" + b"x" * 200 + b"\xff\xd9")
+  from nfnets_jax.data.integrity import UnreadableSplitError  # pylint: disable=import-outside-toplevel
+  for mix in (None, "mixup"):
+    training = load(f"folder:{root}", "train", is_training=True, batch_dims=(2,),
+                    image_size=12, seed=0, augment_name=mix)
+    error = _next_within(training, 120).get("error")
+    assert isinstance(error, UnreadableSplitError), error
+    message = str(error)
+    assert message.startswith(f"None of the 3 files of folder:{root} split 'train' could be "
+                              "read as an image: ")
+    assert all(str(name) in message for name in names) and "\n" not in message
+    assert sorted(training.skipped_files) == sorted(map(str, names))
+  # An evaluation ends by itself: only padding, every file named (its caller refuses to
+  # report an accuracy over no example, tests/test_bad_input.py).
+  evaluation = load(f"folder:{root}", "train", is_training=False, batch_dims=(2,),
+                    image_size=12)
+  assert sum(int(b["mask"].sum()) for b in evaluation) == 0
+  assert sorted(evaluation.skipped_files) == sorted(map(str, names))
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [

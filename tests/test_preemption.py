@@ -266,3 +266,112 @@ def test_two_processes_signal_one_both_stop_at_the_same_step_and_resume_bitwise(
     assert "Resumed from step 3" in stderr
   want = [_without_seconds(line) for line in two_process_run["reported"]]
   assert [_without_seconds(final_json(stdout)) for _, stdout, _ in outputs] == want
+
+
+# ----------------------------------------------------------------------------- bounded stops
+
+
+@pytest.fixture(scope="module")
+def own_dirs(tmp_path_factory):
+  """A data dir and a compilation cache for this module's one-device runs below."""
+  root = tmp_path_factory.mktemp("bounded_stops")
+  return {"data_dir": str(root / "tfds"), "cache": str(root / "xla_cache")}
+
+
+def _signalled(dirs, workdir, wait_for: str, *signals: tuple[float, int], moment: str = "",
+               env: dict | None = None) -> tuple[int, str, float]:
+  """Runs the one-device demo (through preemption_hook at `moment`), sends `signals`
+  ((seconds after the line, signal)) once a stderr line contains `wait_for`; returns
+  the exit status, stderr and the seconds from the first signal to the exit."""
+  import threading  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  argv = trainer_command(dirs, workdir)
+  run_env = trainer_env(1, **(env or {}))
+  if moment:
+    argv[1:3] = [str(HOOK)]
+    run_env.update(NFNETS_TEST_SIGNAL=moment, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), str(REPO / "tests"), run_env.get("PYTHONPATH")])))
+  proc = subprocess.Popen(argv, cwd=REPO, env=run_env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  lines, seen = [], threading.Event()
+
+  def read():
+    for line in proc.stderr:
+      lines.append(line)
+      if wait_for in line:
+        seen.set()
+    seen.set()
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  assert seen.wait(300) and proc.poll() is None, "".join(lines)[-3000:]
+  start = time.monotonic()
+  sent_at = start
+  for delay, signum in signals:
+    time.sleep(max(0.0, start + delay - time.monotonic()))
+    if proc.poll() is None:
+      proc.send_signal(signum)
+  try:
+    proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  reader.join(10)
+  return proc.returncode, "".join(lines), time.monotonic() - sent_at
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wait_for, signum", [
+    ("initialising nfnet:nano", signal.SIGTERM),  # the init program compiles next
+    ("Training nfnet:nano for", signal.SIGINT),  # the train step compiles next
+])
+def test_a_signal_before_the_first_step_ends_the_run_at_once(own_dirs, tmp_path, wait_for,
+                                                             signum):
+  """Issue 38, defect 2: a signal while building, restoring or compiling was only read at a
+  step boundary (and never, where the first step could not come). With nothing trained
+  to save, the run ends at once with one line and the status that says "rerun me"."""
+  status, stderr, seconds = _signalled(own_dirs, tmp_path, wait_for, (0.0, signum))
+  name = signal.Signals(signum).name
+  assert status == preemption.EXIT_PREEMPTED, stderr[-3000:]
+  assert seconds < 20
+  assert (f"Stopped on {name} before the first training step (while reading the data, "
+          "restoring or compiling): no step had been trained since the last checkpoint, so "
+          f"nothing was lost (the checkpoints in {tmp_path / 'checkpoints'}, if any, are as "
+          "they were). Rerun the same command to resume.") in stderr
+  assert "Traceback" not in stderr and not checkpoint_steps(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_step_that_cannot_finish_ends_the_run_after_the_grace_period(own_dirs, tmp_path):
+  """Step 2 never returns (a stuck input pipeline or device) after its SIGTERM: the stop,
+  read only at a step boundary, would wait forever. After the grace period (3 s here)
+  the run ends with one line; the checkpoints it saved are kept."""
+  status, stderr, seconds = _signalled(
+      own_dirs, tmp_path, "SIGTERM received: finishing the current step", moment="stuck:2",
+      env={"NFNETS_TEST_MIN_GRACE": "3"})
+  assert status == 128 + signal.SIGTERM, stderr[-3000:]
+  assert seconds < 30
+  assert ("Stopped on SIGTERM: the running step did not end within 3 s of the signal (0 x the "
+          "longest step so far, at least 3 s; the input pipeline or a device may be stuck), so "
+          "its progress since the last checkpoint is lost; the complete checkpoints in "
+          f"{tmp_path / 'checkpoints'} are kept.") in stderr
+  assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_second_signal_ends_the_run_at_once_unless_it_is_the_same_delivered_twice(
+    own_dirs, tmp_path):
+  """The first SIGTERM asks step 2 to end, which it never does; a SIGINT 0.5 s later is
+  the same request delivered twice (a launcher forwarding Ctrl-C), one 3 s later ends
+  the run at once, where the default grace period (60 s) would still be waiting."""
+  status, stderr, seconds = _signalled(
+      own_dirs, tmp_path, "SIGTERM received: finishing the current step",
+      (0.5, signal.SIGINT), (3.0, signal.SIGINT), moment="stuck:2")
+  assert status == 128 + signal.SIGINT, stderr[-3000:]
+  assert 3.0 <= seconds < 20
+  assert ("SIGINT received while already stopping on SIGTERM: ignored, as the same stop "
+          "request delivered twice") in stderr
+  assert ("Stopped on a second signal (SIGINT, after SIGTERM) without finishing the stop: a "
+          "checkpoint being written is left incomplete; the complete ones in "
+          f"{tmp_path / 'checkpoints'} are kept.") in stderr
+  assert "Traceback" not in stderr

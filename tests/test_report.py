@@ -167,3 +167,29 @@ def test_memory_report_compiles_replicated_and_sharded_steps_on_host_devices(cap
   table = report.render_memory(rows, "markdown")
   assert table.splitlines()[0].startswith("| model | px | batch/device | accum | state |")
   assert table.count("| nfnet:nano | 16 | 4 | 1 |") == 1 and "on 2 devices" in table
+
+
+def test_memory_report_default_is_one_variant_and_all_is_on_request():
+  """Issue 38: the default F0..F7 compiled for over 15 minutes on a 2-core machine."""
+  assert report._memory_variants(None) == ["F0"]  # pylint: disable=protected-access
+  assert report._memory_variants(["all"]) == [f"F{i}" for i in range(8)]  # pylint: disable=protected-access
+  assert report._memory_variants(["F3", "nano"]) == ["F3", "nano"]  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_memory_report_prints_each_row_as_soon_as_it_is_compiled():
+  """Issue 38: the report printed nothing until every variant had compiled. Each
+  compilation is announced on stderr and each table row printed once its two halves
+  are in, before the next setting compiles (here through the two-device child)."""
+  repo = pathlib.Path(__file__).parents[1]
+  proc = subprocess.run(
+      [sys.executable, "-m", "nfnets_jax.report", "--memory", "--devices=2", "--variants=nano",
+       "--per_device_batch=4", "--image_size=16", "--grad_accum_steps=2"],
+      cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  lines = [line for line in proc.stdout.splitlines()
+           if line.startswith(("memory report: compiling", "nfnet:nano"))]
+  assert [line.split(":")[1].strip() if line.startswith("memory") else line.split()[3]
+          for line in lines] == ["compiling 1/4", "compiling 2/4", "1", "compiling 3/4",
+                                 "compiling 4/4", "2"], lines
+  assert "nfnet:nano at 16 px, 4 per device, 2 micro-batches, sharded state ..." in lines[4]

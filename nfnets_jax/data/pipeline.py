@@ -23,6 +23,7 @@ Evaluation always keeps order, covers every example of the split exactly once
 across processes and pads the last batches with masked-out examples.
 """
 
+import dataclasses
 import logging
 import math
 from typing import Any, Iterator, Optional, Sequence
@@ -32,7 +33,7 @@ import numpy as np
 from nfnets_jax.data import mixing, preprocess, randaugment, rng, sharding, subsets
 from nfnets_jax.data._tf import tf
 from nfnets_jax.data.augment_spec import AugmentSpec
-from nfnets_jax.data.integrity import SkippedFiles
+from nfnets_jax.data.integrity import SkippedFiles, attempt
 from nfnets_jax.data.options import (GROUPS, Augmentation, Preprocessing, Reading, Stream,
                                      group_keywords, image_dtype)
 from nfnets_jax.data.sources import open_source
@@ -81,7 +82,13 @@ class Batches(Iterator[Batch]):
   def __next__(self) -> Batch:
     if self._iterator is None:
       self._iterator = self.dataset.as_numpy_iterator()
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except tf.errors.OpError:
+      # Raised inside tf.data, the error arrives wrapped in a TensorFlow one.
+      if self._skipped.error is not None:
+        raise self._skipped.error from None
+      raise
     self.step += 1
     return batch
 
@@ -187,93 +194,165 @@ def build(name: str, split: str, *, is_training: bool, batch_dims: Sequence[int]
     TypeError: a group is not of its dataclass.
     ValueError: an argument is invalid (the message says what would be valid).
     FileNotFoundError: a dataset's manual files or folder are missing.
+    UnreadableSplitError (a ValueError), while iterating a training stream: no
+      file of this process's part of the split could be read as an image.
   """
   for group, value in zip(GROUPS, (preprocessing, augmentation, stream, reading)):
     _check_group(group, value)
-  spec = augmentation.spec
-  size = preprocessing.size_hw
+  plan = _plan(is_training, batch_dims, preprocessing, augmentation, stream)
+  if reading.fake_data:
+    return _fake(plan, stream.start_step, preprocessing.transpose)
+  source = _open(name, split, reading)
+  ds, num_local = source.read(split, process_index=plan.process_index,
+                              process_count=plan.process_count, shuffle_files=is_training,
+                              seed=plan.seed if plan.deterministic else None)
+  # Only an endless training stream would wait forever on a part with no readable file;
+  # an evaluation ends, and its caller sees it scored nothing (other processes' parts may
+  # hold every readable file: an error here would leave them waiting in collectives).
+  skipped = SkippedFiles(num_local if is_training else None, _describe_part(name, split, plan))
+  if is_training:
+    ds, steps = _training_examples(ds, num_local, plan, preprocessing, augmentation, stream,
+                                   reading, skipped, source.is_folder), None
+  else:
+    steps = sharding.eval_steps(source.part_sizes(split, plan.process_count),
+                                plan.per_process_batch)
+    ds = _eval_examples(ds, steps, plan, preprocessing, skipped, source.is_folder)
+  ds = _batch(ds, plan.dims, plan.spec if plan.mixes else AugmentSpec(),
+              augmentation.augment_before_mix, augmentation.mix_source, plan.tf_dtype,
+              preprocessing.transpose)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  ds = ds.with_options(_options(plan.deterministic or not is_training, reading.num_threads,
+                                reading.autotune))
+  return Batches(ds, step=stream.start_step, steps=steps, num_examples=num_local,
+                 num_classes=source.num_classes, skipped=skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """The checked settings `build` works from."""
+  is_training: bool
+  dims: tuple[int, ...]
+  size: tuple[int, int]
+  tf_dtype: tf.DType
+  spec: AugmentSpec
+  mixes: bool
+  seed: Optional[int]
+  deterministic: bool
+  process_index: int
+  process_count: int
+
+  @property
+  def per_process_batch(self) -> int:
+    return math.prod(self.dims)
+
+
+def _plan(is_training: bool, batch_dims: Sequence[int], preprocessing: Preprocessing,
+          augmentation: Augmentation, stream: Stream) -> _Plan:
+  """Checks the arguments that depend on each other; the message says what would be valid."""
   dims = _check_batch_dims(batch_dims)
-  tf_dtype = _tf_dtype(preprocessing.dtype)
   index, count = sharding.resolve_process(stream.process_index, stream.process_count)
-  start_step = stream.start_step
-  if start_step and not is_training:
+  if stream.start_step and not is_training:
     raise ValueError("start_step only applies to training; evaluation always starts at its "
                      "first batch.")
+  spec = augmentation.spec
   mixes = is_training and spec.mixes
   if mixes and spec.mixup and spec.cutmix and dims[-1] % 2:
     raise ValueError(f"{augmentation.augment_name!r} mixes half of each batch with mixup and "
                      f"half with CutMix, so the innermost batch dimension must be even; got "
                      f"batch_dims {dims}.")
-  seed = stream.seed
   deterministic = stream.is_deterministic
-  if deterministic and seed is None and is_training:
+  if deterministic and stream.seed is None and is_training:
     raise ValueError("deterministic=True needs a seed: the file order, shuffle and augmentations "
                      "of a reproducible run all derive from it (pass seed=<int>).")
-  transpose = preprocessing.transpose
-  augment_before_mix = augmentation.augment_before_mix
-  mix_source = augmentation.mix_source
-  skipped = SkippedFiles()
+  return _Plan(is_training=is_training, dims=dims, size=preprocessing.size_hw,
+               tf_dtype=_tf_dtype(preprocessing.dtype), spec=spec, mixes=mixes,
+               seed=stream.seed, deterministic=deterministic, process_index=index,
+               process_count=count)
 
-  if reading.fake_data:
-    np_dtype = np.dtype(tf_dtype.as_numpy_dtype)
-    return Batches(None, step=start_step, steps=None if is_training else 1, num_examples=0,
-                   num_classes=0, skipped=skipped,
-                   fake_batches=_fake_batches(dims, size, np_dtype, transpose, is_training, mixes))
 
-  source = subsets.restrict(
+def _fake(plan: _Plan, start_step: int, transpose: bool) -> Batches:
+  """Constant batches of the real shapes and dtypes, without reading any dataset."""
+  np_dtype = np.dtype(plan.tf_dtype.as_numpy_dtype)
+  return Batches(None, step=start_step, steps=None if plan.is_training else 1, num_examples=0,
+                 num_classes=0, skipped=SkippedFiles(),
+                 fake_batches=_fake_batches(plan.dims, plan.size, np_dtype, transpose,
+                                            plan.is_training, plan.mixes))
+
+
+def _open(name: str, split: str, reading: Reading):
+  """The dataset's source, restricted to the classes and examples `reading` asks for."""
+  return subsets.restrict(
       open_source(name, split, data_dir=reading.data_dir, manual_dir=reading.manual_dir,
                   download=reading.download, val_fraction=reading.val_fraction),
       reading.classes, reading.examples_per_class)
-  ds, num_local = source.read(split, process_index=index, process_count=count,
-                              shuffle_files=is_training, seed=seed if deterministic else None)
-  per_process_batch = math.prod(dims)
-  key = rng.run_seed(seed, index)
 
-  def keep(i, ex):
-    del i
-    return skipped.keep(ex["image"], ex["name"])
 
-  if is_training:
-    examples_per_step = per_process_batch * (2 if mixes and mix_source == "stream" else 1)
-    if reading.cache if reading.cache is not None else count > 1:
-      ds = ds.cache()
-    ds = ds.repeat()
-    # A buffer beyond one epoch of this process's part would only re-read the same files.
-    buffer = stream.shuffle_buffer or max(
-        1, min(max(MIN_SHUFFLE_BUFFER, 10 * examples_per_step), num_local))
-    ds = ds.shuffle(buffer, seed=seed if deterministic else None, reshuffle_each_iteration=True)
-    ds = ds.enumerate().filter(keep)
-    if start_step and deterministic:
-      # Exact resume: replay the stream's reads (no decoding) up to where step k began.
-      # A fast-mode stream is random anyway, so it starts afresh instead of paying this.
-      ds = ds.skip(start_step * examples_per_step)
-    ds = ds.map(_train_example_fn(spec, size, key, mixes, augment_before_mix,
-                                  preprocessing.train_preproc),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    steps = None
-  else:
-    steps = sharding.eval_steps(source.part_sizes(split, count), per_process_batch)
-    ds = ds.enumerate().filter(keep)
-    eval_preproc = preprocessing.eval_preproc
-    ds = ds.map(lambda i, ex: {"images": preprocess.normalize(
-                                   preprocess.eval_image(ex["image"], size, eval_preproc)),
-                               "labels": ex["label"], "mask": tf.constant(1, tf.int32)},
-                num_parallel_calls=tf.data.AUTOTUNE)
-  if source.is_folder:
-    ds = ds.ignore_errors(log_warning=True)  # Last resort for damage the byte checks miss.
-  if not is_training:
-    padding = tf.data.Dataset.from_tensors({
-        "images": tf.zeros(size + (3,), tf.float32), "labels": tf.constant(0, tf.int32),
-        "mask": tf.constant(0, tf.int32)}).repeat()
-    ds = ds.concatenate(padding).take(steps * per_process_batch)
+def _describe_part(name: str, split: str, plan: _Plan) -> str:
+  """How errors name the files this process reads: '<name> split <split>' and its part."""
+  part = (f" (process {plan.process_index}'s part of {plan.process_count})"
+          if plan.process_count > 1 else "")
+  return f"{name} split {split!r}{part}"
 
-  ds = _batch(ds, dims, spec if mixes else AugmentSpec(), augment_before_mix, mix_source,
-              tf_dtype, transpose)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  ds = ds.with_options(_options(deterministic or not is_training, reading.num_threads,
-                                reading.autotune))
-  return Batches(ds, step=start_step, steps=steps, num_examples=num_local,
-                 num_classes=source.num_classes, skipped=skipped)
+
+def _training_examples(ds: tf.data.Dataset, num_local: int, plan: _Plan,
+                       preprocessing: Preprocessing, augmentation: Augmentation, stream: Stream,
+                       reading: Reading, skipped: SkippedFiles,
+                       is_folder: bool) -> tf.data.Dataset:
+  """The endless, shuffled stream of preprocessed training examples (not yet batched)."""
+  examples_per_step = plan.per_process_batch * (
+      2 if plan.mixes and augmentation.mix_source == "stream" else 1)
+  if reading.cache if reading.cache is not None else plan.process_count > 1:
+    ds = ds.cache()
+  ds = ds.repeat()
+  # A buffer beyond one epoch of this process's part would only re-read the same files.
+  buffer = stream.shuffle_buffer or max(
+      1, min(max(MIN_SHUFFLE_BUFFER, 10 * examples_per_step), num_local))
+  ds = ds.shuffle(buffer, seed=plan.seed if plan.deterministic else None,
+                  reshuffle_each_iteration=True)
+  ds = ds.enumerate().filter(lambda i, ex: skipped.keep(ex["image"], ex["name"]))
+  if stream.start_step and plan.deterministic:
+    # Exact resume: replay the stream's reads (no decoding) up to where step k began.
+    # A fast-mode stream is random anyway, so it starts afresh instead of paying this.
+    ds = ds.skip(stream.start_step * examples_per_step)
+  example_fn = _train_example_fn(plan.spec, plan.size, rng.run_seed(plan.seed, plan.process_index),
+                                 plan.mixes, augmentation.augment_before_mix,
+                                 preprocessing.train_preproc)
+  return _map_examples(ds, example_fn, skipped, is_folder)
+
+
+def _eval_examples(ds: tf.data.Dataset, steps: int, plan: _Plan, preprocessing: Preprocessing,
+                   skipped: SkippedFiles, is_folder: bool) -> tf.data.Dataset:
+  """One ordered pass of preprocessed examples, masked padding to `steps` full batches."""
+  ds = ds.enumerate().filter(lambda i, ex: skipped.keep(ex["image"], ex["name"]))
+  eval_preproc, size = preprocessing.eval_preproc, plan.size
+  ds = _map_examples(ds, lambda i, ex: {
+      "images": preprocess.normalize(preprocess.eval_image(ex["image"], size, eval_preproc)),
+      "labels": ex["label"], "mask": tf.constant(1, tf.int32)}, skipped, is_folder)
+  padding = tf.data.Dataset.from_tensors({
+      "images": tf.zeros(size + (3,), tf.float32), "labels": tf.constant(0, tf.int32),
+      "mask": tf.constant(0, tf.int32)}).repeat()
+  return ds.concatenate(padding).take(steps * plan.per_process_batch)
+
+
+def _map_examples(ds: tf.data.Dataset, example_fn, skipped: SkippedFiles,
+                  is_folder: bool) -> tf.data.Dataset:
+  """`example_fn` over (stream position, example); for folders each example is decoded
+  in a guard of its own, so a file its decoder refuses is reported and dropped
+  (prepared TFDS datasets were validated when written)."""
+  if not is_folder:
+    return ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(_guarded(example_fn), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.filter(lambda out, ok, name: skipped.keep_if(ok, name))
+  return ds.map(lambda out, ok, name: out)
+
+
+def _guarded(example_fn):
+  """(position, example) -> (example_fn's output, whether it worked, the file's name)."""
+  def fn(index, ex):
+    out, ok = attempt(example_fn, index, ex)
+    return out, ok, ex["name"]
+
+  return fn
 
 
 def _augment_normalize(image: tf.Tensor, spec: AugmentSpec, seed: tf.Tensor) -> tf.Tensor:

@@ -15,6 +15,9 @@ adds what the optax transform lacks:
 * norms computed in float32 and updates returned in the gradient's own dtype,
   so bfloat16 gradients stay bfloat16 (optax's transform returns float32 for
   any unit it clips when the parameters are float32);
+* complex parameters clipped by the modulus, as optax's own clipping does
+  (`numerics.abs_sq`): a unit's norm is that of its complex values and the
+  clip scales real and imaginary parts alike;
 * an error naming the offending parameter when a rank has no unit rule.
 """
 
@@ -73,6 +76,14 @@ def unit_axes(shape: tuple[int, ...]) -> UnitAxes:
       "supported: rank 0-1 (whole array), 2-3 (linear: reduce axis 0), 4 (HWIO conv: "
       "reduce H, W, I), 5 (DHWIO conv). Exclude it from AGC (e.g. with optax.masked) or "
       "reshape it.")
+
+
+def _working_dtype(dtype: Any) -> jnp.dtype:
+  """float32 for real values; complex64 or wider for complex ones, which a cast to
+  float32 would strip of their imaginary part."""
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.promote_types(dtype, jnp.complex64)
+  return jnp.dtype(jnp.float32)
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -144,9 +155,9 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3, *,
         axes = tuple(lead + a for a in unit_axes(p.shape[lead:]))
       except ValueError as e:
         raise ValueError(f"Parameter {_path_str(path)!r}: {e}") from None
-      g32 = jnp.asarray(g, jnp.float32)
+      g32 = jnp.asarray(g, _working_dtype(g.dtype))
       g_norm = optax_transforms.unitwise_norm(g32, axis=axes)
-      p_norm = optax_transforms.unitwise_norm(jnp.asarray(p, jnp.float32), axis=axes)
+      p_norm = optax_transforms.unitwise_norm(jnp.asarray(p, _working_dtype(p.dtype)), axis=axes)
       max_norm = clipping * jnp.maximum(p_norm, eps)
       clipped = optax_transforms.unitwise_clip(g_norm, max_norm, g32, _DIV_EPS)
       if record_clip_fraction:

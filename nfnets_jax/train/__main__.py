@@ -13,13 +13,19 @@ The log shows progress, warnings and errors; absl's --verbosity=0 (-v 0) adds
 the libraries' info lines, -v 1 debug lines too (see nfnets_jax.cli).
 
 Exit statuses: 0 done; 1 a bad flag, config value or experiment-file argument
-(experiments/nfnet.py:F99), named in one line, or
-checkpoints that exist but none of which can be restored (each listed);
+(experiments/nfnet.py:F99), named in one line,
+checkpoints that exist but none of which can be restored (each listed), or a
+dataset split none of whose files can be read (they are named) or with no
+example to evaluate;
 3 the loss or gradients became non-finite (the last good checkpoint is kept);
-4 a checkpoint could not be saved (the line names the directory and the
-cause; the earlier checkpoints are intact); 75 stopped on SIGTERM/SIGINT
-after saving the step it reached: rerun the same command to resume
-(docs/training.md, "Preemption"; launch/slurm.sbatch requeues on it).
+4 a checkpoint could not be saved, or the workdir cannot be written (the line
+names the directory and the cause; the earlier checkpoints are intact); 1 too
+for a --workdir that is empty or a file; 75 stopped on SIGTERM/SIGINT
+after saving the step it reached, or before the first step (nothing to save):
+rerun the same command to resume (docs/training.md, "Preemption";
+launch/slurm.sbatch requeues on it); 128 + the signal's number: a second
+signal, or a step that could not finish after the first, ended the run
+without saving the step it was in (the complete checkpoints are kept).
 """
 
 import ast
@@ -33,6 +39,7 @@ from ml_collections import config_flags
 from nfnets_jax import cli
 from nfnets_jax.cli import runtime
 from nfnets_jax.train import config as config_lib
+from nfnets_jax.train import workdir_access
 
 #: Exit status of a run whose loss or gradients became non-finite.
 EXIT_NON_FINITE = 3
@@ -133,18 +140,57 @@ def main(argv):
     # Before runtime.setup and any import of the training stack: a bad value
     # is reported in a second or two, as one line naming the field.
     config = config_lib.validate(_CONFIG.value)
-    runtime.setup()
-    from nfnets_jax.train.experiment import Experiment, NonFiniteLossError  # pylint: disable=import-outside-toplevel
-    from nfnets_jax.train import checkpoint_recovery, preemption  # pylint: disable=import-outside-toplevel
-    experiment = Experiment(config, _WORKDIR.value)  # checks what needs the devices
   except config_lib.ConfigError as err:
-    sys.stderr.write(f"FATAL config error: {err}\n")
-    sys.exit(cli.EXIT_FAILURE)
+    _fatal_config_error(err)
+  try:
+    workdir = workdir_access.check(_WORKDIR.value, writes=_MODE.value != "eval")
+  except workdir_access.WorkdirError as err:
+    sys.stderr.write(f"FATAL {err}\n")
+    sys.exit(err.exit_code)
+  runtime.setup()
+  from nfnets_jax.train import preemption  # pylint: disable=import-outside-toplevel
+  # From here on a signal ends the start-up at once and, once training, stops at a
+  # step boundary (preemption.StopSignals says what each moment does).
+  with preemption.StopSignals() as signals:
+    results = _run(config, workdir, signals)
+  print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
+  print(f"tensorboard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+  if "top1" in results:
+    print(f"eval top-1 {results['top1']:.4f} (EMA {results['ema_top1']:.4f}), "
+          f"top-5 {results['top5']:.4f} on {results['num_examples']} examples at step "
+          f"{results['step']}")
+  print(json.dumps(results))
+
+
+def _fatal_config_error(err: Exception) -> None:
+  sys.stderr.write(f"FATAL config error: {err}\n")
+  sys.exit(cli.EXIT_FAILURE)
+
+
+def _run(config, workdir: str, signals) -> dict:
+  """Builds the experiment and runs `--mode`; each failure the trainer knows ends the
+  process with its line and exit status (see the module docstring)."""
+  from nfnets_jax.data.integrity import UnreadableSplitError  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.train import checkpoint_recovery, preemption  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.train.eval_totals import NoExamplesError  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.train.checkpoints import checkpoint_dir  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.train.experiment import Experiment, NonFiniteLossError  # pylint: disable=import-outside-toplevel
+  signals.checkpoint_dir = checkpoint_dir(workdir)
+  write_summaries = _MODE.value != "eval" or workdir_access.is_writable(workdir)
+  if not write_summaries:
+    logging.warning("The workdir %s cannot be written: the evaluation's TensorBoard scalars "
+                    "are not saved (the results are printed).", workdir)
+  try:
+    experiment = Experiment(config, workdir,  # checks what needs the devices
+                            write_summaries=write_summaries)
+  except config_lib.ConfigError as err:
+    _fatal_config_error(err)
   try:
     if _MODE.value == "eval":
+      signals.moment = "during the evaluation"
       results = experiment.evaluate()
     else:
-      results = experiment.train(evaluate=_MODE.value == "train_eval")
+      results = experiment.train(evaluate=_MODE.value == "train_eval", signals=signals)
   except NonFiniteLossError as err:
     logging.error("%s", err)
     experiment.close()
@@ -163,18 +209,13 @@ def main(argv):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_SAVE_FAILED)  # pylint: disable=protected-access
-  except checkpoint_recovery.NoReadableCheckpointError as err:
+  except (checkpoint_recovery.NoReadableCheckpointError, UnreadableSplitError,
+          NoExamplesError) as err:
+    experiment.close()
     sys.stderr.write(f"FATAL {err}\n")
     sys.exit(cli.EXIT_FAILURE)
   experiment.close()
-  workdir = os.path.abspath(_WORKDIR.value)
-  print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
-  print(f"tensorboard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
-  if "top1" in results:
-    print(f"eval top-1 {results['top1']:.4f} (EMA {results['ema_top1']:.4f}), "
-          f"top-5 {results['top5']:.4f} on {results['num_examples']} examples at step "
-          f"{results['step']}")
-  print(json.dumps(results))
+  return results
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ and the evaluate, convert and export tools read it as it is.
 
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a run killed at any moment (SIGKILL, preemption) leaves only
-complete checkpoints behind; `latest_step` never sees a partial one.
+complete checkpoints behind; `latest_step` never sees a partial one. Bytes
+changed later (bit rot) are caught by the checksum of every array that `meta`
+records (`weights.checksums`): `restore` raises on a mismatch, so the step is
+a damaged one (`checkpoint_recovery`).
 
 The trees are written by orbax's `PyTreeCheckpointHandler` (what `StandardSave` uses
 inside; either reads the other's items). On the CPU backend each replicated array is
@@ -27,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nfnets_jax.weights import checksums, read_failures
 from nfnets_jax.weights import workdir as run_layout
 from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.optim import EmaState
@@ -98,8 +102,10 @@ class Checkpointer:
     if self._layout is not None:
       state = self._to_published(state)
     step = int(jax.device_get(state.step))
-    meta = {**meta, "step": step, "ema_count": int(jax.device_get(state.ema.count))}
     trees = (state.params, state.ema.ema, state.opt_state)
+    meta = {**meta, "step": step, "ema_count": int(jax.device_get(state.ema.count)),
+            checksums.CHECKSUMS_KEY: {item: checksums.tree_checksums(tree)
+                                      for item, tree in zip(_TREE_ITEMS, trees)}}
     self.wait()  # a failure of the previous save is reported under its own step
     self._in_flight = step
     with save_failures(self.directory, step):
@@ -122,11 +128,14 @@ class Checkpointer:
     if self._layout is not None:
       target = self._published_target(target)
     trees = (target.params, target.ema.ema, target.opt_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        **{item: ocp.args.PyTreeRestore(tree, ocp.checkpoint_utils.construct_restore_args(tree))
-           for item, tree in zip(_TREE_ITEMS, trees)},
-        **{run_layout.META_ITEM: ocp.args.JsonRestore()}))
+    with read_failures.reporting_failure():
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          **{item: ocp.args.PyTreeRestore(tree, ocp.checkpoint_utils.construct_restore_args(tree))
+             for item, tree in zip(_TREE_ITEMS, trees)},
+          **{run_layout.META_ITEM: ocp.args.JsonRestore()}))
     meta = dict(restored[run_layout.META_ITEM])
+    for item, recorded in meta.get(checksums.CHECKSUMS_KEY, {}).items():
+      checksums.verify(restored[item], recorded, repr(item))
     state = TrainState(
         step=_scalar(meta["step"], target.step.sharding),
         params=restored[run_layout.PARAMS_ITEM],

@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = "nfnet:F0"
+  # The classifier's outputs: the dataset's number of classes (the trainer checks it),
+  # or 0 to take that number from the dataset (experiments/finetune.py's default).
   c.num_classes = 1000
   # Keyword arguments of the model's constructor (see nfnets_jax.models).
   c.model_kwargs = ml_collections.ConfigDict({"stochdepth_rate": 0.25})
@@ -253,9 +255,11 @@ def _is_positive_int(value: Any) -> bool:
 #: The fields with a valid range: (check, what is valid, as the error says it).
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{field: (_is_positive_int, "a positive integer") for field in (
-        "num_classes", "train_batch_size", "eval_batch_size", "dataset.image_size",
+        "train_batch_size", "eval_batch_size", "dataset.image_size",
         "dataset.eval_image_size", "log_every_steps", "checkpoint_every_steps",
         "keep_checkpoints", "grad_accum_steps")},
+    "num_classes": (lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= 0,
+                    "0 (the dataset's number of classes) or a positive integer"),
     "dataset.train_examples_per_class": (lambda v: not isinstance(v, bool) and isinstance(v, int)
                                          and v >= 0, "0 (every example) or an integer >= 1"),
     "num_train_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_epochs) or >= 1"),
@@ -353,7 +357,7 @@ def _check_finetuning(config: ml_collections.ConfigDict) -> None:
     classes = subsets.parse_classes(config.dataset.classes)
   except ValueError as err:
     raise ConfigError(f"config.dataset.classes: {err}") from None
-  if classes is not None and len(classes) != config.num_classes:
+  if classes is not None and config.num_classes and len(classes) != config.num_classes:
     _fail("num_classes", config.num_classes,
           f"expected {len(classes)}, the number of classes in config.dataset.classes = "
           f"{config.dataset.classes!r}")

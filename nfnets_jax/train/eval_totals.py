@@ -16,6 +16,10 @@ SUMMED = ("loss", "top1", "top5", "count")
 MEANS = ("top1", "top5", "loss")
 
 
+class NoExamplesError(ValueError):
+  """An evaluation scored no example: its means would be a meaningless 0.0."""
+
+
 class EvalTotals:
   """Running sums of the eval step's outputs, per set of weights (e.g. '' and 'ema_')."""
 
@@ -41,3 +45,12 @@ class EvalTotals:
     sums = self._sums.get(name, dict.fromkeys(SUMMED, 0.0))
     count = max(sums["count"], 1.0)
     return {key: sums[key] / count for key in MEANS}
+
+  def require_examples(self, name: str, what: str) -> None:
+    """A `NoExamplesError` naming `what` (the data scored) unless the weights called
+    `name` scored at least one real example."""
+    if self.count(name) == 0:
+      raise NoExamplesError(
+          f"No example of {what} could be scored: every file was skipped as unreadable (see "
+          "the warnings above) or the split is empty, so there is no top-1 to report. Check "
+          "the dataset, split and data directory.")

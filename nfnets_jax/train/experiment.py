@@ -88,99 +88,152 @@ def check_shard_state(config: ml_collections.ConfigDict, num_devices: int,
         f"{num_devices} devices; set it to False.")
 
 
-class Experiment:
-  """One training/evaluation run of a config in a workdir."""
+def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """A ConfigError unless the batches split evenly over the devices and each device's
+  share over the micro-batches (and `shard_state` fits the devices)."""
+  for field in ("train_batch_size", "eval_batch_size"):
+    if config[field] % num_devices:
+      raise config_lib.ConfigError(
+          f"config.{field} = {config[field]} must be divisible by the number of devices "
+          f"({num_devices}: {jax.local_device_count()} per process x {jax.process_count()} "
+          "processes).")
+  per_device = config.train_batch_size // num_devices
+  if per_device % config.grad_accum_steps:
+    raise config_lib.ConfigError(
+        f"config.grad_accum_steps = {config.grad_accum_steps} must divide each device's share "
+        f"of the batch ({config.train_batch_size} / {num_devices} devices = {per_device}).")
+  check_shard_state(config, num_devices)
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+
+def open_train_source(dataset: ml_collections.ConfigDict) -> Any:
+  """The training dataset (its class subset), checked to have both splits now, not
+  after hours of training (the eval split is read at the end)."""
+  from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
+  from nfnets_jax.data.subsets import restrict  # pylint: disable=import-outside-toplevel
+  try:
+    source = restrict(open_source(dataset.name, dataset.train_split, data_dir=dataset.data_dir,
+                                  val_fraction=dataset.val_fraction),
+                      dataset.classes, dataset.train_examples_per_class or None)
+  except (ValueError, FileNotFoundError) as err:
+    raise config_lib.ConfigError(f"config.dataset: {err}") from None
+  try:
+    source.num_examples(dataset.eval_split)
+  except ValueError as err:
+    raise config_lib.ConfigError(f"config.dataset.eval_split: {err}") from None
+  return source
+
+
+def resolve_num_classes(config: ml_collections.ConfigDict, source: Any) -> int:
+  """The classifier's size: `config.num_classes`, which must be the dataset's number of
+  classes, or for 0 that number (said in the log). A head of another size would
+  train on targets it cannot express, or predict classes the data never has."""
+  found = source.num_classes
+  dataset = config.dataset
+  what = f"dataset {dataset.name!r}" + (f" with classes {dataset.classes!r}"
+                                        if dataset.classes is not None else "")
+  if config.num_classes == 0:
+    names = ", ".join(source.class_names[:5]) + (", ..." if found > 5 else "")
+    logging.info("config.num_classes = 0: the classifier has %d outputs, the classes of %s "
+                 "(%s).", found, what, names)
+    return found
+  if config.num_classes != found:
+    raise config_lib.ConfigError(
+        f"config.num_classes = {config.num_classes} does not match {what}, which has {found} "
+        f"classes: set config.num_classes = {found}, or 0 to take the dataset's number (a new "
+        "classifier then has that many outputs).")
+  return config.num_classes
+
+
+def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int, int]:
+  """(steps per epoch, total steps, warm-up steps) from the epochs or steps the config sets."""
+  steps_per_epoch = max(1, num_train // config.train_batch_size)
+  if config.num_train_steps > 0:
+    total_steps = config.num_train_steps
+  else:
+    total_steps = max(1, math.ceil(config.num_epochs * steps_per_epoch))
+  warmup = (config.warmup_steps if config.warmup_steps >= 0
+            else int(config.warmup_epochs * steps_per_epoch))
+  return steps_per_epoch, total_steps, min(warmup, total_steps - 1)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The transformed model and its parameters' layout (scanned runs stacked, see
+  models/stacking.py; checkpoint files hold the published tree)."""
+  kwargs = model_kwargs(config)
+  try:
+    model = models.transform(config.model, num_classes, **kwargs)
+  except TypeError as err:
+    raise ValueError(f"config.model_kwargs {kwargs} do not fit {config.model}: {err}") from None
+  return model, models.stacked_layout(config.model, num_classes, **kwargs)
+
+
+def build_optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup: int):
+  """(learning-rate schedule, optimizer, EMA) of the config's recipe."""
+  opt = config.optimizer
+  schedule = optim.nfnet_lr_schedule(
+      opt.base_lr, batch_size=config.train_batch_size, total_steps=total_steps,
+      warmup_steps=warmup, min_lr=opt.min_lr, scale_by_batch=opt.scale_lr_by_batch)
+  clipping = opt.clipping or None
+  optimizer = optim.nfnet_optimizer(
+      schedule, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay,
+      clipping=clipping, eps=opt.eps, exclude_classifier_from_agc=opt.exclude_classifier_from_agc,
+      record_clip_fraction=clipping is not None)
+  return schedule, optimizer, optim.params_ema(config.ema_decay)
+
+
+def step_config(config: ml_collections.ConfigDict, num_classes: int) -> steps.StepConfig:
+  """What the train step takes from the config."""
+  return steps.StepConfig(
+      num_classes=num_classes, label_smoothing=config.label_smoothing,
+      compute_dtype=jnp.dtype(config.compute_dtype), sam_rho=config.sam.rho,
+      sam_ascent_fraction=config.sam.ascent_fraction,
+      record_clip_fraction=bool(config.optimizer.clipping), grad_accum_steps=config.grad_accum_steps,
+      shard_state=config.shard_state)
+
+
+class Experiment:
+  """One training/evaluation run of a config in a workdir (`write_summaries`: False for a
+  read-only workdir evaluated in place: no TensorBoard scalars)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               write_summaries: bool = True):
     from nfnets_jax import data  # pylint: disable=import-outside-toplevel  (TF stays lazy)
     self._data = data
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.mesh = steps.make_mesh()
-    num_devices, num_processes = jax.device_count(), jax.process_count()
-    for field in ("train_batch_size", "eval_batch_size"):
-      if config[field] % num_devices:
-        raise config_lib.ConfigError(
-            f"config.{field} = {config[field]} must be divisible by the number of devices "
-            f"({num_devices}: {jax.local_device_count()} per process x {num_processes} "
-            "processes).")
-    per_device = config.train_batch_size // num_devices
-    if per_device % config.grad_accum_steps:
-      raise config_lib.ConfigError(
-          f"config.grad_accum_steps = {config.grad_accum_steps} must divide each device's share "
-          f"of the batch ({config.train_batch_size} / {num_devices} devices = {per_device}).")
-    check_shard_state(config, num_devices)
-    self.local_train_batch = config.train_batch_size // num_processes
-    self.local_eval_batch = config.eval_batch_size // num_processes
+    num_devices = jax.device_count()
+    check_batch_sizes(config, num_devices)
+    self.local_train_batch = config.train_batch_size // jax.process_count()
+    self.local_eval_batch = config.eval_batch_size // jax.process_count()
     self.image_shape = (config.dataset.image_size, config.dataset.image_size)
     self.compute_dtype = jnp.dtype(config.compute_dtype)
 
-    try:
-      self.model = models.transform(config.model, config.num_classes, **model_kwargs(config))
-    except TypeError as err:
-      raise ValueError(f"config.model_kwargs {model_kwargs(config)} do not fit "
-                       f"{config.model}: {err}") from None
-    # The model's parameters are in its own layout (scanned runs stacked, see
-    # models/stacking.py); checkpoint files hold the published tree.
-    self.layout = models.stacked_layout(config.model, config.num_classes,
-                                        **model_kwargs(config))
-    self.split = freeze.model_split(config.freeze, self.model, self.image_shape, self.layout)
-
-    from nfnets_jax.data.sources import open_source  # pylint: disable=import-outside-toplevel
-    from nfnets_jax.data.subsets import restrict  # pylint: disable=import-outside-toplevel
-    try:
-      source = restrict(open_source(config.dataset.name, config.dataset.train_split,
-                                    data_dir=config.dataset.data_dir,
-                                    val_fraction=config.dataset.val_fraction),
-                        config.dataset.classes, config.dataset.train_examples_per_class or None)
-    except (ValueError, FileNotFoundError) as err:
-      raise config_lib.ConfigError(f"config.dataset: {err}") from None
-    num_train = source.num_examples(config.dataset.train_split)
-    try:  # Here, not after hours of training: the eval split is read at the end.
-      source.num_examples(config.dataset.eval_split)
-    except ValueError as err:
-      raise config_lib.ConfigError(f"config.dataset.eval_split: {err}") from None
+    source = open_train_source(config.dataset)
     self.class_names = source.class_names
-    self.steps_per_epoch = max(1, num_train // config.train_batch_size)
-    if config.num_train_steps > 0:
-      self.total_steps = config.num_train_steps
-    else:
-      self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
-    warmup = (config.warmup_steps if config.warmup_steps >= 0
-              else int(config.warmup_epochs * self.steps_per_epoch))
-    warmup = min(warmup, self.total_steps - 1)
-    self.schedule = optim.nfnet_lr_schedule(
-        config.optimizer.base_lr, batch_size=config.train_batch_size,
-        total_steps=self.total_steps, warmup_steps=warmup, min_lr=config.optimizer.min_lr,
-        scale_by_batch=config.optimizer.scale_lr_by_batch)
-    clipping = config.optimizer.clipping or None
-    self.optimizer = optim.nfnet_optimizer(
-        self.schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
-        weight_decay=config.optimizer.weight_decay, clipping=clipping, eps=config.optimizer.eps,
-        exclude_classifier_from_agc=config.optimizer.exclude_classifier_from_agc,
-        record_clip_fraction=clipping is not None)
-    self.ema = optim.params_ema(config.ema_decay)
-    step_config = steps.StepConfig(
-        num_classes=config.num_classes, label_smoothing=config.label_smoothing,
-        compute_dtype=self.compute_dtype, sam_rho=config.sam.rho,
-        sam_ascent_fraction=config.sam.ascent_fraction, record_clip_fraction=clipping is not None,
-        grad_accum_steps=config.grad_accum_steps, shard_state=config.shard_state)
+    self.num_classes = resolve_num_classes(config, source)
+    self.model, self.layout = build_model(config, self.num_classes)
+    self.split = freeze.model_split(config.freeze, self.model, self.image_shape, self.layout)
+    self.steps_per_epoch, self.total_steps, warmup = schedule_lengths(
+        config, source.num_examples(config.dataset.train_split))
+    self.schedule, self.optimizer, self.ema = build_optimizer(config, self.total_steps, warmup)
     if config.shard_state:
       check_shard_state(config, num_devices, self._abstract_state())
     self.train_step = steps.make_train_step(
-        self.model, self.optimizer, self.ema, self.schedule, step_config, self.mesh,
-        jax.random.key(config.seed + 1), self.split)
-    self.eval_step = steps.make_eval_step(self.model, config.num_classes, self.compute_dtype,
+        self.model, self.optimizer, self.ema, self.schedule, step_config(config, self.num_classes),
+        self.mesh, jax.random.key(config.seed + 1), self.split)
+    self.eval_step = steps.make_eval_step(self.model, self.num_classes, self.compute_dtype,
                                           self.mesh)
     self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints,
                                      config.async_checkpoints, self.layout)
-    self.reporter = Reporter(self.workdir, self.total_steps, config.train_batch_size)
+    self.reporter = Reporter(self.workdir, self.total_steps, config.train_batch_size,
+                             write=write_summaries)
     # Read and checked now, so a bad init_from fails before any compilation; used
     # only when the workdir has no checkpoint to resume.
     self._init_from = None
     if config.init_from is not None and self.checkpointer.latest_step() is None:
       self._init_from = init_from.prepare(
-          config.init_from, models.param_shapes(config.model, config.num_classes,
+          config.init_from, models.param_shapes(config.model, self.num_classes,
                                                 **model_kwargs(config)),
           ema=config.init_from_ema, reinit_classifier=config.reinit_classifier)
 
@@ -215,7 +268,7 @@ class Experiment:
   def _meta(self) -> dict[str, Any]:
     """What the tools need to rebuild and score the network as this run does (see
     `nfnets_jax.weights.loading`): the model, how its eval runs, its class names."""
-    return {"model": self.config.model, "num_classes": self.config.num_classes,
+    return {"model": self.config.model, "num_classes": self.num_classes,
             "model_kwargs": model_kwargs(self.config),
             "eval": eval_record(self.config.dataset), "class_names": list(self.class_names)}
 
@@ -254,18 +307,25 @@ class Experiment:
           f"step is not saved and {kept}. Lower config.optimizer.base_lr, check "
           "config.optimizer.clipping (AGC) and the input data, then resume.")
 
-  def train(self, evaluate: bool = True) -> dict[str, Any]:
+  def train(self, evaluate: bool = True,
+            signals: Optional[preemption.StopSignals] = None) -> dict[str, Any]:
     """Trains to `total_steps` (resuming if possible).
 
     Returns the final step, a fingerprint of the parameters and, if
     `evaluate`, the eval metrics of the final weights. On SIGTERM/SIGINT every
     process stops at one step boundary, saves that step, waits for it and
     raises `preemption.Preempted` (see nfnets_jax/train/preemption.py).
+    `signals`: the caller's active `StopSignals` (the trainer's covers its
+    start-up too); None: its own, for the training only.
     """
-    with preemption.StopSignals() as signals:
-      return self._train(evaluate, preemption.StopPoll(self.mesh, signals))
+    if signals is None:
+      with preemption.StopSignals() as own:
+        return self.train(evaluate, own)
+    signals.checkpoint_dir = checkpoint_dir(self.workdir)
+    return self._train(evaluate, signals, preemption.StopPoll(self.mesh, signals))
 
-  def _train(self, evaluate: bool, stop: preemption.StopPoll) -> dict[str, Any]:
+  def _train(self, evaluate: bool, signals: preemption.StopSignals,
+             stop: preemption.StopPoll) -> dict[str, Any]:
     config = self.config
     state = self.restore_or_init()
     step = int(jax.device_get(state.step))
@@ -274,6 +334,7 @@ class Experiment:
                  "(%d processes).", config.model, self.total_steps, self.steps_per_epoch,
                  config.train_batch_size, jax.device_count(), jax.process_count())
     batches = self._train_batches(step)
+    signals.training_started()
     previous = None
     try:
       while step < self.total_steps:
@@ -344,6 +405,8 @@ class Experiment:
       if stop is not None and stop.poll():
         logging.warning("Evaluation of step %d stopped before its end.", step)
         return None
+    totals.require_examples("", f"{self.config.dataset.name!r} split "
+                                f"{self.config.dataset.eval_split!r}")
     results = {"step": step}
     for prefix in named:
       results.update({prefix + key: mean for key, mean in totals.means(prefix).items()})

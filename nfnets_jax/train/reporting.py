@@ -22,16 +22,18 @@ def _format_duration(seconds: float) -> str:
 
 
 class Reporter:
-  """Writes scalars to `<workdir>/tensorboard/<split>` and prints progress lines."""
+  """Writes scalars to `<workdir>/tensorboard/<split>` (unless `write` is False) and prints
+  progress lines."""
 
-  def __init__(self, workdir: str, total_steps: int, global_batch_size: int):
+  def __init__(self, workdir: str, total_steps: int, global_batch_size: int, *,
+               write: bool = True):
     self.total_steps = total_steps
     self.global_batch_size = global_batch_size
     self.logdir = os.path.join(os.path.abspath(workdir), "tensorboard")
     self._writers = {}
     self._last_time: Optional[float] = None
     self._last_step: Optional[int] = None
-    self._is_chief = jax.process_index() == 0
+    self._writes = write and jax.process_index() == 0
 
   def _writer(self, split: str):
     if split not in self._writers:
@@ -40,7 +42,7 @@ class Reporter:
     return self._writers[split]
 
   def scalars(self, split: str, step: int, values: Mapping[str, float]) -> None:
-    if not self._is_chief:
+    if not self._writes:
       return
     writer = self._writer(split)
     from nfnets_jax.data._tf import tf  # pylint: disable=import-outside-toplevel

@@ -64,7 +64,7 @@ def state_shardings(tree: Any, mesh: Mesh, shard: bool,
   """A `NamedSharding` on `mesh` for every leaf: split by the rule if `shard`, else replicated."""
   if not shard:
     return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree)
-  specs = state_specs(tree, mesh.devices.size, min_shard_size)
+  specs = state_specs(tree, mesh.size, min_shard_size)
   return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs,
                                 is_leaf=lambda x: isinstance(x, P))
 

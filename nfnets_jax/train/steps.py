@@ -179,8 +179,13 @@ class TrainStep:
     grads, metrics = gradients(state, batch)
     return update(state, grads, metrics)
 
+  def program(self, state: TrainState) -> Callable:
+    """The one-program form (jitted) for states of `state`'s tree: what `lower`
+    lowers, and what `jax.export` takes to lower it for other platforms."""
+    return self._for(state)[0]
+
   def lower(self, state: TrainState, batch: Batch) -> Any:
-    return self._for(state)[0].lower(state, batch)
+    return self.program(state).lower(state, batch)
 
 
 def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformation,
@@ -209,7 +214,19 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
   their EMA) are carried over untouched. A split state is not sharded
   (`config.shard_state` with `freeze` is a config error).
   """
+  loss = make_loss(model, config, split)
+  apply_gradients = make_apply_gradients(optimizer, ema, schedule, config, split)
+  if config.shard_state:
+    programs = sharded_programs(mesh, loss, apply_gradients, config, base_key, split)
+  else:
+    per_device = make_per_device_gradients(make_grad_fn(loss, config), base_key, split)
+    programs = replicated_programs(mesh, per_device, apply_gradients)
+  return TrainStep(programs, config.separate_update)
 
+
+def make_loss(model: hk.Transformed, config: StepConfig, split: Optional[ParamSplit]):
+  """`loss(params, batch, rng, frozen=None) -> (mean loss, {'loss', 'top1'})` of one
+  slice, in the compute dtype; `frozen` (with `split`) completes the trainable params."""
   def loss_fn(params, batch, rng, frozen=None):
     if frozen is not None:
       params = split.merge(params, frozen)
@@ -222,21 +239,30 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
                               batch.get("ratio"))
     return loss, {"loss": loss, "top1": jnp.mean(top1)}
 
-  def make_grad_fn(loss):
-    if config.sam_rho > 0:
-      grad_fn = sam_grad(loss, rho=config.sam_rho, ascent_fraction=config.sam_ascent_fraction)
-    else:
-      grad_fn = jax.grad(loss, has_aux=True)
-    return accumulated(grad_fn, config.grad_accum_steps)
+  return loss_fn
 
-  grad_fn = make_grad_fn(loss_fn)
 
-  def device_rng(state: TrainState) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(base_key, state.step),
-                              jax.lax.axis_index(DATA_AXIS))
+def make_grad_fn(loss: Callable, config: StepConfig) -> Callable:
+  """`loss`'s gradient (and metrics): plain or SAM's, over the config's micro-batches."""
+  if config.sam_rho > 0:
+    grad_fn = sam_grad(loss, rho=config.sam_rho, ascent_fraction=config.sam_ascent_fraction)
+  else:
+    grad_fn = jax.grad(loss, has_aux=True)
+  return accumulated(grad_fn, config.grad_accum_steps)
 
+
+def device_rng(base_key: jax.Array, state: TrainState) -> jax.Array:
+  """This step's and this device's key: `fold_in(base_key, step, device index)`."""
+  return jax.random.fold_in(jax.random.fold_in(base_key, state.step),
+                            jax.lax.axis_index(DATA_AXIS))
+
+
+def make_per_device_gradients(grad_fn: Callable, base_key: jax.Array,
+                              split: Optional[ParamSplit]) -> Callable:
+  """`(state, batch slice) -> (gradients, metrics)` averaged over the devices (a
+  replicated state; with `split`, of the trainable parameters only)."""
   def per_device(state: TrainState, batch: Batch) -> tuple[optax.Updates, Metrics]:
-    rng = device_rng(state)
+    rng = device_rng(base_key, state)
     if split is None:
       grads, aux = grad_fn(state.params, batch, rng)
     else:
@@ -244,6 +270,14 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
       grads, aux = grad_fn(trainable, batch, rng, frozen)
     return jax.lax.pmean(grads, DATA_AXIS), jax.lax.pmean(aux, DATA_AXIS)
 
+  return per_device
+
+
+def make_apply_gradients(optimizer: optax.GradientTransformation, ema: ParamsEma,
+                         schedule: Callable[[jax.Array], jax.Array], config: StepConfig,
+                         split: Optional[ParamSplit]) -> Callable:
+  """`(state, gradients, metrics) -> (next state, metrics)`: the optimizer and the EMA
+  (frozen parameters and their EMA carried over bit for bit), plus the update's metrics."""
   def apply_gradients(state: TrainState, grads: optax.Updates,
                       metrics: Metrics) -> tuple[TrainState, Metrics]:
     trainable, frozen = (state.params, None) if split is None else split.split(state.params)
@@ -262,10 +296,18 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
                            ema=new_ema)
     return new_state, metrics
 
-  def replicated_programs(_: TrainState) -> tuple[Callable, Callable, Callable]:
+  return apply_gradients
+
+
+Programs = Callable[[TrainState], tuple[Callable, Callable, Callable]]
+
+
+def replicated_programs(mesh: Mesh, per_device: Callable, apply_gradients: Callable) -> Programs:
+  """For a replicated state: `state -> (one program, gradients, update)`, jitted."""
+  def programs(_: TrainState) -> tuple[Callable, Callable, Callable]:
     # check_vma=False gives pmap's semantics: each device's gradient is its own
     # (not implicitly summed over the replicated parameters' axis), and the
-    # explicit pmean above averages it.
+    # explicit pmean of `per_device` averages it.
     def data_parallel(fn):
       return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
                            check_vma=False)
@@ -277,21 +319,29 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
     return one_program, jax.jit(data_parallel(per_device)), jax.jit(apply_gradients,
                                                                      donate_argnums=0)
 
-  def sharded_programs(state: TrainState) -> tuple[Callable, Callable, Callable]:
+  return programs
+
+
+def sharded_programs(mesh: Mesh, loss: Callable, apply_gradients: Callable, config: StepConfig,
+                     base_key: jax.Array, split: Optional[ParamSplit]) -> Programs:
+  """For a state split over the devices: `state -> (one program, gradients, update)`,
+  jitted, the specs taken from the state's shapes."""
+  grad_fn = make_grad_fn(loss, config)
+
+  def programs(state: TrainState) -> tuple[Callable, Callable, Callable]:
     if split is not None:
       raise ValueError("A train state with frozen parameters is not sharded: set "
                        "config.shard_state = False or config.freeze = ''.")
-    num_devices = mesh.devices.size
+    num_devices = mesh.size
     state_specs = sharding.state_specs(state, num_devices)
     param_specs = state_specs.params
     shardings = sharding.state_shardings(state, mesh, True)
+    gathered_grad_fn = make_grad_fn(
+        lambda local_params, batch, rng: loss(sharding.gather(local_params, param_specs),
+                                              batch, rng), config)
 
-    def gathered_loss(local_params, batch, rng):
-      return loss_fn(sharding.gather(local_params, param_specs), batch, rng)
-    gathered_grad_fn = make_grad_fn(gathered_loss)
-
-    def per_device_sharded(state: TrainState, batch: Batch) -> tuple[optax.Updates, Metrics]:
-      rng = device_rng(state)
+    def per_device(state: TrainState, batch: Batch) -> tuple[optax.Updates, Metrics]:
+      rng = device_rng(base_key, state)
       if config.gather == "step":
         grads, aux = grad_fn(sharding.gather(state.params, param_specs), batch, rng)
         grads = sharding.mean_scatter(grads, param_specs)
@@ -302,17 +352,15 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
             grads, param_specs)
       return grads, jax.lax.pmean(aux, DATA_AXIS)
 
-    gradients = jax.shard_map(per_device_sharded, mesh=mesh, in_specs=(state_specs, P(DATA_AXIS)),
+    gradients = jax.shard_map(per_device, mesh=mesh, in_specs=(state_specs, P(DATA_AXIS)),
                               out_specs=(param_specs, P()), check_vma=False)
-    metrics_sharding = replicated(mesh)
+    outputs = (shardings, replicated(mesh))
     one_program = jax.jit(lambda state, batch: apply_gradients(state, *gradients(state, batch)),
-                          out_shardings=(shardings, metrics_sharding), donate_argnums=0)
-    update = jax.jit(apply_gradients, out_shardings=(shardings, metrics_sharding),
-                     donate_argnums=0)
+                          out_shardings=outputs, donate_argnums=0)
+    update = jax.jit(apply_gradients, out_shardings=outputs, donate_argnums=0)
     return one_program, jax.jit(gradients), update
 
-  return TrainStep(sharded_programs if config.shard_state else replicated_programs,
-                   config.separate_update)
+  return programs
 
 
 def accumulated(grad_fn: Callable[..., tuple[optax.Updates, Metrics]],

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
-from nfnets_jax.weights import safe_pickle
+from nfnets_jax.weights import read_failures, safe_pickle
 
 Params = dict[str, dict[str, np.ndarray]]
 PathLike = Union[str, os.PathLike]
@@ -219,7 +219,7 @@ def restore_tree(path: pathlib.Path, source: str) -> Params:
   import orbax.checkpoint as ocp
 
   path = path.absolute()
-  with ocp.StandardCheckpointer() as checkpointer:
+  with read_failures.reporting_failure(), ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(path, _cpu_target(path))
   return _as_params(restored, source=source)
 

@@ -120,9 +120,11 @@ def read_params(found: Found, *, ema: bool, step: Optional[int]) -> formats.Para
     present = [child.name for child in found.directory.iterdir() if child.is_dir()]
     item = _item_name(ema, present, label=found.label)
     try:
-      return formats.restore_tree(found.directory / item, source=f"{found.label}, {item}")
+      params = formats.restore_tree(found.directory / item, source=f"{found.label}, {item}")
+      _verify_checksums(found, item, params)
     except Exception as err:  # orbax/tensorstore: ValueError, OSError, or a bare Exception
       raise DamagedCheckpointError(found, item, err) from err
+    return params
   if found.kind == "tree":
     if ema or step is not None:
       raise ValueError(
@@ -135,13 +137,27 @@ def read_params(found: Found, *, ema: bool, step: Optional[int]) -> formats.Para
       f"{', '.join(formats.ORBAX_MARKERS)}).")
 
 
+def _verify_checksums(found: Found, item: str, params: formats.Params) -> None:
+  """Compares `item` with the checksums its step recorded (runs from before they were
+  recorded have none: nothing to compare)."""
+  from nfnets_jax.weights import checksums  # pylint: disable=import-outside-toplevel  (jax)
+
+  recorded = (found.meta or {}).get(checksums.CHECKSUMS_KEY, {}).get(item)
+  if recorded:
+    checksums.verify(params, recorded, repr(item))
+
+
 def _with_meta(found: Found) -> Found:
   """`found` (a step) with its `meta` JSON item, if it was saved with one."""
   if not (found.directory / META_ITEM).is_dir():
     return found
   import orbax.checkpoint as ocp  # Lazy: only directories are orbax checkpoints.
 
-  meta = ocp.JsonCheckpointHandler().restore(found.directory / META_ITEM, ocp.args.JsonRestore())
+  try:
+    meta = ocp.JsonCheckpointHandler().restore(found.directory / META_ITEM,
+                                               ocp.args.JsonRestore())
+  except Exception as err:  # a missing or garbled file: the step is damaged, others may not be
+    raise DamagedCheckpointError(found, META_ITEM, err) from err
   if not isinstance(meta, Mapping):
     raise ValueError(f"{found.label}: the {META_ITEM!r} item holds a "
                      f"{type(meta).__name__}, not a JSON object.")
@@ -149,7 +165,8 @@ def _with_meta(found: Found) -> Found:
 
 
 class DamagedCheckpointError(ValueError):
-  """A step of a workdir exists but its item cannot be read (a truncated or missing file).
+  """A step of a workdir exists but its item cannot be read (a truncated or missing file,
+  or arrays that differ from the checksums the step recorded).
 
   The message names the step and lists the other saved steps, which the
   trainer would fall back to (nfnets_jax/train/checkpoint_recovery.py); a
@@ -163,7 +180,7 @@ class DamagedCheckpointError(ValueError):
     cause = " ".join(f"{type(err).__name__}: {err}".split())[:300]
     super().__init__(
         f"{found.label}: the {item!r} item cannot be read ({cause}); the checkpoint may be "
-        f"damaged (a truncated or missing file). Other saved steps in {directory}: "
+        f"damaged (a truncated, missing or changed file). Other saved steps in {directory}: "
         f"{others or 'none'}" + ("; read one with step= (--step)." if others else "."))
 
 
