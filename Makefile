@@ -15,10 +15,10 @@ $(STAMP): setup.py requirements.txt
 	$(BIN)/python -m pip install --quiet -e '.[all]'
 	touch $(STAMP)
 
-# The test, peer and export extras (pytest, torch/timm for interop tests, the export
-# converters and runtimes) on top.
+# The test, peer, export and flax extras (pytest, torch/timm for interop tests, the
+# export converters and runtimes, Flax for nfnets_jax.nnx) on top.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[all,test,peers,export]'
+	$(BIN)/python -m pip install --quiet -e '.[all,test,peers,export,flax]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

@@ -4,7 +4,8 @@ The core (models, optimizers, the published weights) needs only JAX, Haiku,
 optax and chex, plus filelock and tqdm for downloads, so that projects
 importing AGC do not pull in TensorFlow. Input pipelines, training and
 the command-line tools live behind extras; `all` installs every one of them
-(`export`, the converters and runtimes of `nfnets_jax.export`, is separate).
+(`export`, the converters and runtimes of `nfnets_jax.export`, and `flax`, the
+NNX modules of `nfnets_jax.nnx`, are separate).
 """
 import setuptools
 
@@ -64,6 +65,10 @@ TEST = [
     "pytest",
     "pytest-xdist",
 ]
+# `nfnets_jax.nnx`: the models as Flax NNX modules.
+FLAX = [
+    "flax",
+]
 # Heavy optional peers used by interop tests and benchmarks only. The torch pair
 # is pinned because torchvision breaks beside other torch releases.
 PEERS = [
@@ -89,6 +94,7 @@ setuptools.setup(
         "test": TEST,
         "peers": PEERS,
         "export": EXPORT,
+        "flax": FLAX,
         "all": DATA + TRAIN + TOOLS,
     },
     license="Apache-2.0",

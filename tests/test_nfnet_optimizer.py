@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.tree_util import DictKey, GetAttrKey
 
 import optim_reference as ref
 from nfnets_jax.optim import (agc_clip_fraction, nfnet_lr_schedule, nfnet_optimizer,
-                              param_labels)
+                              param_labels, split_path)
 
 OFFICIAL_TREES = pathlib.Path(__file__).parent / "data" / "official_param_trees.json"
 STEPS = 3
@@ -128,6 +129,16 @@ def test_official_f0_tree_groups():
   assert {n for _, n in weights} == {"w"}
   assert any("squeeze_excite/~/linear_1" in m for m, _ in weights)
   assert len(flat) == len(gains) + len(weights) + 1
+
+
+def test_split_path_leaves_out_a_variables_value_step():
+  """A Flax NNX `Variable` flattens to its `.value` attribute: that step is not the
+  parameter's name, so an NNX state groups as its plain-array form (tests/test_nnx.py)."""
+  path = (DictKey("params"), DictKey("NFNet/~/linear"), DictKey("w"))
+  assert split_path(path + (GetAttrKey("value"),)) == split_path(path) == (
+      "params/NFNet/~/linear", "w")
+  assert split_path((DictKey("head"), GetAttrKey("kernel"))) == ("head", "kernel")
+  assert split_path((GetAttrKey("value"),)) == ("", "value")
 
 
 def test_composes_with_other_optax_transforms():

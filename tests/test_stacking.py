@@ -200,3 +200,16 @@ def test_train_step_in_the_stacked_layout_matches_the_published(scanned, tmp_pat
   checkpointer.close()
   assert meta["step"] == 2
   _assert_trees_equal(restored, stacked)
+
+
+@pytest.mark.parametrize("block_loop", ["scan", "auto"])
+def test_published_tree_unstacks_whichever_loop_stacked_the_runs(block_loop):
+  """A scan-stacked F1 tree also holds every module the 'auto' layout stacks; reading it as
+  'auto' left its other runs stacked (folding then refused the tree). Abstract shapes only."""
+  images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  model = models.transform("nfnet:F1", 10, block_loop=block_loop)
+  stacked = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  assert any("__x" in module for module in stacked)
+  published = jax.eval_shape(lambda p: models.published_tree("nfnet:F1", p, 10), stacked)
+  want = models.param_shapes("nfnet:F1", 10)
+  assert models.tree.leaf_shapes(published) == models.tree.leaf_shapes(want)

@@ -35,7 +35,8 @@ from nfnets_jax.models.nfnet import NFNet
 from nfnets_jax.models.registry import (COMPUTE_DTYPES, FAMILIES, count_flops, count_params,
                                         create_model, default_image_size, is_stateful,
                                         list_models, model_plan, param_shapes, parse_model_name,
-                                        stacked_layout, transform, transform_with_state)
+                                        published_tree, stacked_layout, transform,
+                                        transform_with_state)
 from nfnets_jax.models.stacking import StackedLayout
 from nfnets_jax.models.timm_family import TimmNFNet
 from nfnets_jax.models.tree import (ParameterMismatchError, check_params, check_shapes,
@@ -49,7 +50,7 @@ __all__ = [
     "NFBlock", "NormFreeNet", "NFNet", "NFResNet", "NFRegNet", "BNResNet", "TimmNFNet",
     "COMPUTE_DTYPES", "FAMILIES", "count_flops", "count_params", "create_model",
     "default_image_size", "is_stateful", "list_models", "model_plan", "param_shapes",
-    "parse_model_name", "transform", "transform_with_state",
+    "parse_model_name", "published_tree", "transform", "transform_with_state",
     "ParameterMismatchError", "check_params", "check_shapes", "infer_model", "infer_num_classes",
     "StackedLayout", "stacked_layout", "fast_init", "FoldedModel", "fold_for_inference",
 ]

@@ -87,7 +87,7 @@ def fold_for_inference(name: str, params: Params, num_classes: Optional[int] = N
     num_classes = tree.infer_num_classes(params) or 1000
   plan_kwargs = {k: v for k, v in model_kwargs.items() if k not in _NOT_PLAN_KWARGS}
   plan = registry.model_plan(name, num_classes, **plan_kwargs)
-  published = _published_tree(name, num_classes, params, model_kwargs)
+  published = dict(registry.published_tree(name, params, num_classes, **model_kwargs))
   if check:
     tree.check_params(published, name, num_classes=num_classes, model_kwargs=model_kwargs,
                       source="the parameters to fold")
@@ -96,17 +96,6 @@ def fold_for_inference(name: str, params: Params, num_classes: Optional[int] = N
   # One compiled program: op by op, every kernel shape would compile its own.
   folded = jax.jit(fold_params, static_argnums=0)(plan, published)
   return FoldedModel(name, plan, _stack_runs(plan, folded, loop), impl, loop)
-
-
-def _published_tree(name: str, num_classes: int, params: Params,
-                    model_kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-  """`params` in the published tree, whichever block loop stacked them."""
-  kwargs = {k: v for k, v in model_kwargs.items() if k not in ("conv_impl", "block_loop")}
-  for loop in network.BLOCK_LOOPS:
-    layout = registry.stacked_layout(name, num_classes, block_loop=loop, **kwargs)
-    if layout.is_stacked_tree(params):
-      return layout.to_published(params)
-  return dict(params)
 
 
 def fold_params(plan: NetworkPlan, params: Params) -> FoldedParams:

@@ -193,6 +193,22 @@ def stacked_layout(name: str, num_classes: int = 1000, **kwargs: Any) -> Stacked
   return StackedLayout(hk.transform(scanned_runs).apply({}, None))
 
 
+def published_tree(name: str, params: Mapping[str, Mapping[str, Any]], num_classes: int = 1000,
+                   **kwargs: Any) -> Mapping[str, Mapping[str, Any]]:
+  """`params` in the published tree, whichever block loop stacked them (as it is when
+  nothing is stacked).
+
+  'scan' stacks every run 'auto' stacks and more, so it is tried first: a
+  scan-stacked tree also holds all of 'auto's stacked modules.
+  """
+  kwargs = {k: v for k, v in kwargs.items() if k not in ("conv_impl", "block_loop")}
+  for loop in ("scan", "auto"):
+    layout = stacked_layout(name, num_classes, block_loop=loop, **kwargs)
+    if layout.is_stacked_tree(params):
+      return layout.to_published(params)
+  return params
+
+
 def param_shapes(name: str, num_classes: int = 1000, image_size: int = 32,
                  **kwargs: Any) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
   """The parameter tree's shapes, traced abstractly (no weights are allocated).

@@ -68,13 +68,23 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
+def _is_wrapper_value(key: Any) -> bool:
+  """Whether `key` steps from a parameter wrapper into its array: a Flax NNX
+  `Variable` (`nnx.Param`) flattens to its `.value` attribute."""
+  return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
+
+
 def split_path(path: tuple[Any, ...]) -> tuple[str, str]:
   """`(module_path, name)` of a leaf's key path.
 
   For a Haiku tree `{module: {name: array}}` these are the two dict keys; for
   any other nesting the last key is the name and the others, joined by `/`,
-  the module path.
+  the module path. A final `.value` step into a Flax NNX `Variable` is not
+  part of the name, so an NNX state (`nnx.state(model, nnx.Param)`) groups as
+  its plain-array form (`nnx.as_pure`) does.
   """
+  if len(path) > 1 and _is_wrapper_value(path[-1]):
+    path = path[:-1]
   names = [_key_name(k) for k in path]
   if not names:
     return "", ""

@@ -264,18 +264,6 @@ def from_timm(state_dict: Mapping[str, Any], model: Optional[str] = "nfnet:F0", 
   return params
 
 
-def _published(params: Mapping[str, Mapping[str, Any]], model: str, num_classes: int,
-               model_kwargs: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
-  """`params` in the published tree, whichever block loop stacked them."""
-  # 'scan' stacks every run 'auto' stacks and more, so it is tried first: a
-  # scan-stacked tree also holds all of 'auto's stacked modules.
-  for loop in ("scan", "auto"):
-    layout = models.stacked_layout(model, num_classes, block_loop=loop, **model_kwargs)
-    if layout.is_stacked_tree(params):
-      return layout.to_published(params)
-  return params
-
-
 def to_timm(params: Mapping[str, Mapping[str, Any]], model: Optional[str] = "nfnet:F0", *,
             num_classes: Optional[int] = None, timm_eps: float = TIMM_EPS,
             **model_kwargs: Any) -> StateDict:
@@ -296,7 +284,7 @@ def to_timm(params: Mapping[str, Mapping[str, Any]], model: Optional[str] = "nfn
   if num_classes is None:
     num_classes = models.infer_num_classes(params) or 1000
   layout = _layout(model, num_classes, model_kwargs)
-  params = _published(params, model, num_classes, model_kwargs)
+  params = models.published_tree(model, params, num_classes, **model_kwargs)
   models.check_shapes(
       {f"{m}/{n}": tuple(np.shape(v)) for m, group in params.items() for n, v in group.items()},
       {f"{m}/{n}": shape for m, group in layout.shapes.items() for n, shape in group.items()},
