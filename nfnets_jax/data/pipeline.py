@@ -24,6 +24,7 @@ across processes and pads the last batches with masked-out examples.
 """
 
 import dataclasses
+import gc
 import logging
 import math
 from typing import Any, Iterator, Optional, Sequence
@@ -66,6 +67,7 @@ class Batches(Iterator[Batch]):
     self.num_classes = num_classes
     self._skipped = skipped
     self._iterator: Optional[Iterator[Batch]] = fake_batches
+    self._closed = False
 
   @property
   def skipped_files(self) -> list[str]:
@@ -80,17 +82,30 @@ class Batches(Iterator[Batch]):
     return self
 
   def __next__(self) -> Batch:
+    if self._closed:
+      raise StopIteration
     if self._iterator is None:
       self._iterator = self.dataset.as_numpy_iterator()
     try:
       batch = next(self._iterator)
     except tf.errors.OpError:
       # Raised inside tf.data, the error arrives wrapped in a TensorFlow one.
-      if self._skipped.error is not None:
-        raise self._skipped.error from None
-      raise
-    self.step += 1
-    return batch
+      if self._skipped.error is None:
+        raise
+    else:
+      self.step += 1
+      return batch
+    self.close()
+    raise self._skipped.error
+
+  def close(self) -> None:
+    """Ends the stream's tf.data threads now; it yields nothing more. Left to
+    the interpreter's exit (an exception's traceback keeps the iterator alive until
+    then), the iterator would be destroyed while a thread waits for the GIL to report
+    a skipped file (`SkippedFiles`), which it can no longer take then: the exit hangs."""
+    self._closed = True
+    self._iterator = None
+    gc.collect()
 
   def __len__(self) -> int:
     if self.steps is None:

@@ -360,6 +360,7 @@ class Experiment:
         if stop.poll():
           self._stop(state, metrics, saved_step, stop, "training")
     finally:
+      batches.close()
       self.checkpointer.wait()
     results = self.evaluate(state, stop) if evaluate else {"step": step}
     if results is None:  # the final step's checkpoint is complete: a rerun only evaluates
