@@ -77,9 +77,14 @@ def test_checksums_do_not_depend_on_where_the_arrays_are_and_see_one_bit():
           "b": rng.integers(0, 9, (7,)).astype(np.int32),
           "c": jnp.asarray(rng.standard_normal((4, 4)), jnp.bfloat16),
           "d": (rng.standard_normal(3) + 1j * rng.standard_normal(3)).astype(np.complex64)}
-  host = checksums.tree_checksums(tree)
-  assert host == checksums.tree_checksums(jax.tree_util.tree_map(jnp.asarray, tree))
-  assert set(host) == {"['a']", "['b']", "['c']", "['d']"}
+  tree["c"] = np.asarray(tree["c"])  # a NumPy bfloat16 array
+  tree["e"] = rng.integers(0, 2, (3, 1, 2)).astype(bool)
+  host = checksums.tree_checksums(tree)  # NumPy, on the host
+  assert host == checksums.tree_checksums(jax.tree_util.tree_map(jnp.asarray, tree))  # jitted
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  placed = jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  assert host == checksums.tree_checksums(placed)
+  assert set(host) == {"['a']", "['b']", "['c']", "['d']", "['e']"}
   assert all(len(value) == 16 for value in host.values())
   flipped = tree["a"].copy()
   flipped.view(np.uint32)[3, 2] ^= 1 << 7  # one bit of one element

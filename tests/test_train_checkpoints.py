@@ -25,7 +25,8 @@ def test_replicated_state_saves_without_per_device_slices_and_reads_back(tmp_pat
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["arrays"] > 200  # params, EMA and optimizer state of nfnet:nano
   # orbax's default on CPU compiled a slice per array shape and device here
-  # (108 programs for the trainer's nano state on 4 devices).
-  assert out["save_compiles"] == 0
+  # (108 programs for the trainer's nano state on 4 devices). The one program is the
+  # arrays' checksums (nfnets_jax/weights/checksums.py), compiled once per run.
+  assert out["save_compiles"] == 1
   assert out["restored_equal"] and out["published_equal"]
   assert out["legacy_equal"]  # checkpoints written before this layout still resume

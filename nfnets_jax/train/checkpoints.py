@@ -104,8 +104,7 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     trees = (state.params, state.ema.ema, state.opt_state)
     meta = {**meta, "step": step, "ema_count": int(jax.device_get(state.ema.count)),
-            checksums.CHECKSUMS_KEY: {item: checksums.tree_checksums(tree)
-                                      for item, tree in zip(_TREE_ITEMS, trees)}}
+            checksums.CHECKSUMS_KEY: checksums.item_checksums(dict(zip(_TREE_ITEMS, trees)))}
     self.wait()  # a failure of the previous save is reported under its own step
     self._in_flight = step
     with save_failures(self.directory, step):
@@ -134,8 +133,11 @@ class Checkpointer:
              for item, tree in zip(_TREE_ITEMS, trees)},
           **{run_layout.META_ITEM: ocp.args.JsonRestore()}))
     meta = dict(restored[run_layout.META_ITEM])
-    for item, recorded in meta.get(checksums.CHECKSUMS_KEY, {}).items():
-      checksums.verify(restored[item], recorded, repr(item))
+    recorded = meta.get(checksums.CHECKSUMS_KEY, {})
+    if recorded:
+      computed = checksums.item_checksums({item: restored[item] for item in recorded})
+      for item, expected in recorded.items():
+        checksums.verify(computed[item], expected, repr(item))
     state = TrainState(
         step=_scalar(meta["step"], target.step.sharding),
         params=restored[run_layout.PARAMS_ITEM],

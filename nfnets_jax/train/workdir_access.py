@@ -17,8 +17,9 @@ import tempfile
 #: Exit statuses (the trainer's, see nfnets_jax/train/__main__.py).
 EXIT_BAD_VALUE = 1
 EXIT_CANNOT_WRITE = 4
-#: The workdir's sub-directories the run writes; each is probed when it exists.
-WRITTEN_SUBDIRS = ("checkpoints", "tensorboard")
+#: The workdir's sub-directories probed when they exist (`checkpoints/` is not: a save
+#: that fails there stops the run with its own line and exit 4, naming the step).
+WRITTEN_SUBDIRS = ("tensorboard",)
 
 
 class WorkdirError(Exception):

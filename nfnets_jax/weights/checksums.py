@@ -69,7 +69,6 @@ def _positions(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
-@jax.jit
 def _array_checksum(x: jax.Array) -> jax.Array:
   """uint32[2]: the two lanes of one array's checksum (its shape and dtype, static here,
   seed the mixing: the same values in another shape or type sum differently)."""
@@ -80,22 +79,73 @@ def _array_checksum(x: jax.Array) -> jax.Array:
                     jnp.sum(_fmix32(mixed ^ jnp.uint32(0x165667B1)), dtype=jnp.uint32)])
 
 
+# One program for every array of a tree: a launch per array would put hundreds of small
+# programs in flight, whose cross-device sums XLA:CPU's host devices can deadlock on.
+_checksums_program = jax.jit(lambda leaves: [_array_checksum(x) for x in leaves])
+
+
+def _host_fmix32(h: np.ndarray) -> np.ndarray:
+  h = h ^ (h >> np.uint32(16))
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> np.uint32(13))
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> np.uint32(16))
+
+
+def _host_words(x: np.ndarray) -> np.ndarray:
+  """`_words` in NumPy."""
+  if np.iscomplexobj(x):
+    return _host_words(np.stack([x.real, x.imag], axis=-1))
+  if x.dtype == np.bool_:
+    x = x.astype(np.uint8)
+  bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
+  words = np.ascontiguousarray(x).view(bits)
+  if x.dtype.itemsize == 8:  # as bitcast_convert_type: a trailing axis of the two halves
+    words = words.reshape(x.shape + (2,))
+  return words.astype(np.uint32)
+
+
+def _host_array_checksum(x: np.ndarray) -> np.ndarray:
+  """`_array_checksum` in NumPy (uint32 arithmetic wraps alike), for arrays already on
+  the host: no compilation, which would cost the tools seconds for one read."""
+  words = _host_words(x)
+  seed = np.uint32(zlib.crc32(f"{x.shape} {x.dtype.name}".encode()))
+  with np.errstate(over="ignore"):
+    positions = np.arange(words.size, dtype=np.uint32).reshape(words.shape)
+    mixed = _host_fmix32(words ^ _host_fmix32(positions * np.uint32(0x9E3779B9) + seed))
+    return np.array([np.sum(mixed, dtype=np.uint32),
+                     np.sum(_host_fmix32(mixed ^ np.uint32(0x165667B1)), dtype=np.uint32)])
+
+
 def tree_checksums(tree: Any) -> dict[str, str]:
   """{array path (`jax.tree_util.keystr`): 16 hex digits} of every array of `tree`.
 
-  Arrays may be NumPy arrays or JAX arrays of any sharding (every process of a job
+  Arrays may be NumPy arrays (checksummed on the host) or JAX arrays of any
+  sharding (checksummed where they are, in one program; every process of a job
   calls this with its global arrays, as for any other computation on them).
   """
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  sums = {jax.tree_util.keystr(path): _array_checksum(leaf) for path, leaf in leaves}
-  return {key: "".join(f"{int(lane):08x}" for lane in np.asarray(value))
-          for key, value in jax.device_get(sums).items()}
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not flat:
+    return {}
+  leaves = [leaf for _, leaf in flat]
+  if all(isinstance(leaf, np.ndarray) for leaf in leaves):
+    sums = [_host_array_checksum(leaf) for leaf in leaves]
+  else:
+    sums = jax.device_get(_checksums_program(leaves))
+  return {jax.tree_util.keystr(path): "".join(f"{int(lane):08x}" for lane in np.asarray(value))
+          for (path, _), value in zip(flat, sums)}
 
 
-def verify(tree: Any, recorded: Mapping[str, str], what: str) -> None:
-  """Raises `ChecksumMismatchError` unless every array `recorded` is in `tree` with that
-  checksum; `what` names the tree in the message (e.g. "step 8's 'params'")."""
-  computed = tree_checksums(tree)
+def item_checksums(items: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+  """`tree_checksums` of each tree of `items` (computed together: one program), by item."""
+  flat = tree_checksums(dict(items))
+  return {item: {key[len(f"[{item!r}]"):]: value for key, value in flat.items()
+                 if key.startswith(f"[{item!r}]")} for item in items}
+
+
+def verify(computed: Mapping[str, str], recorded: Mapping[str, str], what: str) -> None:
+  """Raises `ChecksumMismatchError` unless every array `recorded` is `computed` (from
+  `tree_checksums` of what was read) with that checksum; `what` names the tree."""
   wrong = [key for key, value in recorded.items() if computed.get(key) != value]
   if not wrong:
     return

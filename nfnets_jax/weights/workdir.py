@@ -144,7 +144,7 @@ def _verify_checksums(found: Found, item: str, params: formats.Params) -> None:
 
   recorded = (found.meta or {}).get(checksums.CHECKSUMS_KEY, {}).get(item)
   if recorded:
-    checksums.verify(params, recorded, repr(item))
+    checksums.verify(checksums.tree_checksums(params), recorded, repr(item))
 
 
 def _with_meta(found: Found) -> Found:
