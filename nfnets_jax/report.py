@@ -257,7 +257,7 @@ def print_memory_rows(rows: Iterable[dict[str, Any]], fmt: str, devices: int,
   """Prints memory rows as they come: each table or Markdown line once both halves of
   its setting are in (fixed column widths, as later rows are not known yet); JSON, a
   list, once all are."""
-  check_format(fmt)
+  check_table_format(fmt)
   if fmt == "json":
     print(json.dumps(list(rows), indent=2), flush=True)
     return
