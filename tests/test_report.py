@@ -180,7 +180,8 @@ def test_memory_report_default_is_one_variant_and_all_is_on_request():
 def test_memory_report_prints_each_row_as_soon_as_it_is_compiled():
   """Issue 38: the report printed nothing until every variant had compiled. Each
   compilation is announced on stderr and each table row printed once its two halves
-  are in, before the next setting compiles (here through the two-device child)."""
+  are in (here through the two-device child); the order across the two streams is not
+  checked, as the child's stdout is relayed and its stderr is not."""
   repo = pathlib.Path(__file__).parents[1]
   proc = subprocess.run(
       [sys.executable, "-m", "nfnets_jax.report", "--memory", "--devices=2", "--variants=nano",
