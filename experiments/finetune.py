@@ -9,7 +9,9 @@
 (`published:F0`..`published:F6`, or timm's `timm:eca_nfnet_l0`, ... where timm
 publishes some; other variants start from scratch unless it is set); the
 classifier is re-initialised for the dataset's classes (`num_classes` 0: their
-number, said in the log; a number set instead must match it). Transfer
+number, said in the log; a number set instead must match it). From timm's
+weights the inputs are normalised and evaluated as timm's were
+(`dataset.normalization`, `dataset.eval_preproc`: timm's `mean`/`std` and crop). Transfer
 defaults, ours (short schedules with warm-up, a low learning rate and light
 augmentation, as in the usual transfer recipes, e.g. BiT's):
 
@@ -48,6 +50,10 @@ def get_config(model: str = "nfnet:F0"):
     c.model = model
     if variant in timm_hub.HUB_WEIGHTS:
       c.init_from = model
+      # Inputs as timm's weights were trained and are evaluated on them.
+      timm_settings = timm_hub.HUB_WEIGHTS[variant].settings
+      c.dataset.normalization = timm_settings.normalization
+      c.dataset.eval_preproc = timm_settings.eval_preproc
   elif family == "nfnet" and variant in nfnet.ALL_VARIANTS:
     row = nfnet.ALL_VARIANTS[variant]
     c = base_config()

@@ -3,9 +3,10 @@
   python -m nfnets_jax.classify --checkpoint=F0_safe.npz --model=nfnet:F0 cat.jpg dog.png
   python -m nfnets_jax.classify --checkpoint=/tmp/workdir --ema --json photo.jpg
 
-Each image gets the evaluation preprocessing a training workdir records (else
-the published one of the model: resize to its test resolution + 32 px,
-centre-crop; --image_size/--eval_preproc change it), exactly as
+Each image gets the evaluation preprocessing a training workdir (or timm's
+weights) records (else the published one of the model: resize to its test
+resolution + 32 px, centre-crop, ImageNet normalisation;
+--image_size/--eval_preproc/--normalization change it), exactly as
 `nfnets_jax.evaluate` scores a dataset; stderr says where each setting came
 from. Prints, per image, the top-5 classes with their probabilities: the class
 names the training run recorded (its dataset's: folder names, TFDS label
@@ -30,6 +31,7 @@ import numpy as np
 
 from nfnets_jax import cli, weights
 from nfnets_jax.cli import model_flags, runtime
+from nfnets_jax.data import preproc_spec
 from nfnets_jax.weights import loading
 
 #: Synset ID -> WordNet lemma of the 1000 ImageNet-1k classes, in TFDS label order.
@@ -125,7 +127,8 @@ def read_image(path: str | pathlib.Path) -> bytes:
   return buffer.getvalue()
 
 
-def preprocess(image_bytes: bytes, image_size: int, eval_preproc: str) -> np.ndarray:
+def preprocess(image_bytes: bytes, image_size: int, eval_preproc: str,
+               normalization: str = preproc_spec.DEFAULT_NORMALIZATION) -> np.ndarray:
   """The evaluation pipeline's preprocessing of one image: float32 [H, W, 3], normalised."""
   from nfnets_jax.data import preprocess as preprocess_lib
   from nfnets_jax.data._tf import tf
@@ -133,7 +136,7 @@ def preprocess(image_bytes: bytes, image_size: int, eval_preproc: str) -> np.nda
   try:
     image = preprocess_lib.eval_image(tf.constant(image_bytes), (image_size, image_size),
                                       eval_preproc)
-    return preprocess_lib.normalize(image).numpy()
+    return preprocess_lib.normalize(image, normalization).numpy()
   except tf.errors.OpError as err:
     raise ImageError(f"cannot decode it ({err.message.splitlines()[0]})") from None
 
@@ -175,6 +178,7 @@ def top_predictions(probabilities: np.ndarray, k: int,
 
 def classify_images(loaded: weights.LoadedModel, paths: Sequence[str], *, image_size: int,
                     eval_preproc: str = model_flags.DEFAULT_EVAL_PREPROC,
+                    normalization: Optional[str] = None,
                     top_k: int = DEFAULT_TOP_K, batch_size: int = DEFAULT_BATCH_SIZE,
                     compute_dtype: Any = "float32",
                     on_error=None) -> tuple[dict[str, list[Prediction]], dict[str, str]]:
@@ -182,7 +186,8 @@ def classify_images(loaded: weights.LoadedModel, paths: Sequence[str], *, image_
 
   Images run in batches of `batch_size` (the last one padded), so the network
   compiles once. `on_error(path, reason)` is called as each failure is found.
-  Classes are named as `class_table` says.
+  Classes are named as `class_table` says. `normalization` defaults to the one `loaded`
+  records (timm's weights record theirs), else 'imagenet'.
 
   Returns:
     ({path: predictions}, {path: reason}), both in the order of `paths`.
@@ -191,11 +196,14 @@ def classify_images(loaded: weights.LoadedModel, paths: Sequence[str], *, image_
     raise ValueError(f"top_k must be >= 1, got {top_k}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if normalization is None:
+    normalization = loaded.eval_record.get("normalization", preproc_spec.DEFAULT_NORMALIZATION)
   classes, _ = class_table(loaded)
   ready, failed = [], {}
   for path in paths:
     try:
-      ready.append((path, preprocess(read_image(path), image_size, eval_preproc)))
+      ready.append((path, preprocess(read_image(path), image_size, eval_preproc,
+                                     normalization)))
     except ImageError as err:
       failed[path] = str(err)
       if on_error is not None:
@@ -243,6 +251,7 @@ def _as_json(loaded: weights.LoadedModel, settings: weights.Settings,
       "num_classes": loaded.num_classes,
       "image_size": settings["image_size"],
       "eval_preproc": settings["eval_preproc"],
+      "normalization": settings["normalization"],
       "ema": settings["ema"],
       "settings_from": settings.origins,
       "results": [{"image": path, "predictions": [dataclasses.asdict(p) for p in results[path]]}
@@ -293,7 +302,7 @@ def _classify_from_flags(fv, runtime_flags: runtime.RuntimeFlags, paths: list[st
 
   results, failed = classify_images(
       loaded, paths, image_size=settings["image_size"], eval_preproc=settings["eval_preproc"],
-      top_k=fv.top_k,
+      normalization=settings["normalization"], top_k=fv.top_k,
       batch_size=fv.batch_size, compute_dtype=fv.compute_dtype, on_error=report)
   if fv.json:
     print(_as_json(loaded, settings, paths, results, failed))

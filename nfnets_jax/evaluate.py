@@ -13,10 +13,12 @@ stderr and prints a summary and, as the last line of stdout, a JSON object
 with the results for scripts.
 
 Defaults: a training workdir or checkpoint records its model, classes, model
-arguments, eval image size and preprocessing, dataset, split and EMA choice,
-and each flag left out takes the recorded value (stderr says which setting came
-from where); otherwise the model's published test resolution, 'resize_crop_32',
-imagenet2012's validation split, the raw weights. The batch is 32 per device.
+arguments, eval image size, preprocessing and normalisation, dataset, split and
+EMA choice (timm's weights, `timm:<name>`, record timm's evaluation settings), and
+each flag left out takes the recorded value (stderr says which setting came from
+where); otherwise the model's published test resolution, 'resize_crop_32',
+ImageNet normalisation, imagenet2012's validation split, the raw weights. The
+batch is 32 per device.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 from nfnets_jax import cli, models, weights
 from nfnets_jax.cli import model_flags, runtime
+from nfnets_jax.data import preproc_spec  # Without TF, as the tool's start needs.
 
 #: Examples per device when --batch_size is not given.
 DEFAULT_PER_DEVICE_BATCH = 32
@@ -42,6 +45,7 @@ def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
                     split: str = "validation", *, batch_size: Optional[int] = None,
                     image_size: Optional[int] = None,
                     eval_preproc: str = model_flags.DEFAULT_EVAL_PREPROC,
+                    normalization: Optional[str] = None,
                     data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
                     val_fraction: float = 0.0, compute_dtype: Any = "float32",
                     progress: str = "auto") -> dict[str, Any]:
@@ -53,7 +57,9 @@ def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
     batch_size: global batch, divisible by the number of devices (default 32
       per device).
     image_size: network input side (default the model's test resolution).
-    eval_preproc: 'resize_crop_<pct>' or 'crop_resize'.
+    eval_preproc: 'resize_crop_<pct>', 'center_crop_<fraction>' or 'crop_resize'.
+    normalization: 'imagenet' or 'inception' (`data.preproc_spec.NORMALIZATIONS`); default
+      the one `loaded` records (timm's weights record theirs), else 'imagenet'.
     data_dir, manual_dir: TFDS directories.
     val_fraction: for a single-tree image folder, the part held out as 'validation'.
     compute_dtype: float32, bfloat16 or float16.
@@ -82,6 +88,8 @@ def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
     batch_size = DEFAULT_PER_DEVICE_BATCH * num_devices
   check_batch_size(batch_size)
   image_size = models.default_image_size(loaded.name) if image_size is None else image_size
+  if normalization is None:
+    normalization = loaded.eval_record.get("normalization", preproc_spec.DEFAULT_NORMALIZATION)
   if progress not in ("auto", "bar", "lines", "none"):
     raise ValueError(f"progress must be 'auto', 'bar', 'lines' or 'none', got {progress!r}")
 
@@ -90,7 +98,7 @@ def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
                                    jnp.dtype(compute_dtype), mesh)
   params = replicated_params(loaded.params, mesh)
   batches = _this_process_batches(dataset, split, batch_size // num_processes, image_size,
-                                  eval_preproc, data_dir, manual_dir, val_fraction)
+                                  eval_preproc, normalization, data_dir, manual_dir, val_fraction)
   check_classes_fit(batches.num_classes, loaded, dataset)
   reporter = _Progress(len(batches), batch_size, progress, enabled=jax.process_index() == 0)
   totals, timer = _score(eval_step, params, batches, mesh, reporter)
@@ -105,6 +113,7 @@ def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
       "split": split,
       "image_size": image_size,
       "eval_preproc": eval_preproc,
+      "normalization": normalization,
       "batch_size": batch_size,
       "compute_dtype": jnp.dtype(compute_dtype).name,
       "num_devices": num_devices,
@@ -132,7 +141,7 @@ def replicated_params(params: Any, mesh: Any) -> Any:
 
 
 def _this_process_batches(dataset: str, split: str, local_batch: int, image_size: int,
-                          eval_preproc: str, data_dir: Optional[str], manual_dir: Optional[str],
+                          eval_preproc: str, normalization: str, data_dir: Optional[str], manual_dir: Optional[str],
                           val_fraction: float):
   """This process's part of the split, in evaluation batches (`data.load`)."""
   import jax
@@ -140,7 +149,8 @@ def _this_process_batches(dataset: str, split: str, local_batch: int, image_size
   from nfnets_jax import data
 
   return data.load(dataset, split, is_training=False, batch_dims=(local_batch,),
-                   image_size=image_size, eval_preproc=eval_preproc, data_dir=data_dir,
+                   image_size=image_size, eval_preproc=eval_preproc,
+                   normalization=normalization, data_dir=data_dir,
                    manual_dir=manual_dir, val_fraction=val_fraction,
                    process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -323,7 +333,7 @@ def _evaluate_from_flags(fv, runtime_flags: runtime.RuntimeFlags) -> None:
   results = evaluate_params(
       loaded, settings["dataset"], settings["split"], batch_size=fv.batch_size,
       image_size=settings["image_size"], eval_preproc=settings["eval_preproc"],
-      data_dir=settings["data_dir"], manual_dir=fv.manual_dir,
+      normalization=settings["normalization"], data_dir=settings["data_dir"], manual_dir=fv.manual_dir,
       val_fraction=settings.values.get("val_fraction", 0.0), compute_dtype=fv.compute_dtype,
       progress=fv.progress)
   results["ema"] = settings["ema"]

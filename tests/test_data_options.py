@@ -79,7 +79,7 @@ def test_load_keywords_are_the_group_fields_each_in_one_group():
   assert list(defaults) == list(options.GROUPS)
   fields = [(f.name, getattr(group, f.name)) for group in defaults.values()
             for f in dataclasses.fields(group)]
-  assert len(dict(fields)) == len(fields) == 24  # no name in two groups
+  assert len(dict(fields)) == len(fields) == 25  # no name in two groups
   assert options.group_keywords(**dict(fields)) == defaults
   assert options.group_keywords(image_size=8, seed=1, cache=True) == {
       **defaults, "stream": data.Stream(seed=1), "reading": data.Reading(cache=True)}
@@ -95,6 +95,8 @@ def test_groups_are_frozen():
     (lambda: data.Preprocessing(8, eval_preproc="centre"), "'centre'.*crop_resize"),
     (lambda: data.Preprocessing(8, train_preproc="crop"), r"'crop'.*inception_crop, resize"),
     (lambda: data.Preprocessing(8, dtype="int8"), "dtype.*floating.*'int8'"),
+    (lambda: data.Preprocessing(8, normalization="timm"),
+     "Unknown normalization 'timm'; valid: imagenet, inception"),
     (lambda: data.Augmentation("mixup_autoaugment"), "autoaugment"),
     (lambda: data.Augmentation("mixup", mix_source="pairs"), "'pairs'; valid: 'stream', 'batch'"),
     (lambda: data.Stream(seed="0"), "seed must be an int or None, got '0'"),

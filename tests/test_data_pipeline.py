@@ -112,6 +112,22 @@ def test_normalize_uses_imagenet_statistics():
   np.testing.assert_allclose(STDDEV_RGB, np.array([0.229, 0.224, 0.225]) * 255)
 
 
+@pytest.mark.parametrize("augment_name, kwargs", [
+    (None, {"is_training": False}),
+    ("randaugment_405", {}),
+    ("mixup_randaugment_405", {"augment_before_mix": False}),  # normalised after the mix
+])
+def test_normalization_is_the_one_asked_for_on_every_path(digits_data_dir, augment_name, kwargs):
+  """The same pixels, normalised with ImageNet's statistics or with 0.5/0.5 ('inception',
+  as some of timm's weights want): undoing each normalisation gives the same image."""
+  batches = {norm: next(_train(digits_data_dir, augment_name, normalization=norm, **kwargs))
+             for norm in ("imagenet", "inception")}
+  pixels_imagenet = batches["imagenet"]["images"] * STDDEV_RGB + np.asarray(MEAN_RGB)
+  pixels_inception = batches["inception"]["images"] * 127.5 + 127.5
+  np.testing.assert_allclose(pixels_inception, pixels_imagenet, atol=1e-3)
+  assert not np.allclose(batches["inception"]["images"], batches["imagenet"]["images"], atol=0.1)
+
+
 # --- batches -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("augment_name", [None, "randaugment_405", "mixup", "cutmix",

@@ -11,6 +11,7 @@ Experiment makes for it.
 
 import importlib.util
 import json
+import logging
 import re
 import shlex
 
@@ -23,11 +24,12 @@ from demo_run import REPO
 from nfnets_jax import classify, cli, evaluate, models, weights
 from nfnets_jax.cli import model_flags
 from nfnets_jax.train import config as config_lib
-from nfnets_jax.train import experiment
+from nfnets_jax.train import experiment, init_from
 from nfnets_jax.data.sources import open_source
 
 RECORD = {"dataset": "digits", "data_dir": "/data/tfds", "val_fraction": 0.0, "split": "test",
-          "image_size": 24, "eval_preproc": "resize_crop_1", "ema": True}
+          "image_size": 24, "eval_preproc": "resize_crop_1", "normalization": "inception",
+          "ema": True}
 
 
 def write_workdir(path, meta, num_classes=3):
@@ -70,17 +72,20 @@ def test_recorded_settings_are_the_defaults_and_flags_override_them(workdirs):
   loaded, settings = resolve(f"--checkpoint={workdir}")
   assert settings.values == {"model": "nfnet:nano", "num_classes": 3, "ema": True,
                              "dataset": "digits", "split": "test", "data_dir": "/data/tfds",
-                             "image_size": 24, "eval_preproc": "resize_crop_1"}
+                             "image_size": 24, "eval_preproc": "resize_crop_1",
+                             "normalization": "inception"}
   assert set(settings.origins.values()) == {"checkpoint"}
-  assert "  eval_preproc  resize_crop_1  [checkpoint]" in settings.describe().splitlines()
+  assert "  eval_preproc   resize_crop_1  [checkpoint]" in settings.describe().splitlines()
   assert loaded.class_names == ["cat", "dog", "emu"]
 
   _, settings = resolve(f"--checkpoint={workdir}", "--noema", "--image_size=32",
-                        "--eval_preproc=crop_resize", "--split=train")
+                        "--eval_preproc=crop_resize", "--split=train", "--normalization=imagenet")
   assert (settings["ema"], settings["image_size"], settings["eval_preproc"],
-          settings["split"]) == (False, 32, "crop_resize", "train")
+          settings["split"], settings["normalization"]) == (
+              False, 32, "crop_resize", "train", "imagenet")
   assert {k: v for k, v in settings.origins.items() if v == "flag"} == {
-      "ema": "flag", "image_size": "flag", "eval_preproc": "flag", "split": "flag"}
+      "ema": "flag", "image_size": "flag", "eval_preproc": "flag", "split": "flag",
+      "normalization": "flag"}
   assert settings.origins["dataset"] == settings.origins["data_dir"] == "checkpoint"
   # Another dataset: the record's split and data_dir were the recorded dataset's.
   _, settings = resolve(f"--checkpoint={workdir}", "--dataset=cifar10")
@@ -95,16 +100,37 @@ def test_checkpoints_without_a_record_keep_the_published_defaults(workdirs, tmp_
   assert settings.values == {"model": "nfnet:nano", "num_classes": 3, "ema": False,
                              "dataset": "imagenet2012", "split": "validation", "data_dir": None,
                              "image_size": models.default_image_size("nfnet:nano"),
-                             "eval_preproc": "resize_crop_32"}
-  assert [settings.origins[k] for k in ("model", "ema", "dataset", "image_size")] == [
-      "checkpoint", "default", "default", "default"]
+                             "eval_preproc": "resize_crop_32", "normalization": "imagenet"}
+  assert [settings.origins[k] for k in ("model", "ema", "dataset", "image_size",
+                                        "normalization")] == [
+      "checkpoint", "default", "default", "default", "default"]
   assert loaded.class_names is None and classify.class_table(loaded) == (None, "default")
   npz = weights.save_params_npz(weights.load_params(old), tmp_path / "p.npz")
   _, settings = resolve(f"--checkpoint={npz}", "--image_size=16", dataset=False)
   assert settings.origins == {"model": "weights", "num_classes": "weights", "ema": "default",
-                              "image_size": "flag", "eval_preproc": "default"}
+                              "image_size": "flag", "eval_preproc": "default",
+                              "normalization": "default"}
   with pytest.raises(cli.UsageError, match=r"--val_fraction must be a number in \[0, 1\)"):
     resolve(f"--checkpoint={old}", "--val_fraction=1.5")
+
+
+def test_a_recorded_normalization_no_tool_knows_is_refused_by_name(tmp_path):
+  newer = write_workdir(tmp_path / "newer", {  # as a newer version might record
+      "model": "nfnet:nano", "num_classes": 3, "eval": {**RECORD, "normalization": "clip"}})
+  with pytest.raises(cli.UsageError, match="Unknown normalization 'clip'; valid: imagenet"):
+    resolve(f"--checkpoint={newer}")
+
+
+def test_init_from_warns_when_the_run_normalises_otherwise_than_its_weights(workdirs, caplog):
+  fresh = models.param_shapes("nfnet:nano", 3)
+  with caplog.at_level(logging.WARNING):
+    init_from.prepare(workdirs["recorded"], fresh, normalization="inception")
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+  with caplog.at_level(logging.WARNING):
+    init_from.prepare(workdirs["recorded"], fresh, normalization="imagenet")
+  warning, = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert "normalised with 'inception'" in warning
+  assert "config.dataset.normalization = 'imagenet'; set it to 'inception'" in warning
 
 
 def test_class_table_names_recorded_classes_and_imagenet_synsets(workdirs):
@@ -174,7 +200,8 @@ def test_folder_run_is_evaluated_and_classified_from_its_record(tmp_path, capsys
   assert meta["class_names"] == ["circle", "square", "triangle"]
   assert meta["eval"] == {"dataset": f"folder:{images}", "data_dir": None, "val_fraction": 0.4,
                           "split": "validation", "image_size": 24,
-                          "eval_preproc": "resize_crop_1", "ema": False}
+                          "eval_preproc": "resize_crop_1", "normalization": "imagenet",
+                          "ema": False}
   workdir = write_workdir(tmp_path / "ckpt", meta)
 
   code = evaluate.main(["evaluate", f"--checkpoint={workdir}", "--compilation_cache_dir="])

@@ -75,8 +75,15 @@ def define_model_flags(fv) -> None:
   flags.DEFINE_string(
       "eval_preproc", None,
       "Evaluation preprocessing: 'resize_crop_<pct>' (resize to image_size + pct px, or "
-      "image_size / pct for pct <= 1, then centre-crop) or 'crop_resize'. Default: the "
-      f"training run's, else the published {DEFAULT_EVAL_PREPROC!r}.", flag_values=fv)
+      "image_size / pct for pct <= 1, then centre-crop), 'center_crop_<fraction>' (timm's: "
+      "keep the aspect ratio) or 'crop_resize'. Default: the training run's (or timm's for "
+      f"timm: weights), else the published {DEFAULT_EVAL_PREPROC!r}.", flag_values=fv)
+  flags.DEFINE_enum(
+      "normalization", None, list(preproc_spec.NORMALIZATIONS),
+      "Per-channel statistics the images are normalised with: 'imagenet' (ImageNet's mean and "
+      "std) or 'inception' (0.5 and 0.5). Default: the one the weights were trained with (the "
+      f"run's record, timm's for timm: weights), else "
+      f"{preproc_spec.DEFAULT_NORMALIZATION!r}.", flag_values=fv)
   flags.DEFINE_enum("compute_dtype", "float32", list(models.COMPUTE_DTYPES),
                     "Precision of the forward pass (weights stay float32).", flag_values=fv)
 
@@ -111,7 +118,7 @@ def _pick(settings: weights.Settings, name: str, flag_value: Any, recorded: dict
 
 def eval_settings_from_flags(fv, loaded: weights.LoadedModel, *,
                              dataset: bool = False) -> weights.Settings:
-  """`loaded.settings` plus image_size and eval_preproc (and, with `dataset`, the dataset,
+  """`loaded.settings` plus image_size, eval_preproc, normalization (and, with `dataset`, the dataset,
   split, data_dir and val_fraction), each from its flag, else the training run's record,
   else the published default; validated.
 
@@ -142,4 +149,10 @@ def eval_settings_from_flags(fv, loaded: weights.LoadedModel, *,
     preproc_spec.parse_eval_preproc(preproc)
   except ValueError as err:
     raise UsageError(f"--eval_preproc: {err}") from None
+  normalization = _pick(settings, "normalization", fv.normalization, recorded,
+                        preproc_spec.DEFAULT_NORMALIZATION)
+  try:
+    preproc_spec.normalization_stats(normalization)
+  except ValueError as err:  # A record written by a newer version, say.
+    raise UsageError(f"the record's normalization: {err}") from None
   return settings

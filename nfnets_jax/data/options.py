@@ -17,7 +17,8 @@ import numpy as np
 
 from nfnets_jax.data import subsets
 from nfnets_jax.data.augment_spec import AugmentSpec, check_mix_source, parse_augment_name
-from nfnets_jax.data.preproc_spec import check_train_preproc, image_size_hw, parse_eval_preproc
+from nfnets_jax.data.preproc_spec import (DEFAULT_NORMALIZATION, check_train_preproc,
+                                          image_size_hw, normalization_stats, parse_eval_preproc)
 
 
 def image_dtype(dtype: Any) -> np.dtype:
@@ -46,7 +47,10 @@ class Preprocessing:
     image_size: Output side, or (height, width).
     train_preproc: 'inception_crop' (published: random crop + flip) or 'resize'
       (whole image, for data such as digits that crops or mirroring would relabel).
-    eval_preproc: 'crop_resize' or 'resize_crop_<pct>' (see `preprocess.py`).
+    eval_preproc: 'crop_resize', 'resize_crop_<pct>' or 'center_crop_<fraction>' (see
+      `preprocess.py`).
+    normalization: The per-channel statistics images are normalised with, training and
+      evaluation alike: 'imagenet' or 'inception' (`preproc_spec.NORMALIZATIONS`).
     dtype: dtype of `images` (float32, bfloat16 or float16).
     transpose: Put the innermost batch dimension last (HWCN per device), the TPU
       double-transpose layout.
@@ -54,12 +58,14 @@ class Preprocessing:
   image_size: int | tuple[int, int]
   train_preproc: str = "inception_crop"
   eval_preproc: str = "resize_crop_32"
+  normalization: str = DEFAULT_NORMALIZATION
   dtype: Any = np.float32
   transpose: bool = False
 
   def __post_init__(self) -> None:
     image_size_hw(self.image_size)
     parse_eval_preproc(self.eval_preproc)
+    normalization_stats(self.normalization)
     check_train_preproc(self.train_preproc)
     image_dtype(self.dtype)
 

@@ -234,7 +234,7 @@ def build(name: str, split: str, *, is_training: bool, batch_dims: Sequence[int]
     ds = _eval_examples(ds, steps, plan, preprocessing, skipped, source.is_folder)
   ds = _batch(ds, plan.dims, plan.spec if plan.mixes else AugmentSpec(),
               augmentation.augment_before_mix, augmentation.mix_source, plan.tf_dtype,
-              preprocessing.transpose)
+              preprocessing.transpose, preprocessing.normalization)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   ds = ds.with_options(_options(plan.deterministic or not is_training, reading.num_threads,
                                 reading.autotune))
@@ -331,7 +331,7 @@ def _training_examples(ds: tf.data.Dataset, num_local: int, plan: _Plan,
     ds = ds.skip(stream.start_step * examples_per_step)
   example_fn = _train_example_fn(plan.spec, plan.size, rng.run_seed(plan.seed, plan.process_index),
                                  plan.mixes, augmentation.augment_before_mix,
-                                 preprocessing.train_preproc)
+                                 preprocessing.train_preproc, preprocessing.normalization)
   return _map_examples(ds, example_fn, skipped, is_folder)
 
 
@@ -341,7 +341,8 @@ def _eval_examples(ds: tf.data.Dataset, steps: int, plan: _Plan, preprocessing: 
   ds = ds.enumerate().filter(lambda i, ex: skipped.keep(ex["image"], ex["name"]))
   eval_preproc, size = preprocessing.eval_preproc, plan.size
   ds = _map_examples(ds, lambda i, ex: {
-      "images": preprocess.normalize(preprocess.eval_image(ex["image"], size, eval_preproc)),
+      "images": preprocess.normalize(preprocess.eval_image(ex["image"], size, eval_preproc),
+                                     preprocessing.normalization),
       "labels": ex["label"], "mask": tf.constant(1, tf.int32)}, skipped, is_folder)
   padding = tf.data.Dataset.from_tensors({
       "images": tf.zeros(size + (3,), tf.float32), "labels": tf.constant(0, tf.int32),
@@ -370,15 +371,16 @@ def _guarded(example_fn):
   return fn
 
 
-def _augment_normalize(image: tf.Tensor, spec: AugmentSpec, seed: tf.Tensor) -> tf.Tensor:
+def _augment_normalize(image: tf.Tensor, spec: AugmentSpec, seed: tf.Tensor,
+                       normalization: str) -> tf.Tensor:
   if spec.randaugment:
     image = randaugment.randaugment_float(image, spec.randaugment_layers,
                                           spec.randaugment_magnitude, seed)
-  return preprocess.normalize(image)
+  return preprocess.normalize(image, normalization)
 
 
 def _train_example_fn(spec: AugmentSpec, size: tuple[int, int], key: tf.Tensor, mixes: bool,
-                      augment_before_mix: bool, train_preproc: str):
+                      augment_before_mix: bool, train_preproc: str, normalization: str):
   """The per-example training map: (stream position, example) -> features."""
   augment_later = mixes and not augment_before_mix
 
@@ -392,28 +394,28 @@ def _train_example_fn(spec: AugmentSpec, size: tuple[int, int], key: tf.Tensor, 
       out["images"] = image
       out["augment_seed"] = augment_seed
     else:
-      out["images"] = _augment_normalize(image, spec, augment_seed)
+      out["images"] = _augment_normalize(image, spec, augment_seed, normalization)
     return out
 
   return fn
 
 
-def _mix_fn(spec: AugmentSpec, batch_size: int, augment_before_mix: bool):
+def _mix_fn(spec: AugmentSpec, batch_size: int, augment_before_mix: bool, normalization: str):
   """(output position, example, its partner) -> the mixed output (`mixing.py`),
   RandAugment-ed once here unless each example was before mixing."""
   def mix(index, a, b):
     out = mixing.mix_pair(spec, a, b, a["mix_seed"], mixing.uses_cutmix(spec, index, batch_size))
     if not augment_before_mix:
-      out["images"] = _augment_normalize(out["images"], spec, a["augment_seed"])
+      out["images"] = _augment_normalize(out["images"], spec, a["augment_seed"], normalization)
     return out
 
   return mix
 
 
 def _mix_pairs(ds: tf.data.Dataset, spec: AugmentSpec, batch_size: int,
-               augment_before_mix: bool) -> tf.data.Dataset:
+               augment_before_mix: bool, normalization: str) -> tf.data.Dataset:
   """mix_source='stream': pairs consecutive examples and mixes each pair into one."""
-  mix = _mix_fn(spec, batch_size, augment_before_mix)
+  mix = _mix_fn(spec, batch_size, augment_before_mix, normalization)
 
   def mix_pair(pair_index, pair):
     return mix(pair_index, {k: v[0] for k, v in pair.items()}, {k: v[1] for k, v in pair.items()})
@@ -423,7 +425,7 @@ def _mix_pairs(ds: tf.data.Dataset, spec: AugmentSpec, batch_size: int,
 
 
 def _mix_within_batches(ds: tf.data.Dataset, spec: AugmentSpec, batch_size: int,
-                        augment_before_mix: bool) -> tf.data.Dataset:
+                        augment_before_mix: bool, normalization: str) -> tf.data.Dataset:
   """mix_source='batch': mixes example i of each innermost batch with example
   (i + batch_size // 2) % batch_size of it, so each example is decoded once and is
   also the partner of one other output (with mixup + CutMix, a mixup output's
@@ -435,7 +437,7 @@ def _mix_within_batches(ds: tf.data.Dataset, spec: AugmentSpec, batch_size: int,
     partner = {k: tf.roll(batch[k], -shift, axis=0) for k in ("images", "labels")}
     return {"a": batch, "b": partner}
 
-  mix = _mix_fn(spec, batch_size, augment_before_mix)
+  mix = _mix_fn(spec, batch_size, augment_before_mix, normalization)
   ds = ds.batch(batch_size, drop_remainder=True).map(with_partners).unbatch().enumerate()
   return ds.map(lambda index, pair: mix(index, pair["a"], pair["b"]),
                 num_parallel_calls=tf.data.AUTOTUNE)
@@ -443,11 +445,11 @@ def _mix_within_batches(ds: tf.data.Dataset, spec: AugmentSpec, batch_size: int,
 
 def _batch(ds: tf.data.Dataset, dims: tuple[int, ...], spec: AugmentSpec,
            augment_before_mix: bool, mix_source: str, tf_dtype: tf.DType,
-           transpose: bool) -> tf.data.Dataset:
+           transpose: bool, normalization: str) -> tf.data.Dataset:
   """Batches along `dims` (innermost first), mixing and laying out the innermost batch."""
   if spec.mixes:
     mix = _mix_pairs if mix_source == "stream" else _mix_within_batches
-    ds = mix(ds, spec, dims[-1], augment_before_mix)
+    ds = mix(ds, spec, dims[-1], augment_before_mix, normalization)
   ds = ds.batch(dims[-1], drop_remainder=True)
 
   def finish(batch):

@@ -11,9 +11,20 @@ from typing import Sequence
 
 MAX_IMAGE_SIDE = 8192
 
-#: The ImageNet normalisation (per RGB channel, 0..255 scale) every pipeline and export uses.
+#: The ImageNet normalisation (per RGB channel, 0..255 scale): the published NFNets' and the
+#: default of every pipeline and export.
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+#: Per-channel (mean, std) on the 0..255 scale, by the name a `normalization` setting takes.
+#: A network sees its inputs as it was trained on them: 'imagenet' for the published NFNets and
+#: most of timm's weights, 'inception' (0.5 and 0.5 on the 0..1 scale, timm's
+#: IMAGENET_INCEPTION_MEAN/STD) for weights trained that way, such as timm's test_nfnet.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (MEAN_RGB, STDDEV_RGB),
+    "inception": ((127.5,) * 3, (127.5,) * 3),
+}
+DEFAULT_NORMALIZATION = "imagenet"
 
 #: Training preprocessings: the published Inception crop + flip, or a plain resize
 #: of the whole image for data where crops and mirror images change the class
@@ -66,6 +77,28 @@ def resize_crop_scaled_size(image_size: tuple[int, int], pct: float) -> tuple[in
   if pct > 1:
     return tuple(int(s + pct) for s in image_size)  # type: ignore[return-value]
   return tuple(int(s / pct) for s in image_size)  # type: ignore[return-value]
+
+
+def normalization_stats(normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """'imagenet' -> its per-channel (mean, std) on the 0..255 scale; a ValueError for a name
+  that is not in `NORMALIZATIONS`."""
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"Unknown normalization {normalization!r}; valid: "
+                     f"{', '.join(NORMALIZATIONS)}.")
+  return NORMALIZATIONS[normalization]
+
+
+def normalization_named(mean: Sequence[float], std: Sequence[float]) -> str:
+  """The name of the normalisation with per-channel `mean` and `std` on the 0..1 scale
+  (timm's convention), or a ValueError listing the ones this project applies."""
+  for name, (m, s) in NORMALIZATIONS.items():
+    if all(abs(a * 255 - b) < 1e-6 for a, b in zip((*mean, *std), (*m, *s), strict=True)):
+      return name
+  raise ValueError(f"No normalization has mean {tuple(mean)} and std {tuple(std)} (0..1 scale); "
+                   f"known: " + ", ".join(
+                       f"{n} (mean {tuple(round(v / 255, 4) for v in m)}, std "
+                       f"{tuple(round(v / 255, 4) for v in s)})"
+                       for n, (m, s) in NORMALIZATIONS.items()) + ".")
 
 
 def check_train_preproc(train_preproc: str) -> str:

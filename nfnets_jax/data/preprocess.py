@@ -29,9 +29,11 @@ from typing import Sequence
 from nfnets_jax.data import rng
 from nfnets_jax.data._tf import tf
 # The settings' parsers live in the TF-free `preproc_spec`; re-exported here.
-from nfnets_jax.data.preproc_spec import (EVAL_PREPROC_FORMS, MAX_IMAGE_SIDE, MEAN_RGB, STDDEV_RGB,
+from nfnets_jax.data.preproc_spec import (DEFAULT_NORMALIZATION, EVAL_PREPROC_FORMS,
+                                          MAX_IMAGE_SIDE, MEAN_RGB, NORMALIZATIONS, STDDEV_RGB,
                                           TRAIN_PREPROCS, check_train_preproc, image_size_hw,
-                                          parse_eval_preproc, resize_crop_scaled_size)
+                                          normalization_stats, parse_eval_preproc,
+                                          resize_crop_scaled_size)
 
 CROP_PADDING = 32
 
@@ -151,20 +153,22 @@ def eval_image(image_bytes: tf.Tensor, image_size: tuple[int, int], eval_preproc
   return image
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-  """Subtracts the ImageNet mean and divides by its std (per RGB channel, 0..255 scale).
+def normalize(image: tf.Tensor, normalization: str = DEFAULT_NORMALIZATION) -> tf.Tensor:
+  """Subtracts the mean and divides by the std of `normalization` ('imagenet', the default:
+  ImageNet's statistics; see `preproc_spec.NORMALIZATIONS`), per RGB channel, 0..255 scale.
 
   A [H, W, 3] image is computed as rows [H, W * 3] against the statistics tiled
   to one row: the same arithmetic per value, and TF's CPU kernels broadcast a row
   several times faster than a trailing axis of 3.
   """
+  mean, std = (tf.constant(v, tf.float32) for v in normalization_stats(normalization))
   image = tf.cast(image, tf.float32)
   if image.shape.rank != 3 or image.shape[-1] != 3:
-    return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+    return (image - mean) / std
   shape = tf.shape(image)
   width = shape[1:2]
   rows = tf.reshape(image, [shape[0], shape[1] * 3])
-  rows = (rows - tf.tile(tf.constant(MEAN_RGB), width)) / tf.tile(tf.constant(STDDEV_RGB), width)
+  rows = (rows - tf.tile(mean, width)) / tf.tile(std, width)
   out = tf.reshape(rows, shape)
   out.set_shape(image.shape)
   return out

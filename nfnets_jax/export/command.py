@@ -82,7 +82,8 @@ def _export_from_flags(fv) -> None:
   preprocessing = None
   if fv.with_preprocessing:
     with cli.usage_errors():
-      preprocessing = serving.Preprocessing(image_size, eval_preproc, fv.input_size)
+      preprocessing = serving.Preprocessing(image_size, eval_preproc, fv.input_size,
+                                            settings["normalization"])
   print(settings.describe(), file=sys.stderr, flush=True)
   # XLA's own convolutions and no loops: the plainest graph for other runtimes.
   folded = loaded.fold(conv_impl="xla", block_loop="unroll")

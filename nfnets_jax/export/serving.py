@@ -3,7 +3,8 @@
 Two contracts (docs/export.md):
 
 * plain: float NHWC images already preprocessed (resized, cropped, normalised
-  with `MEAN_RGB`/`STDDEV_RGB`), `image_size` square -> float32 logits;
+  with the weights' statistics, ImageNet's unless they record others),
+  `image_size` square -> float32 logits;
 * with preprocessing: uint8 RGB NHWC images of `input_size` square (the whole
   image, resized by the client without keeping the aspect, as the published
   'resize_crop' evaluation does) -> float32 class probabilities. The function
@@ -30,10 +31,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-  """The embedded evaluation preprocessing: `input_size` uint8 -> `image_size` normalised."""
+  """The embedded evaluation preprocessing: `input_size` uint8 -> `image_size` normalised
+  with `normalization`'s statistics (`preproc_spec.NORMALIZATIONS`)."""
   image_size: int
   eval_preproc: str
   input_size: Optional[int] = None  # None: the resize_crop size (no resize inside).
+  normalization: str = preproc_spec.DEFAULT_NORMALIZATION
 
   def __post_init__(self):
     method, _ = preproc_spec.parse_eval_preproc(self.eval_preproc)
@@ -42,6 +45,7 @@ class Preprocessing:
                        f"evaluation), not {self.eval_preproc!r}.")
     if self.input_size is not None:
       preproc_spec.image_size_hw(self.input_size)
+    preproc_spec.normalization_stats(self.normalization)
 
   @property
   def resized_size(self) -> int:
@@ -64,8 +68,8 @@ class Preprocessing:
     # lax slices, not indexing: with a symbolic batch, indexing lowers to a gather.
     x = jax.lax.slice_in_dim(x, offset, offset + self.image_size, axis=1)
     x = jax.lax.slice_in_dim(x, offset, offset + self.image_size, axis=2)
-    mean = np.asarray(preproc_spec.MEAN_RGB, np.float32)
-    std = np.asarray(preproc_spec.STDDEV_RGB, np.float32)
+    mean, std = (np.asarray(v, np.float32)
+                 for v in preproc_spec.normalization_stats(self.normalization))
     return (x - mean) / std
 
 

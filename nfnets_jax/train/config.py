@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.mix_source = "stream"
   c.dataset.eval_preproc = "resize_crop_32"
   c.dataset.train_preproc = "inception_crop"  # or "resize" (no crop/flip)
+  # The per-channel statistics inputs are normalised with, in training and evaluation:
+  # 'imagenet' (published) or 'inception' (0.5/0.5, as some of timm's weights were trained).
+  c.dataset.normalization = preproc_spec.DEFAULT_NORMALIZATION
   # Deterministic: seeded, ordered input, so a resumed run replays exactly the
   # batches it would have seen. Fast mode (False) trades that for throughput.
   c.dataset.deterministic = False
@@ -280,7 +283,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _PARSED_FIELDS = {
     "model": "a model name 'family:variant', e.g. 'nfnet:F0'",
     "dataset.train_preproc": f"one of {preproc_spec.TRAIN_PREPROCS}",
-    "dataset.eval_preproc": "'crop_resize' or 'resize_crop_<pct>', e.g. 'resize_crop_32'",
+    "dataset.eval_preproc": "'crop_resize', 'resize_crop_<pct>' or 'center_crop_<fraction>', "
+                            "e.g. 'resize_crop_32'",
+    "dataset.normalization": f"one of {', '.join(preproc_spec.NORMALIZATIONS)}",
     "dataset.mix_source": "'stream' or 'batch'",
 }
 
@@ -316,6 +321,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _parse("dataset.augment_name", augment_spec.parse_augment_name, config)
   _parse("dataset.train_preproc", preproc_spec.check_train_preproc, config)
   _parse("dataset.eval_preproc", preproc_spec.parse_eval_preproc, config)
+  _parse("dataset.normalization", preproc_spec.normalization_stats, config)
   _parse("dataset.mix_source", augment_spec.check_mix_source, config)
   for field, choices in (("model_kwargs.conv_impl", models.CONV_IMPLS),
                          ("model_kwargs.block_loop", models.BLOCK_LOOPS)):

@@ -50,7 +50,8 @@ def eval_record(dataset: ml_collections.ConfigDict) -> dict[str, Any]:
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
   return {"dataset": options.absolute_dataset_name(dataset.name), "data_dir": data_dir, "val_fraction": dataset.val_fraction,
           "split": dataset.eval_split, "image_size": dataset.eval_image_size,
-          "eval_preproc": dataset.eval_preproc, "ema": False}
+          "eval_preproc": dataset.eval_preproc, "normalization": dataset.normalization,
+          "ema": False}
 
 
 def params_fingerprint(params: Any) -> str:
@@ -235,7 +236,8 @@ class Experiment:
       self._init_from = init_from.prepare(
           config.init_from, models.param_shapes(config.model, self.num_classes,
                                                 **model_kwargs(config)),
-          ema=config.init_from_ema, reinit_classifier=config.reinit_classifier)
+          ema=config.init_from_ema, reinit_classifier=config.reinit_classifier,
+          normalization=config.dataset.normalization)
 
   # -- state -----------------------------------------------------------------
 
@@ -282,7 +284,7 @@ class Experiment:
         image_size=ds.image_size, augment_name=ds.augment_name,
         augment_before_mix=ds.augment_before_mix, mix_source=ds.mix_source,
         data_dir=ds.data_dir, val_fraction=ds.val_fraction, train_preproc=ds.train_preproc,
-        seed=self.config.seed if ds.deterministic else None, deterministic=ds.deterministic,
+        normalization=ds.normalization, seed=self.config.seed if ds.deterministic else None, deterministic=ds.deterministic,
         start_step=start_step, autotune=ds.autotune)
 
   def _eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
@@ -290,8 +292,9 @@ class Experiment:
     return self._data.load(
         ds.name, ds.eval_split, is_training=False, batch_dims=(self.local_eval_batch,),
         classes=ds.classes,
-        image_size=ds.eval_image_size, eval_preproc=ds.eval_preproc, data_dir=ds.data_dir,
-        val_fraction=ds.val_fraction, autotune=ds.autotune)
+        image_size=ds.eval_image_size, eval_preproc=ds.eval_preproc,
+        normalization=ds.normalization, data_dir=ds.data_dir, val_fraction=ds.val_fraction,
+        autotune=ds.autotune)
 
   # -- loop ------------------------------------------------------------------
 

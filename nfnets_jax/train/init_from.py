@@ -18,7 +18,7 @@ whatever layout the train state uses; models/stacking.py):
 """
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -96,15 +96,22 @@ class Prepared:
 
 
 def prepare(source: str, fresh: Params, *, ema: bool = False,
-            reinit_classifier: bool = False) -> Prepared:
+            reinit_classifier: bool = False, normalization: Optional[str] = None) -> Prepared:
   """Reads `source` and plans it against the model's tree `fresh` (shapes suffice); logs
-  the plan. Any failure is an `InitFromError` naming `config.init_from`."""
+  the plan, and warns when the run's input `normalization` is not the one `source`
+  records. Any failure is an `InitFromError` naming `config.init_from`."""
   try:
     loaded = load(source, ema=ema)
     init_plan = plan(source, loaded, fresh, reinit_classifier=reinit_classifier)
+    recorded = ((weights.load_meta(source) or {}).get("eval") or {}).get("normalization")
   except (OSError, ValueError, WeightsError) as err:
     raise InitFromError(f"config.init_from = {source!r}: {err}") from None
   logging.info("%s", describe(init_plan))
+  if normalization is not None and recorded is not None and recorded != normalization:
+    logging.warning("config.init_from = %r was trained on inputs normalised with %r, but this "
+                    "run normalises with config.dataset.normalization = %r; set it to %r to "
+                    "feed the weights what they were trained on.", source, recorded,
+                    normalization, recorded)
   return Prepared(loaded, init_plan)
 
 

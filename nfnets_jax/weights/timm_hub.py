@@ -10,10 +10,10 @@ keyed by the hub revision the file came from.
 
 The weights travel with how timm evaluates them (`EvalSettings`: resolution,
 crop fraction and mode, interpolation, normalisation): `meta(name)` records
-the resolution and crop (`EvalSettings.eval_preproc`) for `evaluate` and
-`classify`, and timm's settings in full. Both crops are bicubic here as in
-timm; the normalisation is always ImageNet's here, which every entry but
-test_nfnet (mean and std 0.5) uses.
+the resolution, crop and normalisation (`EvalSettings.eval_preproc`,
+`.normalization`) that `evaluate`, `classify`, `export` and fine-tuning apply,
+and timm's settings in full. Both crops are bicubic here as in timm (TF's
+bicubic, without the antialiasing of PIL's when it downscales).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import dataclasses
 import pathlib
 from typing import Any, Mapping, Optional
 
+from nfnets_jax.data import preproc_spec
 from nfnets_jax.weights import download, formats
 
 PREFIX = "timm:"
@@ -51,6 +52,11 @@ class EvalSettings:
     """This project's form of the crop (`data.preproc_spec`): 'resize_crop_<pct>' squashes
     as timm's 'squash' does, 'center_crop_<pct>' keeps the aspect ratio as 'center' does."""
     return f"{'resize_crop' if self.crop_mode == 'squash' else 'center_crop'}_{self.crop_pct}"
+
+  @property
+  def normalization(self) -> str:
+    """This project's name for timm's `mean` and `std` (`preproc_spec.NORMALIZATIONS`)."""
+    return preproc_spec.normalization_named(self.mean, self.std)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +125,8 @@ def meta(name: str) -> dict[str, Any]:
   entry = lookup(name)
   s = entry.settings
   return {"model": model_name(entry), "num_classes": 1000, "model_kwargs": {},
-          "eval": {"image_size": s.image_size, "eval_preproc": s.eval_preproc},
+          "eval": {"image_size": s.image_size, "eval_preproc": s.eval_preproc,
+                   "normalization": s.normalization},
           "timm_eval": {**dataclasses.asdict(s), "mean": list(s.mean), "std": list(s.std)},
           "source": f"hf://{entry.repo_id}/{FILENAME}"}
 
