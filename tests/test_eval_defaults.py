@@ -165,7 +165,7 @@ def test_readme_command_scores_the_demo_as_training_did(demo_run, capsys):
   assert results["top5"] == demo_run["reported"]["top5"]
   assert results["settings_from"]["eval_preproc"] == "checkpoint"
   assert results["eval_preproc"] == "resize_crop_1" and results["ema"] is False
-  assert "  dataset       digits  [flag]" in err.splitlines()
+  assert "  dataset        digits  [flag]" in err.splitlines()
 
 
 def demo_config(**fields):
@@ -214,7 +214,7 @@ def test_folder_run_is_evaluated_and_classified_from_its_record(tmp_path, capsys
   assert (results["dataset"], results["split"]) == (f"folder:{images}", "validation")
   assert results["num_examples"] == 6 - held_out.count(str(broken))
   assert results["skipped_files"] == held_out.count(str(broken))
-  assert "  val_fraction  0.4  [checkpoint]" in err.splitlines()
+  assert "  val_fraction   0.4  [checkpoint]" in err.splitlines()
 
   code = classify.main(["classify", f"--checkpoint={workdir}", "--compilation_cache_dir=",
                         "--top_k=3", str(images / "circle" / "img_0.jpg")])
@@ -222,4 +222,4 @@ def test_folder_run_is_evaluated_and_classified_from_its_record(tmp_path, capsys
   assert code == 0, err
   labels = [line.split()[-1] for line in out.splitlines()[1:]]
   assert sorted(labels) == ["circle", "square", "triangle"]
-  assert "  class_names   3: circle, square, triangle  [checkpoint]" in err.splitlines()
+  assert "  class_names    3: circle, square, triangle  [checkpoint]" in err.splitlines()
