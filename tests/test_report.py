@@ -208,8 +208,9 @@ TIMM_SMALL = ("timm:test_nfnet", "timm:nf_regnet_b0")
 @pytest.fixture
 def timm_peers():
   """timm, or a skip naming the extra that installs it (torch with it)."""
-  pytest.importorskip("torch", reason="PyTorch is an optional peer (pip install 'nfnets-jax[peers]').")
-  return pytest.importorskip("timm", reason="timm is an optional peer (pip install 'nfnets-jax[peers]').")
+  why = "is an optional peer (pip install 'nfnets-jax[peers]')."
+  pytest.importorskip("torch", reason=f"PyTorch {why}")
+  return pytest.importorskip("timm", reason=f"timm {why}")
 
 
 def test_timm_family_is_a_family_with_timms_train_and_test_sizes():
@@ -247,7 +248,8 @@ def test_timm_rows_carry_timms_counts_measured_in_a_child(capsys, timm_peers):
     assert (row["train_size"], row["test_size"]) == (train, test)
     assert row["timm_counts"] == report.MEASURED
     assert row["timm_params"] == row["params"] == models.count_params(name)
-    assert row["timm_train_flops"] == row["train_flops"] == models.count_flops(name, train, train)[1]
+    assert (row["timm_train_flops"] == row["train_flops"]
+            == models.count_flops(name, train, train)[1])
     assert row["timm_test_flops"] == row["test_flops"] == models.count_flops(name, test, test)[1]
     assert row["timm_params_diff_pct"] == row["timm_test_flops_diff_pct"] == 0.0
   f0 = rows["nfnet:F0"]
@@ -287,7 +289,8 @@ def test_without_the_peers_timm_counts_are_not_measured_and_not_an_error(capsys,
   code, out, err = _run(capsys, "--format=json", "--models=timm:test_nfnet,nfnet:F0")
   assert code == 0, err
   timm_row, f0 = json.loads(out)
-  assert timm_row["timm_counts"] == "not measured: timm not installed (pip install 'nfnets-jax[peers]')"
+  assert timm_row["timm_counts"] == (
+      "not measured: timm not installed (pip install 'nfnets-jax[peers]')")
   assert timm_row["timm_test_flops"] is None and f0["timm_counts"] is None
 
 
