@@ -34,6 +34,7 @@ are not meaningful).
 
 import csv
 import dataclasses
+import inspect
 import math
 import pathlib
 from typing import Optional, Sequence
@@ -106,10 +107,25 @@ def check_settings(names: Sequence[str], batch: int, image_size: int,
         f"got {image_size!r}.")
   if activation is not None:
     activations.get_activation(activation, elementwise_only=True)
+    for name in names:
+      check_activation_override(name, activation)
   if not math.isfinite(skip_gain):
     raise ValueError(f"skip_gain must be a finite number, got {skip_gain!r}.")
   if yscale not in YSCALES:
     raise ValueError(f"Unknown yscale {yscale!r}; valid: {', '.join(YSCALES)}.")
+
+
+def check_activation_override(name: str, activation: str) -> None:
+  """A ValueError unless `name`'s family takes an `activation` argument (timm's models
+  keep timm's own activation, with its gamma folded into their convolutions)."""
+  family, _ = registry.parse_model_name(name)
+  if "activation" not in inspect.signature(registry.FAMILIES[family].plan_fn).parameters:
+    takers = [f for f, spec in registry.FAMILIES.items()
+              if "activation" in inspect.signature(spec.plan_fn).parameters]
+    raise ValueError(
+        f"--activation={activation} cannot override the activation of {name!r}: its family "
+        f"keeps its own ({registry.model_plan(name).activation}). Families that take one: "
+        f"{', '.join(takers)}; leave --activation out to plot {name!r}.")
 
 
 def set_skip_gains(params: hk.Params, value: float) -> tuple[hk.Params, int]:

@@ -131,6 +131,9 @@ def test_bad_model_name_is_a_usage_error_naming_valid_ones(capsys, tmp_path):
     (["--batch=0"], "batch must be a positive integer, got 0"),
     (["--image_size=16"], "image_size must be an integer >= 32.*got 16"),
     (["--activation=relu7"], "Unknown activation 'relu7'; valid activations: .*gelu"),
+    (["--model=timm:test_nfnet", "--activation=relu"],
+     r"--activation=relu cannot override the activation of 'timm:test_nfnet': its family keeps "
+     r"its own \(silu\)\. Families that take one: nfnet, nf_resnet, nf_regnet, bn_resnet"),
     (["--skip_gain=nan"], "skip_gain must be a finite number"),
     (["--yscale=sqrt"], "Unknown yscale 'sqrt'; valid: log, linear"),
     (["--out=spp.jpg"], r"--out must name a \.png file.*'spp.jpg'"),
