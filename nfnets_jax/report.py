@@ -2,6 +2,7 @@
 
     python -m nfnets_jax.report [--format=table|markdown|json] [--families=nfnet,nf_resnet]
     python -m nfnets_jax.report --models=nfnet:F0,nfnet:F0+ --format=json
+    python -m nfnets_jax.report --families=timm [--notimm_counts]
     python -m nfnets_jax.report --memory --devices=8 --per_device_batch=512 [--image_size=192]
         [--variants=F0,F7] [--grad_accum_steps=32]
 
@@ -19,6 +20,20 @@ multiply-adds, the papers' convention. The NFNet paper's F0..F6 figures
 (parameters, FLOPs at test resolution) are printed alongside with the relative
 difference, so a drift in the architecture shows up here first.
 
+timm's models (`timm:<name>`, family `timm`) are costed at timm's train and
+test resolutions (its `input_size` and `test_input_size`), and timm's own
+counts are measured next to ours in the same run when torch and timm (the
+`peers` extra) are installed: its parameters (the `numel` of timm's model)
+and the multiply-adds PyTorch's `FlopCounterMode` counts in a forward pass
+at each resolution (its FLOPs halved), with the relative difference
+(`timm_counts.py` says how; a child process does it, as timm must be
+imported before JAX). Both sides count the same operations: the
+multiply-adds of every convolution (squeeze-excite's two 1x1 convolutions
+and ECA's 1-D convolution included) and of the classifier; neither counts
+pooling, activations, biases, weight standardisation or the gates' products.
+Without the peers, or with `--notimm_counts`, the timm columns say "not
+measured" and why.
+
 Without `--models`, every published variant of the selected families is
 listed, which traces every large variant too (see docs/performance.md for
 how long that takes).
@@ -31,7 +46,7 @@ import subprocess
 import sys
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-from nfnets_jax import cli
+from nfnets_jax import cli, timm_counts
 from nfnets_jax.models import registry
 
 #: Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without
@@ -63,6 +78,12 @@ class ModelCost:
   test_flops: int
   published_params: Optional[float] = None
   published_test_flops: Optional[float] = None
+  # timm's own counts (timm models only): `timm_counts` is None for other models,
+  # MEASURED, or "not measured: <why>".
+  timm_counts: Optional[str] = None
+  timm_params: Optional[int] = None
+  timm_train_flops: Optional[int] = None
+  timm_test_flops: Optional[int] = None
 
   @property
   def params_diff_pct(self) -> Optional[float]:
@@ -72,9 +93,16 @@ class ModelCost:
   def test_flops_diff_pct(self) -> Optional[float]:
     return _diff_pct(self.test_flops, self.published_test_flops)
 
+  @property
+  def timm_diffs_pct(self) -> dict[str, Optional[float]]:
+    """Our counts relative to timm's: params, train and test FLOPs (None where unmeasured)."""
+    return {"timm_params_diff_pct": _diff_pct(self.params, self.timm_params),
+            "timm_train_flops_diff_pct": _diff_pct(self.train_flops, self.timm_train_flops),
+            "timm_test_flops_diff_pct": _diff_pct(self.test_flops, self.timm_test_flops)}
+
   def as_dict(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), "params_diff_pct": self.params_diff_pct,
-            "test_flops_diff_pct": self.test_flops_diff_pct}
+            "test_flops_diff_pct": self.test_flops_diff_pct, **self.timm_diffs_pct}
 
 
 def _diff_pct(ours: int, published: Optional[float]) -> Optional[float]:
@@ -99,6 +127,37 @@ def model_cost(name: str) -> ModelCost:
       train_flops=registry.count_flops(name, train, train)[1],
       test_flops=registry.count_flops(name, test, test)[1],
       published_params=published_params, published_test_flops=published_flops)
+
+
+#: `ModelCost.timm_counts` of a timm row whose counts were measured.
+MEASURED = "measured"
+
+
+def with_timm_counts(rows: Sequence[ModelCost], measure: bool = True) -> list[ModelCost]:
+  """`rows` with timm's own counts filled into every timm row, all measured in one
+  child process (`timm_counts.measure_in_child`); "not measured" and why when
+  `measure` is False or the peers are not installed."""
+  timm_rows = [row for row in rows if row.family == "timm"]
+  if not timm_rows:
+    return list(rows)
+  why = "--notimm_counts" if not measure else timm_counts.missing_peers()
+  if why is not None:
+    note = f"not measured: {why}"
+    return [dataclasses.replace(row, timm_counts=note) if row.family == "timm" else row
+            for row in rows]
+  requests = sorted({(registry.parse_model_name(row.model)[1], size)
+                     for row in timm_rows for size in (row.train_size, row.test_size)})
+  counts = {(c.model, c.image_size): c for c in timm_counts.measure_in_child(requests)}
+
+  def filled(row: ModelCost) -> ModelCost:
+    if row.family != "timm":
+      return row
+    name = registry.parse_model_name(row.model)[1]
+    train, test = counts[name, row.train_size], counts[name, row.test_size]
+    return dataclasses.replace(row, timm_counts=MEASURED, timm_params=test.params,
+                               timm_train_flops=train.macs, timm_test_flops=test.macs)
+
+  return [filled(row) for row in rows]
 
 
 def select_models(families: Optional[Sequence[str]] = None,
@@ -135,6 +194,10 @@ def _pct(p: Optional[float]) -> str:
 
 HEADER = ("model", "params", "train px", "train FLOPs", "test px", "test FLOPs",
           "paper params", "params diff", "paper test FLOPs", "FLOPs diff")
+#: Columns added when a timm model is listed: timm's counts and ours relative to them.
+TIMM_HEADER = ("timm params", "vs timm", "timm train FLOPs", "vs timm", "timm test FLOPs",
+               "vs timm")
+NOT_MEASURED = "not measured"
 
 
 def _cells(row: ModelCost) -> tuple[str, ...]:
@@ -142,6 +205,30 @@ def _cells(row: ModelCost) -> tuple[str, ...]:
           str(row.test_size), _billions(row.test_flops), _millions(row.published_params),
           _pct(row.params_diff_pct), _billions(row.published_test_flops),
           _pct(row.test_flops_diff_pct))
+
+
+def _timm_cells(row: ModelCost) -> tuple[str, ...]:
+  if row.timm_counts is None:
+    return ("-",) * len(TIMM_HEADER)
+  if row.timm_counts != MEASURED:
+    return (NOT_MEASURED, "-") * 3
+  diffs = row.timm_diffs_pct
+  return (_millions(row.timm_params), _pct(diffs["timm_params_diff_pct"]),
+          _billions(row.timm_train_flops), _pct(diffs["timm_train_flops_diff_pct"]),
+          _billions(row.timm_test_flops), _pct(diffs["timm_test_flops_diff_pct"]))
+
+
+def _table(rows: Sequence[ModelCost]) -> tuple[list[tuple[str, ...]], str]:
+  """The header and cell rows (timm's columns only when a timm model is listed), and the note."""
+  note = "\nFLOPs are multiply-adds for one image.\n"
+  if not any(row.timm_counts is not None for row in rows):
+    return [HEADER] + [_cells(row) for row in rows], note
+  states = {row.timm_counts for row in rows} - {None}
+  if MEASURED in states:
+    note += ("timm's counts, measured in this run: the parameters of timm's model and "
+             "PyTorch's FlopCounterMode on its forward pass (FLOPs / 2).\n")
+  note += "".join(f"timm's counts {state}.\n" for state in sorted(states - {MEASURED}))
+  return [HEADER + TIMM_HEADER] + [_cells(row) + _timm_cells(row) for row in rows], note
 
 
 def check_table_format(fmt: str, name: str = "format") -> None:
@@ -155,16 +242,17 @@ def render(rows: Sequence[ModelCost], fmt: str = "table") -> str:
   check_table_format(fmt)
   if fmt == "json":
     return json.dumps([row.as_dict() for row in rows], indent=2)
-  cells = [HEADER] + [_cells(row) for row in rows]
+  cells, note = _table(rows)
+  columns = len(cells[0])
   if fmt == "markdown":
     lines = ["| " + " | ".join(c) + " |" for c in cells]
-    lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|")
-    return "\n".join(lines) + "\n\nFLOPs are multiply-adds for one image.\n"
-  widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (columns - 1)) + "|")
+    return "\n".join(lines) + "\n" + note
+  widths = [max(len(c[i]) for c in cells) for i in range(columns)]
   lines = ["  ".join(text.ljust(width) if i == 0 else text.rjust(width)
                      for i, (text, width) in enumerate(zip(c, widths))).rstrip() for c in cells]
   lines.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(lines) + "\n\nFLOPs are multiply-adds for one image.\n"
+  return "\n".join(lines) + "\n" + note
 
 
 # ----------------------------------------------------------------------------- memory
@@ -359,6 +447,9 @@ def _define_flags():
   flags.DEFINE_list("models", None,
                     "Exact models to list instead, e.g. nfnet:F0,nfnet:F7+ (any variant).",
                     flag_values=fv)
+  flags.DEFINE_bool("timm_counts", True, "Measure timm's own parameter and FLOP counts "
+                    "next to every timm model's (needs the peers extra: torch, timm).",
+                    flag_values=fv)
   flags.DEFINE_bool("memory", False, "Report per-device train-step memory instead.",
                     flag_values=fv)
   flags.DEFINE_integer("devices", 8, "--memory: devices the batch and the state are split "
@@ -393,7 +484,8 @@ def _report_from_flags(fv) -> None:
   with cli.usage_errors():
     check_table_format(fv.format, "--format")
     names = select_models(fv.families, fv.models)
-  print(render([model_cost(name) for name in names], fv.format))
+  rows = with_timm_counts([model_cost(name) for name in names], fv.timm_counts)
+  print(render(rows, fv.format))
 
 
 if __name__ == "__main__":

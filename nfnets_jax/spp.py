@@ -21,7 +21,12 @@ NF models run in inference mode (no dropout, no stochastic depth). Their
 residual branches end in a `skip_gain` that SkipInit initialises to 0, which
 makes every block the identity at init; the papers' plots show the branches
 switched on (variance growing by alpha^2 per block), so `--skip_gain`
-defaults to 1 (0 shows the SkipInit network as initialised). BatchNorm models
+defaults to 1 (0 shows the SkipInit network as initialised). timm's own
+models (`timm:nfnet_l0`, `timm:nf_regnet_b0`, ...; not `timm:dm_nfnet_*`)
+have no skip gain: the last convolution of each branch (`conv2`) starts with
+a gain of 0 instead, so `--skip_gain` sets that gain vector to the value (the
+same branch as a skip gain's at 0 and 1; in between it scales the branch
+before an output gate rather than after). BatchNorm models
 run in training mode: normalising with the batch's own statistics is what
 BatchNorm does to the signal during training (their running averages at init
 are not meaningful).
@@ -29,6 +34,7 @@ are not meaningful).
 
 import csv
 import dataclasses
+import inspect
 import math
 import pathlib
 from typing import Optional, Sequence
@@ -40,6 +46,7 @@ import numpy as np
 
 from nfnets_jax import cli
 from nfnets_jax.models import activations, registry
+from nfnets_jax.models.architecture import NetworkPlan
 
 METRICS = ("avg_sq_mean", "avg_var", "res_avg_var")
 METRIC_LABELS = {
@@ -75,6 +82,7 @@ class SignalProfile:
   avg_var: np.ndarray
   res_avg_var: np.ndarray
   transitions: tuple[int, ...]  # depths whose block changes shape (projection shortcut)
+  branch_end_gains_set: int = 0  # zero-initialised conv2 gains set instead (timm's models)
 
   @property
   def num_blocks(self) -> int:
@@ -99,10 +107,25 @@ def check_settings(names: Sequence[str], batch: int, image_size: int,
         f"got {image_size!r}.")
   if activation is not None:
     activations.get_activation(activation, elementwise_only=True)
+    for name in names:
+      check_activation_override(name, activation)
   if not math.isfinite(skip_gain):
     raise ValueError(f"skip_gain must be a finite number, got {skip_gain!r}.")
   if yscale not in YSCALES:
     raise ValueError(f"Unknown yscale {yscale!r}; valid: {', '.join(YSCALES)}.")
+
+
+def check_activation_override(name: str, activation: str) -> None:
+  """A ValueError unless `name`'s family takes an `activation` argument (timm's models
+  keep timm's own activation, with its gamma folded into their convolutions)."""
+  family, _ = registry.parse_model_name(name)
+  if "activation" not in inspect.signature(registry.FAMILIES[family].plan_fn).parameters:
+    takers = [f for f, spec in registry.FAMILIES.items()
+              if "activation" in inspect.signature(spec.plan_fn).parameters]
+    raise ValueError(
+        f"--activation={activation} cannot override the activation of {name!r}: its family "
+        f"keeps its own ({registry.model_plan(name).activation}). Families that take one: "
+        f"{', '.join(takers)}; leave --activation out to plot {name!r}.")
 
 
 def set_skip_gains(params: hk.Params, value: float) -> tuple[hk.Params, int]:
@@ -111,6 +134,29 @@ def set_skip_gains(params: hk.Params, value: float) -> tuple[hk.Params, int]:
   params = hk.data_structures.map(
       lambda module, name, p: jnp.full_like(p, value) if name == "skip_gain" else p, params)
   return params, count
+
+
+def branch_end_convs(plan: NetworkPlan) -> list[str]:
+  """Module paths, relative to the model, of the last convolution of every block whose
+  branch is switched off by a zero-initialised gain instead of a skip gain (timm's)."""
+  return [f"{plan.block_name}{f'_{k}' if k else ''}/~/{conv.name}"
+          for k, block in enumerate(plan.blocks) for conv in block.convs
+          if conv.name == "conv2" and not block.skip_gain and conv.gain_init == 0.0]
+
+
+def set_branch_end_gains(params: hk.Params, plan: NetworkPlan,
+                         value: float) -> tuple[hk.Params, int]:
+  """Sets the `gain` of every `branch_end_convs(plan)` convolution to `value`;
+  returns the new params and how many convolutions."""
+  suffixes = tuple(f"/~/{path}" for path in branch_end_convs(plan))
+  chosen = [m for m in params if m.endswith(suffixes)]
+  if len(chosen) != len(suffixes):
+    raise ValueError(f"Expected {len(suffixes)} zero-initialised branch-end convolutions "
+                     f"({plan.block_name}*/~/conv2), found {len(chosen)} in the parameters.")
+  params = hk.data_structures.map(
+      lambda module, name, p: (jnp.full_like(p, value) if name == "gain" and module in chosen
+                               else p), params)
+  return params, len(chosen)
 
 
 def gaussian_images(batch: int, image_size: int, seed: int) -> jax.Array:
@@ -130,12 +176,13 @@ def measure(name: str, images: jax.Array, *, activation: Optional[str] = None,
   stateful = registry.is_stateful(name)
   model = registry.transform_with_state(name, **kwargs)
 
-  skip_gains = []  # filled in while tracing
+  gains_set = []  # (skip gains, branch-end gains), filled in while tracing
 
   def profile(init_key: jax.Array, x: jax.Array) -> dict[str, jax.Array]:
     params, state = model.init(init_key, x[:1], is_training=False)
-    params, count = set_skip_gains(params, skip_gain)
-    skip_gains.append(count)
+    params, skip_gains = set_skip_gains(params, skip_gain)
+    params, branch_end_gains = set_branch_end_gains(params, plan, skip_gain)
+    gains_set.append((skip_gains, branch_end_gains))
     # NF models in inference mode draw no randomness; the key only serves a BN
     # model built with dropout, which touches the logits alone (dropped here).
     outputs, _ = model.apply(params, state, jax.random.key(seed), x,
@@ -150,7 +197,8 @@ def measure(name: str, images: jax.Array, *, activation: Optional[str] = None,
     return np.array([float(metrics[f"{metric}_{i}"]) for i in range(length)], np.float64)
 
   return SignalProfile(
-      model=name, activation=plan.activation, stateful=stateful, skip_gains_set=skip_gains[0],
+      model=name, activation=plan.activation, stateful=stateful, skip_gains_set=gains_set[0][0],
+      branch_end_gains_set=gains_set[0][1],
       avg_sq_mean=series("avg_sq_mean", num_blocks + 1),
       avg_var=series("avg_var", num_blocks + 1),
       res_avg_var=series("res_avg_var", num_blocks),
@@ -259,7 +307,8 @@ def _define_flags():
                       "Override every model's activation (default: each model's own).",
                       flag_values=fv)
   flags.DEFINE_float("skip_gain", 1.0,
-                     "Value for every NF skip_gain before the forward pass (SkipInit's init is 0).",
+                     "Value for every NF skip_gain before the forward pass (SkipInit's init is "
+                     "0), and for the zero-initialised conv2 gains of timm's models.",
                      flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the input images and the initialisation.",
                        flag_values=fv)
@@ -287,7 +336,9 @@ def _plot_from_flags(fv) -> None:
                                 fv.activation, fv.skip_gain, fv.seed, fv.yscale)
   for p in profiles:
     print(f"{p.label()}: {p.num_blocks} blocks, average channel variance "
-          f"{p.avg_var.min():.3g}..{p.avg_var.max():.3g}, skip gains set: {p.skip_gains_set}")
+          f"{p.avg_var.min():.3g}..{p.avg_var.max():.3g}, skip gains set: {p.skip_gains_set}"
+          + (f", branch-end conv gains set: {p.branch_end_gains_set}"
+             if p.branch_end_gains_set else ""))
   print(f"Wrote {png} and {csv_path}")
 
 

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from nfnets_jax import models, report
+from nfnets_jax import models, report, timm_counts
+from nfnets_jax.models import timm_family
 
 # Brock et al. 2021 (arXiv:2102.06171): params (millions) and FLOPs (billions
 # of multiply-adds) at each variant's test resolution. Our own copy, so that
@@ -195,3 +196,107 @@ def test_memory_report_prints_each_row_as_soon_as_it_is_compiled():
   assert "2 micro-batches, sharded state" in proc.stderr
   rows = [line.split()[3] for line in proc.stdout.splitlines() if line.startswith("nfnet:nano")]
   assert rows == ["1", "2"], proc.stdout
+
+
+# ----------------------------------------------------------------------------- timm's models
+
+#: The small timm models the report tests cost: test_nfnet (deep stem, squeeze-excite)
+#: and NF-RegNet-B0 (the `reg` layout, SE inside the bottleneck), at timm's sizes.
+TIMM_SMALL = ("timm:test_nfnet", "timm:nf_regnet_b0")
+
+
+@pytest.fixture
+def timm_peers():
+  """timm, or a skip naming the extra that installs it (torch with it)."""
+  why = "is an optional peer (pip install 'nfnets-jax[peers]')."
+  pytest.importorskip("torch", reason=f"PyTorch {why}")
+  return pytest.importorskip("timm", reason=f"timm {why}")
+
+
+def test_timm_family_is_a_family_with_timms_train_and_test_sizes():
+  chosen = report.select_models(families=["timm"])
+  assert len(chosen) == 36 and "timm:eca_nfnet_l0" in chosen and "timm:test_nfnet" in chosen
+  assert report.image_sizes("timm:eca_nfnet_l0") == (224, 288)  # timm's input/test_input_size
+  assert report.image_sizes("timm:nf_regnet_b0") == (192, 256)
+
+
+def test_timm_counts_agree_with_ours_exactly(timm_peers):
+  """timm's model on PyTorch's meta device, counted by torch's FlopCounterMode, in this
+  process (conftest imports timm first): the same parameters and the same multiply-adds,
+  which are convolutions and the classifier's matrix product (2 FLOPs each) only."""
+  counts = timm_counts.measure([("test_nfnet", 64), ("nf_regnet_b0", 64)])
+  for count in counts:
+    name = f"timm:{count.model}"
+    assert count.params == models.count_params(name)
+    assert count.macs == models.count_flops(name, 64, 64)[1]
+    assert set(count.flops_by_op) == {"aten.convolution", "aten.addmm"}
+    feature_dim = models.model_plan(name).feature_dim
+    assert count.flops_by_op["aten.addmm"] == 2 * feature_dim * 1000
+    row = timm_family.CONFIGS[count.model]
+    assert (count.timm_train_size, count.timm_test_size) == (row["train_imsize"],
+                                                             row["test_imsize"])
+
+
+@pytest.mark.slow
+def test_timm_rows_carry_timms_counts_measured_in_a_child(capsys, timm_peers):
+  code, out, err = _run(capsys, "--format=json", f"--models={','.join(TIMM_SMALL)},nfnet:F0")
+  assert code == 0, err
+  rows = {row["model"]: row for row in json.loads(out)}
+  for name in TIMM_SMALL:
+    row = rows[name]
+    train, test = report.image_sizes(name)
+    assert (row["train_size"], row["test_size"]) == (train, test)
+    assert row["timm_counts"] == report.MEASURED
+    assert row["timm_params"] == row["params"] == models.count_params(name)
+    assert (row["timm_train_flops"] == row["train_flops"]
+            == models.count_flops(name, train, train)[1])
+    assert row["timm_test_flops"] == row["test_flops"] == models.count_flops(name, test, test)[1]
+    assert row["timm_params_diff_pct"] == row["timm_test_flops_diff_pct"] == 0.0
+  f0 = rows["nfnet:F0"]
+  assert f0["timm_counts"] is None and f0["timm_params"] is None
+  assert f0["published_params"] == 71.5e6
+
+  code, table, _ = _run(capsys, "--models=timm:test_nfnet,nfnet:F0")
+  header, _, timm_row, f0_row = table.splitlines()[:4]
+  assert header.split("  ")[-1].strip() == "vs timm" and "timm test FLOPs" in header
+  assert timm_row.split() == ["timm:test_nfnet", "0.38M", "160", "0.29B", "160", "0.29B",
+                              "-", "-", "-", "-", "0.38M", "0.00%", "0.29B", "0.00%",
+                              "0.29B", "0.00%"]
+  assert f0_row.split()[-6:] == ["-"] * 6
+  assert "timm's counts, measured in this run" in table
+
+
+def test_without_measuring_the_timm_columns_say_so(capsys):
+  code, out, err = _run(capsys, "--format=json", "--notimm_counts", "--models=timm:test_nfnet")
+  assert code == 0, err
+  (row,) = json.loads(out)
+  assert row["timm_counts"] == "not measured: --notimm_counts"
+  assert row["timm_params"] is None and row["timm_params_diff_pct"] is None
+  assert row["params"] == models.count_params("timm:test_nfnet")
+  code, table, _ = _run(capsys, "--format=markdown", "--notimm_counts",
+                        "--models=timm:test_nfnet")
+  assert "| timm:test_nfnet | 0.38M | 160 | 0.29B | 160 | 0.29B | - | - | - | - | not measured " \
+         "| - | not measured | - | not measured | - |" in table
+  assert "timm's counts not measured: --notimm_counts." in table
+
+
+def test_without_the_peers_timm_counts_are_not_measured_and_not_an_error(capsys, monkeypatch):
+  """A None entry in sys.modules is Python's own mark of a module that cannot be
+  imported: find_spec then reports it missing, as on a machine without timm."""
+  monkeypatch.setitem(sys.modules, "timm", None)
+  assert timm_counts.missing_peers() == (
+      "timm not installed (pip install 'nfnets-jax[peers]')")
+  code, out, err = _run(capsys, "--format=json", "--models=timm:test_nfnet,nfnet:F0")
+  assert code == 0, err
+  timm_row, f0 = json.loads(out)
+  assert timm_row["timm_counts"] == (
+      "not measured: timm not installed (pip install 'nfnets-jax[peers]')")
+  assert timm_row["timm_test_flops"] is None and f0["timm_counts"] is None
+
+
+def test_timm_counts_child_rejects_bad_requests():
+  with pytest.raises(ValueError, match=r"Bad request 'eca_nfnet_l0@288'.*NAME:SIZE"):
+    timm_counts.parse_request("eca_nfnet_l0@288")
+  with pytest.raises(ValueError, match=r"Bad request 'eca_nfnet_l0:0'"):
+    timm_counts.parse_request("eca_nfnet_l0:0")
+  assert timm_counts.parse_request("eca_nfnet_l0:288") == ("eca_nfnet_l0", 288)
