@@ -13,17 +13,14 @@ import shutil
 import signal
 import subprocess
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from checkpoint_helpers import LINEARS, abstract_target, save_steps, small_state
 from demo_run import (REPO, SHARED_DEVICES, SHARED_EXTRA, checkpoint_steps, final_json,
                       local_launch, trainer_command, trainer_env)
-from nfnets_jax.optim import EmaState
 from nfnets_jax.train import checkpoint_recovery, preemption, steps
 from nfnets_jax.train.checkpoints import Checkpointer
-from nfnets_jax.train.state import TrainState
 
 HOOK = REPO / "tests" / "preemption_hook.py"
 
@@ -52,28 +49,6 @@ def test_preempted_message_names_the_step_and_how_to_resume():
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _state(step: int) -> TrainState:
-  """A small train state (real arrays, the trainer's tree kinds) whose values depend on `step`."""
-  mesh = steps.make_mesh()
-  put = lambda x: jax.device_put(x, steps.replicated(mesh))  # noqa: E731
-  params = {"net/~/linear": {"w": put(jnp.full((8, 4), float(step))), "b": put(jnp.zeros(4))}}
-  return TrainState(step=put(jnp.asarray(step, jnp.int32)), params=params,
-                    opt_state=(put(jnp.arange(5.0) * step),),
-                    ema=EmaState(count=put(jnp.asarray(step, jnp.int32)), ema=params))
-
-
-def _target() -> TrainState:
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0))
-
-
-def _save_steps(workdir, *saved: int) -> Checkpointer:
-  checkpointer = Checkpointer(str(workdir), max_to_keep=5, async_save=False)
-  for step in saved:
-    checkpointer.save(_state(step), {"model": "test"})
-  return checkpointer
-
-
 def _largest_file(directory: pathlib.Path) -> pathlib.Path:
   return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
@@ -94,28 +69,29 @@ def _garble_metadata(step_dir: pathlib.Path) -> None:
 @pytest.mark.parametrize("damage", [_truncate_array_file, _remove_item, _garble_metadata])
 def test_damaged_newest_checkpoint_is_named_set_aside_and_the_next_older_restored(
     tmp_path, damage, caplog):
-  checkpointer = _save_steps(tmp_path, 1, 2, 3)
+  checkpointer = save_steps(tmp_path, 1, 2, 3)
   damage(tmp_path / "checkpoints" / "3")
   state, meta, step = checkpoint_recovery.restore_newest_readable(
-      checkpointer, _target(), steps.make_mesh())
+      checkpointer, abstract_target(), steps.make_mesh())
   assert (step, meta["step"]) == (2, 2)
-  assert float(state.params["net/~/linear"]["w"][0, 0]) == 2.0
+  np.testing.assert_array_equal(state.params[LINEARS[0]]["w"],
+                                small_state(2).params[LINEARS[0]]["w"])
   assert f"Checkpoint step 3 in {tmp_path / 'checkpoints'} cannot be read" in caplog.text
   assert (tmp_path / "damaged_checkpoints" / "3" / "params").is_dir()  # moved, not deleted
   assert checkpointer.all_steps() == [1, 2]
-  checkpointer.save(_state(3), {"model": "test"})  # the resumed run can save step 3 again
+  checkpointer.save(small_state(3), {"model": "test"})  # the resumed run can save step 3 again
   assert checkpointer.all_steps() == [1, 2, 3]
   checkpointer.close()
 
 
 def test_no_readable_checkpoint_lists_every_step_and_moves_nothing(tmp_path):
-  checkpointer = _save_steps(tmp_path, 1, 2)
+  checkpointer = save_steps(tmp_path, 1, 2)
   for step in (1, 2):
     _remove_item(tmp_path / "checkpoints" / str(step))
   with pytest.raises(checkpoint_recovery.NoReadableCheckpointError,
                      match=r"None of the 2 checkpoints in .*checkpoints can be restored \(step 2: "
                            r".*; step 1: .*\)\. Nothing was moved or deleted"):
-    checkpoint_recovery.restore_newest_readable(checkpointer, _target(), steps.make_mesh())
+    checkpoint_recovery.restore_newest_readable(checkpointer, abstract_target(), steps.make_mesh())
   assert checkpoint_steps(tmp_path) == [1, 2] and not (tmp_path / "damaged_checkpoints").exists()
   checkpointer.close()
 
@@ -123,14 +99,15 @@ def test_no_readable_checkpoint_lists_every_step_and_moves_nothing(tmp_path):
 def test_tools_reading_a_damaged_step_get_a_clear_error_naming_the_other_steps(tmp_path):
   """Evaluate/convert/classify read workdirs through weights.load_params."""
   from nfnets_jax import weights  # pylint: disable=import-outside-toplevel
-  _save_steps(tmp_path, 1, 2).close()
+  save_steps(tmp_path, 1, 2).close()
   _truncate_array_file(tmp_path / "checkpoints" / "2")
   with pytest.raises(weights.DamagedCheckpointError,
                      match=r"\(step 2\): the 'params' item cannot be read \(.*\); the checkpoint may "
                            r"be damaged .* Other saved steps in .*checkpoints: \[1\]; read one with "
                            r"step= \(--step\)\."):
     weights.load_params(tmp_path)
-  assert weights.load_params(tmp_path, step=1)["net/~/linear"]["w"][0, 0] == 1.0
+  np.testing.assert_array_equal(weights.load_params(tmp_path, step=1)[LINEARS[0]]["w"],
+                                small_state(1).params[LINEARS[0]]["w"])
 
 
 class ReadOnly:
@@ -164,19 +141,19 @@ class ReadOnly:
 
 
 def test_failed_save_names_directory_step_and_cause_and_keeps_previous(tmp_path):
-  checkpointer = _save_steps(tmp_path, 1)
+  checkpointer = save_steps(tmp_path, 1)
   ckpt = tmp_path / "checkpoints"
   with ReadOnly(ckpt) as read_only:
     if read_only.unavailable:
       pytest.skip(read_only.unavailable)
     with pytest.raises(checkpoint_recovery.CheckpointSaveError) as err:
-      checkpointer.save(_state(2), {"model": "test"})
+      checkpointer.save(small_state(2), {"model": "test"})
   message = str(err.value)
   assert message.startswith(f"Saving the checkpoint of step 2 in {ckpt} failed (PermissionError")
   assert "it was not saved" in message and "\n" not in message
   assert checkpoint_steps(tmp_path) == [1]
   _, meta, step = checkpoint_recovery.restore_newest_readable(
-      Checkpointer(str(tmp_path), async_save=False), _target(), steps.make_mesh())
+      Checkpointer(str(tmp_path), async_save=False), abstract_target(), steps.make_mesh())
   assert (step, meta["step"]) == (1, 1)
 
 
