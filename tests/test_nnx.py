@@ -169,7 +169,7 @@ def test_training_draws_from_the_modules_rngs():
   assert not np.allclose(first, second)
 
   no_rngs = nf_nnx.from_haiku(NANO, params, **XLA)
-  no_rngs(images, is_training=False)  # inference needs no key
+  _nnx_logits(no_rngs, images, False)  # inference needs no key
   with pytest.raises(ValueError, match=r"nfnet:nano drops .* no rngs: .*nnx\.Rngs\(dropout"):
     no_rngs(images, is_training=True)
 
@@ -340,7 +340,8 @@ def test_params_ema_takes_the_nnx_state():
 def test_nnx_state_saves_and_restores_with_orbax(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint", reason="the orbax test needs orbax-checkpoint")
   module = nf_nnx.from_haiku(NANO, _nano_params(), rngs=nnx.Rngs(dropout=4), **XLA)
-  module(_images(), is_training=True)  # moves the rng stream on
+  images = _images(8)
+  _nnx_logits(module, images, True)  # moves the rng stream on
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "state", nnx.state(module))
   checkpointer.wait_until_finished()
@@ -351,7 +352,6 @@ def test_nnx_state_saves_and_restores_with_orbax(tmp_path):
   restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / "state", abstract_state))
   _assert_trees_equal(nf_nnx.to_haiku(restored), nf_nnx.to_haiku(module))
   # The rng stream resumes where it was: the next training call drops the same branches.
-  images = _images(8)
   np.testing.assert_array_equal(_nnx_logits(restored, images, True),
                                 _nnx_logits(module, images, True))
 
