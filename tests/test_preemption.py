@@ -250,20 +250,22 @@ def test_two_processes_signal_one_both_stop_at_the_same_step_and_resume_bitwise(
 
 @pytest.fixture(scope="module")
 def own_dirs(tmp_path_factory):
-  """A data dir and a compilation cache for this module's one-device runs below."""
+  """A data dir and an empty compilation cache for the one-device runs signalled before
+  their first step: they need the seconds the programs take to compile (a cache filled
+  by an earlier run would leave the signal racing the first step)."""
   root = tmp_path_factory.mktemp("bounded_stops")
   return {"data_dir": str(root / "tfds"), "cache": str(root / "xla_cache")}
 
 
 def _signalled(dirs, workdir, wait_for: str, *signals: tuple[float, int], moment: str = "",
-               env: dict | None = None) -> tuple[int, str, float]:
-  """Runs the one-device demo (through preemption_hook at `moment`), sends `signals`
+               env: dict | None = None, devices: int = 1) -> tuple[int, str, float]:
+  """Runs the demo on `devices` (through preemption_hook at `moment`), sends `signals`
   ((seconds after the line, signal)) once a stderr line contains `wait_for`; returns
   the exit status, stderr and the seconds from the first signal to the exit."""
   import threading  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
   argv = trainer_command(dirs, workdir)
-  run_env = trainer_env(1, **(env or {}))
+  run_env = trainer_env(devices, **(env or {}))
   if moment:
     argv[1:3] = [str(HOOK)]
     run_env.update(NFNETS_TEST_SIGNAL=moment, PYTHONPATH=os.pathsep.join(
@@ -318,14 +320,20 @@ def test_a_signal_before_the_first_step_ends_the_run_at_once(own_dirs, tmp_path,
   assert "Traceback" not in stderr and not checkpoint_steps(tmp_path)
 
 
+def _shared_dirs(demo_run) -> dict:
+  """The session's demo data and compilation cache: a stuck-step run on the demo's devices
+  compiles nothing (its programs are the demo's); the cache is only read."""
+  return {"data_dir": demo_run["data_dir"], "cache": demo_run["cache"]}
+
+
 @pytest.mark.slow
-def test_a_step_that_cannot_finish_ends_the_run_after_the_grace_period(own_dirs, tmp_path):
+def test_a_step_that_cannot_finish_ends_the_run_after_the_grace_period(demo_run, tmp_path):
   """Step 2 never returns (a stuck input pipeline or device) after its SIGTERM: the stop,
   read only at a step boundary, would wait forever. After the grace period (3 s here)
   the run ends with one line; the checkpoints it saved are kept."""
   status, stderr, seconds = _signalled(
-      own_dirs, tmp_path, "SIGTERM received: finishing the current step", moment="stuck:2",
-      env={"NFNETS_TEST_MIN_GRACE": "3"})
+      _shared_dirs(demo_run), tmp_path, "SIGTERM received: finishing the current step",
+      moment="stuck:2", env={"NFNETS_TEST_MIN_GRACE": "3"}, devices=SHARED_DEVICES)
   assert status == 128 + signal.SIGTERM, stderr[-3000:]
   assert seconds < 30
   assert ("Stopped on SIGTERM: the running step did not end within 3 s of the signal (0 x the "
@@ -337,13 +345,13 @@ def test_a_step_that_cannot_finish_ends_the_run_after_the_grace_period(own_dirs,
 
 @pytest.mark.slow
 def test_a_second_signal_ends_the_run_at_once_unless_it_is_the_same_delivered_twice(
-    own_dirs, tmp_path):
+    demo_run, tmp_path):
   """The first SIGTERM asks step 2 to end, which it never does; a SIGINT 0.5 s later is
   the same request delivered twice (a launcher forwarding Ctrl-C), one 3 s later ends
   the run at once, where the default grace period (60 s) would still be waiting."""
   status, stderr, seconds = _signalled(
-      own_dirs, tmp_path, "SIGTERM received: finishing the current step",
-      (0.5, signal.SIGINT), (3.0, signal.SIGINT), moment="stuck:2")
+      _shared_dirs(demo_run), tmp_path, "SIGTERM received: finishing the current step",
+      (0.5, signal.SIGINT), (3.0, signal.SIGINT), moment="stuck:2", devices=SHARED_DEVICES)
   assert status == 128 + signal.SIGINT, stderr[-3000:]
   assert 3.0 <= seconds < 20
   assert ("SIGINT received while already stopping on SIGTERM: ignored, as the same stop "
