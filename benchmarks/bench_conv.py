@@ -14,14 +14,19 @@ network than alone), the whole NFNet-F0 forward and forward+backward with each
 lowering. Prints xla/decomposed time ratios (>1: decomposed is faster). This is
 the measurement behind `nfnets_jax.models.conv`'s choice of lowering per backend.
 
+With `--models` (any model names) the whole-model rows also give each program's
+compile time (lowering + XLA compile, seconds).
+
 Usage: python benchmarks/bench_conv.py [--batch 8] [--repeats 5] [--dtype bfloat16]
-                                       [--variant F0] [--no-model]
+                                       [--variant F0] [--models nf_regnet:B0,nfnet:F0]
+                                       [--models-only] [--no-model]
 """
 
 import argparse
 import os
 import platform
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +58,11 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--variant", default="F0", help="NFNet variant for the whole-model rows")
+  parser.add_argument("--models", default="",
+                      help="comma-separated model names for the whole-model rows "
+                           "(e.g. nf_regnet:B0,nfnet:F0); default nfnet:<--variant>")
+  parser.add_argument("--models-only", action="store_true",
+                      help="only the whole-model rows (skip the single convolutions)")
   parser.add_argument("--size", type=int, default=128, help="image size for the whole-model rows")
   parser.add_argument("--no-model", action="store_true", help="skip the whole-model rows")
   add_cpu_tuning_flag(parser)
@@ -67,10 +77,20 @@ def alternate_ms(fns: dict, args_: tuple, repeats: int) -> dict:
   return {key: seconds * 1e3 for key, seconds in alternate(calls, repeats).items()}
 
 
-def bench_model(args, dtype) -> None:
-  """Whole-network forward and forward+backward with each lowering."""
-  lowered = {impl: registry.transform(f"nfnet:{args.variant}", 1000, drop_rate=0.0,
-                                      stochdepth_rate=0.0, conv_impl=impl)
+def _compiled(fns: dict, args_: tuple) -> tuple[dict, dict]:
+  """Each jitted fn compiled for `args_`, and the seconds its lowering and compiling took."""
+  compiled, seconds = {}, {}
+  for key, fn in fns.items():
+    start = time.perf_counter()
+    compiled[key] = fn.lower(*args_).compile()
+    seconds[key] = time.perf_counter() - start
+  return compiled, seconds
+
+
+def bench_model(args, dtype, name: str) -> None:
+  """Whole-network forward and forward+backward with each lowering: compile, then run."""
+  lowered = {impl: registry.transform(name, 1000, drop_rate=0.0, stochdepth_rate=0.0,
+                                      conv_impl=impl)
              for impl in ("xla", "decomposed")}
   images = jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, 3))
   params = jax.jit(lowered["xla"].init, static_argnames="is_training")(
@@ -85,12 +105,16 @@ def bench_model(args, dtype) -> None:
 
     fns["fwd", impl] = jax.jit(logits)
     fns["train", impl] = jax.jit(jax.value_and_grad(loss))
-  med = alternate_ms(fns, (params, images), args.repeats)
-  label = f"NFNet-{args.variant} {args.size}px (model)"
+  compiled, compile_s = _compiled(fns, (params, images))
+  med = alternate_ms(compiled, (params, images), args.repeats)
+  label = f"{name} {args.size}px (model)"
   print(f"{label:<26} {med['fwd', 'xla']:7.0f}ms {med['fwd', 'decomposed']:7.0f}ms "
         f"{med['fwd', 'xla'] / med['fwd', 'decomposed']:5.2f}x "
         f"{med['train', 'xla']:8.0f}ms {med['train', 'decomposed']:8.0f}ms "
         f"{med['train', 'xla'] / med['train', 'decomposed']:5.2f}x")
+  print(f"{'  compile (lower+compile)':<26} {compile_s['fwd', 'xla']:8.1f}s "
+        f"{compile_s['fwd', 'decomposed']:8.1f}s {'':>6} {compile_s['train', 'xla']:9.1f}s "
+        f"{compile_s['train', 'decomposed']:9.1f}s")
 
 
 def _standardize_4d(w, gain, eps=1e-4):
@@ -126,6 +150,16 @@ def main() -> None:
   print(tuning)
   print(f"{'conv':<26} {'fwd xla':>9} {'fwd dec':>9} {'ratio':>6} "
         f"{'train xla':>10} {'train dec':>10} {'ratio':>6}")
+  if not args.models_only:
+    bench_convs(args, dtype)
+    bench_standardize(args)
+  if not args.no_model:
+    for name in (args.models.split(",") if args.models else [f"nfnet:{args.variant}"]):
+      bench_model(args, dtype, name)
+
+
+def bench_convs(args, dtype) -> None:
+  """Each convolution of SHAPES alone, forward and training, with each lowering."""
   totals = {"fwd": [0.0, 0.0], "train": [0.0, 0.0]}
   for name, hw, cin, cout, k, stride, groups in SHAPES:
     kx, kw, kc = jax.random.split(jax.random.key(0), 3)
@@ -155,9 +189,6 @@ def main() -> None:
   print(f"{'sum':<26} {fwd[0]:7.1f}ms {fwd[1]:7.1f}ms {fwd[0] / fwd[1]:5.2f}x "
         f"{train[0]:8.1f}ms {train[1]:8.1f}ms {train[0] / train[1]:5.2f}x")
   print("ratio = xla time / decomposed time (>1: decomposed is faster)")
-  bench_standardize(args)
-  if not args.no_model:
-    bench_model(args, dtype)
 
 
 if __name__ == "__main__":

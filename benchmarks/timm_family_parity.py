@@ -29,44 +29,19 @@ import jax
 import numpy as np
 
 from nfnets_jax import models
-from nfnets_jax.weights import timm as timm_weights
+from nfnets_jax.weights import timm_parity
 
 TOLERANCE = 1e-4
 
 
-def randomised_timm(name: str, seed: int) -> torch.nn.Module:
-  """timm's `name` in eval mode with gains, SkipInit gains and biases randomised too."""
-  torch.manual_seed(seed)
-  model = timm.create_model(name).eval()
-  with torch.no_grad():
-    for key, p in model.named_parameters():
-      if key.endswith("skipinit_gain"):
-        p.copy_(0.5 + torch.rand(p.shape))
-      elif key.endswith(".gain"):
-        p.copy_(1.0 + 0.3 * torch.randn(p.shape))
-      elif key.endswith("bias"):
-        p.copy_(0.1 * torch.randn(p.shape))
-  return model
-
-
 def check(name: str, size: int, batch: int = 2) -> dict:
   start = time.perf_counter()
-  model = randomised_timm(name, seed=0)
+  model = timm_parity.randomise(timm.create_model(name).eval(), seed=0)
   timm_params = sum(p.numel() for p in model.parameters())
-  ours_params = models.count_params(f"timm:{name}")
-  sd = {key: value.numpy() for key, value in model.state_dict().items()}
   images = np.random.default_rng(1).standard_normal((batch, size, size, 3)).astype(np.float32)
-  with torch.no_grad():
-    expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-  del model
-  params = timm_weights.from_timm(sd, f"timm:{name}")
-  net = models.transform(f"timm:{name}", 1000, conv_impl="xla")
-  apply = jax.jit(lambda p, x: net.apply(p, None, x, is_training=False)["logits"])
-  logits = np.asarray(apply(params, images))
-  err = float(np.abs(logits - expected).max() / np.abs(expected).max())
-  back = timm_weights.to_timm(params, f"timm:{name}")
-  exact = sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
-  return {"name": name, "ours": ours_params, "timm": timm_params, "err": err, "back": exact,
+  parity = timm_parity.compare(model, name, images)
+  return {"name": name, "ours": models.count_params(f"timm:{name}"), "timm": timm_params,
+          "err": parity.error, "back": not parity.mismatched,
           "seconds": time.perf_counter() - start}
 
 

@@ -18,7 +18,7 @@ result.
 """
 
 from nfnets_jax.models import nf_regnet
-from nfnets_jax.train.config import ConfigError, base_config, finalize
+from nfnets_jax.train.config import finalize, model_config, table_row
 
 #: Weight decay by variant: B0..B5 published, B6..B8 ours (B5's value).
 WEIGHT_DECAY = {"B0": 5e-5, "B1": 6e-5, "B2": 7e-5, "B3": 8e-5, "B4": 9e-5, "B5": 1e-4,
@@ -26,17 +26,11 @@ WEIGHT_DECAY = {"B0": 5e-5, "B1": 6e-5, "B2": 7e-5, "B3": 8e-5, "B4": 9e-5, "B5"
 
 
 def get_config(variant: str = "B0"):
-  if variant not in nf_regnet.VARIANTS:
-    raise ConfigError(f"Unknown NF-RegNet variant {variant!r} in "
-                      f"experiments/nf_regnet.py:<variant>; valid: {', '.join(nf_regnet.VARIANTS)}.")
-  row = nf_regnet.VARIANTS[variant]
-  c = base_config()
-  c.model = f"nf_regnet:{variant}"
-  c.model_kwargs.stochdepth_rate = 0.1
-  c.model_kwargs.drop_rate = row["drop_rate"]
+  row = table_row(nf_regnet.VARIANTS, variant, "NF-RegNet variant",
+                  "experiments/nf_regnet.py:<variant>")
+  c = model_config(f"nf_regnet:{variant}", stochdepth_rate=0.1, drop_rate=row["drop_rate"],
+                   image_size=row["train_imsize"], eval_image_size=row["test_imsize"])
   c.model_kwargs.activation = "silu"
-  c.dataset.image_size = row["train_imsize"]
-  c.dataset.eval_image_size = row["test_imsize"]
   c.dataset.augment_name = "mixup_cutmix"
   c.dataset.eval_preproc = "crop_resize"
   c.train_batch_size = 1024

@@ -10,18 +10,13 @@ published configuration.
 """
 
 from nfnets_jax.models import nf_resnet
-from nfnets_jax.train.config import ConfigError, base_config, finalize
+from nfnets_jax.train.config import finalize, model_config, table_row
 
 
 def get_config(variant: str = "ResNet50"):
-  if variant not in nf_resnet.VARIANTS:
-    raise ConfigError(f"Unknown NF-ResNet variant {variant!r} in "
-                      f"experiments/nf_resnet.py:<variant>; valid: {', '.join(nf_resnet.VARIANTS)}.")
-  c = base_config()
-  c.model = f"nf_resnet:{variant}"
-  c.model_kwargs.stochdepth_rate = 0.1
-  c.model_kwargs.drop_rate = nf_resnet.VARIANTS[variant]["drop_rate"]
-  c.dataset.image_size = nf_resnet.TRAIN_IMSIZE
-  c.dataset.eval_image_size = nf_resnet.TEST_IMSIZE
+  row = table_row(nf_resnet.VARIANTS, variant, "NF-ResNet variant",
+                  "experiments/nf_resnet.py:<variant>")
+  c = model_config(f"nf_resnet:{variant}", stochdepth_rate=0.1, drop_rate=row["drop_rate"],
+                   image_size=nf_resnet.TRAIN_IMSIZE, eval_image_size=nf_resnet.TEST_IMSIZE)
   c.dataset.augment_name = "cutmix_mixup_randaugment_410"
   return finalize(c)

@@ -19,20 +19,13 @@ batch size, which does not change the result.
 """
 
 from nfnets_jax.models import nfnet
-from nfnets_jax.train.config import ConfigError, base_config, finalize
+from nfnets_jax.train.config import finalize, model_config, table_row
 
 
 def get_config(variant: str = "F0"):
-  if variant not in nfnet.VARIANTS:
-    raise ConfigError(f"Unknown NFNet variant {variant!r} in experiments/nfnet.py:<variant>; "
-                      f"valid: {', '.join(nfnet.VARIANTS)}.")
-  row = nfnet.VARIANTS[variant]
-  c = base_config()
-  c.model = f"nfnet:{variant}"
-  c.model_kwargs.stochdepth_rate = 0.25
-  c.model_kwargs.drop_rate = row["drop_rate"]
-  c.dataset.image_size = row["train_imsize"]
-  c.dataset.eval_image_size = row["test_imsize"]
+  row = table_row(nfnet.VARIANTS, variant, "NFNet variant", "experiments/nfnet.py:<variant>")
+  c = model_config(f"nfnet:{variant}", stochdepth_rate=0.25, drop_rate=row["drop_rate"],
+                   image_size=row["train_imsize"], eval_image_size=row["test_imsize"])
   c.dataset.augment_name = f"cutmix_mixup_randaugment_{row['RA_level']}"
   c.dataset.augment_before_mix = False
   return finalize(c)

@@ -21,7 +21,7 @@ compare with timm's published top-1.
 """
 
 from nfnets_jax.models import timm_family
-from nfnets_jax.train.config import ConfigError, base_config, finalize
+from nfnets_jax.train.config import finalize, model_config, table_row
 
 #: Light NFNet -> the RandAugment level of the NFNet-F with the same depths.
 RA_LEVELS = {"nfnet_l0": "405", "eca_nfnet_l0": "405", "eca_nfnet_l1": "410",
@@ -29,17 +29,11 @@ RA_LEVELS = {"nfnet_l0": "405", "eca_nfnet_l0": "405", "eca_nfnet_l1": "410",
 
 
 def get_config(name: str = "eca_nfnet_l0"):
-  if name not in RA_LEVELS:
-    raise ConfigError(f"Unknown light NFNet {name!r} in experiments/nfnet_l.py:<timm name>; "
-                      f"valid: {', '.join(RA_LEVELS)}.")
+  ra_level = table_row(RA_LEVELS, name, "light NFNet", "experiments/nfnet_l.py:<timm name>")
   row = timm_family.CONFIGS[name]
-  c = base_config()
-  c.model = f"timm:{name}"
-  c.model_kwargs.stochdepth_rate = 0.25
-  c.model_kwargs.drop_rate = row["drop_rate"]
-  c.dataset.image_size = row["train_imsize"]
-  c.dataset.eval_image_size = row["test_imsize"]
+  c = model_config(f"timm:{name}", stochdepth_rate=0.25, drop_rate=row["drop_rate"],
+                   image_size=row["train_imsize"], eval_image_size=row["test_imsize"])
   c.dataset.eval_preproc = "center_crop_1.0"
-  c.dataset.augment_name = f"cutmix_mixup_randaugment_{RA_LEVELS[name]}"
+  c.dataset.augment_name = f"cutmix_mixup_randaugment_{ra_level}"
   c.dataset.augment_before_mix = False
   return finalize(c)

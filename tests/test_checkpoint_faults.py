@@ -19,38 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from checkpoint_helpers import abstract_target, save_steps, small_state
 from demo_run import REPO, checkpoint_steps, trainer_command, trainer_env
 from nfnets_jax import evaluate, weights
-from nfnets_jax.optim import EmaState
 from nfnets_jax.train import checkpoint_recovery, steps
-from nfnets_jax.train.checkpoints import Checkpointer
-from nfnets_jax.train.state import TrainState
 from nfnets_jax.weights import checksums
-
-
-def _state(step: int) -> TrainState:
-  """A small train state of random values (which no compression shrinks), seeded by `step`."""
-  mesh = steps.make_mesh()
-  put = lambda x: jax.device_put(x, steps.replicated(mesh))  # noqa: E731
-  rng = np.random.default_rng(step)
-  params = {f"net/~/linear_{i}": {"w": put(rng.standard_normal((32, 16)).astype(np.float32)),
-                                   "b": put(rng.standard_normal(16).astype(np.float32))}
-            for i in range(4)}
-  return TrainState(step=put(jnp.asarray(step, jnp.int32)), params=params,
-                    opt_state=(put(jnp.arange(5.0) * step),),
-                    ema=EmaState(count=put(jnp.asarray(step, jnp.int32)), ema=params))
-
-
-def _target() -> TrainState:
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0))
-
-
-def _save_steps(workdir, *saved: int) -> Checkpointer:
-  checkpointer = Checkpointer(str(workdir), max_to_keep=5, async_save=False)
-  for step in saved:
-    checkpointer.save(_state(step), {"model": "test"})
-  return checkpointer
 
 
 def _data_file(item_dir: pathlib.Path) -> pathlib.Path:
@@ -98,13 +71,13 @@ def test_checksums_do_not_depend_on_where_the_arrays_are_and_see_one_bit():
 def test_bit_rot_in_the_newest_step_is_caught_and_the_previous_step_restored(tmp_path, caplog):
   """Issue 38, defect 6: bytes flipped inside a saved array restored as NaN or wrong
   weights, and the trainer resumed from them as "the last good checkpoint"."""
-  checkpointer = _save_steps(tmp_path, 1, 2, 3)
+  checkpointer = save_steps(tmp_path, 1, 2, 3)
   _flip_bytes(tmp_path / "checkpoints" / "3" / "params")
   state, meta, step = checkpoint_recovery.restore_newest_readable(
-      checkpointer, _target(), steps.make_mesh())
+      checkpointer, abstract_target(), steps.make_mesh())
   assert (step, meta["step"]) == (2, 2)
   np.testing.assert_array_equal(state.params["net/~/linear_0"]["w"],
-                                _state(2).params["net/~/linear_0"]["w"])
+                                small_state(2).params["net/~/linear_0"]["w"])
   assert (f"Checkpoint step 3 in {tmp_path / 'checkpoints'} cannot be read "
           "(ChecksumMismatchError: 1 of the 8 arrays of 'params' differ from the checksums "
           "recorded when it was saved (['net/~/linear_") in caplog.text
@@ -116,7 +89,7 @@ def test_bit_rot_in_the_newest_step_is_caught_and_the_previous_step_restored(tmp
 def test_the_tools_refuse_a_step_whose_arrays_changed_and_read_the_others(tmp_path, capsys):
   """evaluate and classify exited 0 printing NaN; they now stop with the damaged-checkpoint
   line, which names the other steps and `--step`."""
-  _save_steps(tmp_path, 1, 2).close()
+  save_steps(tmp_path, 1, 2).close()
   _flip_bytes(tmp_path / "checkpoints" / "2" / "ema_params")
   with pytest.raises(weights.DamagedCheckpointError) as err:
     weights.load_params(str(tmp_path), ema=True)
@@ -128,7 +101,7 @@ def test_the_tools_refuse_a_step_whose_arrays_changed_and_read_the_others(tmp_pa
   assert weights.load_params(str(tmp_path))  # the raw weights of step 2 are intact
   older = weights.load_params(str(tmp_path), ema=True, step=1)
   np.testing.assert_array_equal(older["net/~/linear_3"]["b"],
-                                _state(1).params["net/~/linear_3"]["b"])
+                                small_state(1).params["net/~/linear_3"]["b"])
   code = evaluate.main(["evaluate", "--compilation_cache_dir=", f"--checkpoint={tmp_path}",
                         "--ema", "--model=nfnet:nano"])
   out, stderr = capsys.readouterr()
@@ -142,7 +115,7 @@ def test_the_tools_refuse_a_step_whose_arrays_changed_and_read_the_others(tmp_pa
 
 def test_a_missing_meta_file_names_the_other_steps_and_the_step_flag(tmp_path):
   """It said only "File .../meta/metadata not found"."""
-  _save_steps(tmp_path, 1, 2, 3).close()
+  save_steps(tmp_path, 1, 2, 3).close()
   (tmp_path / "checkpoints" / "3" / "meta" / "metadata").unlink()
   with pytest.raises(weights.DamagedCheckpointError,
                      match=r"\(step 3\): the 'meta' item cannot be read \(FileNotFoundError: .*"
@@ -157,13 +130,14 @@ _LEFTOVERS_SCRIPT = textwrap.dedent("""
     import numpy as np
     from nfnets_jax import weights
     from nfnets_jax.train import checkpoint_recovery, steps
-    import test_checkpoint_faults as faults
+    from checkpoint_helpers import abstract_target, save_steps
+    from test_checkpoint_faults import _data_file
 
     root = pathlib.Path(sys.argv[1])
     rng = np.random.default_rng(0)
     tree = {f"m{i}": {"w": rng.standard_normal((64, 64)).astype(np.float32)} for i in range(32)}
     path = weights.save_params_orbax(tree, root / "tree")
-    data = faults._data_file(path)
+    data = _data_file(path)
     data.write_bytes(data.read_bytes()[:data.stat().st_size // 3])
     failures = 0
     for _ in range(10):  # the leftovers are a race: ten reads make them near certain
@@ -171,12 +145,12 @@ _LEFTOVERS_SCRIPT = textwrap.dedent("""
         weights.load_params(path)
       except Exception as err:  # the tools' one line comes from this error
         failures += 1
-    checkpointer = faults._save_steps(root / "workdir", *range(1, 6))
+    checkpointer = save_steps(root / "workdir", *range(1, 6))
     for step in range(2, 6):
-      data = faults._data_file(root / "workdir" / "checkpoints" / str(step) / "params")
+      data = _data_file(root / "workdir" / "checkpoints" / str(step) / "params")
       data.write_bytes(data.read_bytes()[:data.stat().st_size // 3])
     restored = checkpoint_recovery.restore_newest_readable(
-        checkpointer, faults._target(), steps.make_mesh())
+        checkpointer, abstract_target(), steps.make_mesh())
     time.sleep(1)  # the leftovers arrive after the failed read returned
     print(failures, restored[2])
 """)
@@ -251,7 +225,7 @@ def test_workdirs_that_cannot_hold_a_run_end_in_one_line(tmp_path):
   TensorBoard's writer (a traceback, exit 1); a file or an empty read-only filesystem
   ended in tracebacks; `--workdir=` wrote into the current directory."""
   run = tmp_path / "run"
-  _save_steps(run, 1).close()
+  save_steps(run, 1).close()
   empty = tmp_path / "readonly_fs"
   empty.mkdir()
   with Immutable(run) as read_only, Immutable(empty):

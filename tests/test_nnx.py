@@ -22,8 +22,12 @@ from nfnets_jax import nnx as nf_nnx  # noqa: E402
 from reference_data import param_trees, rebuild_params  # noqa: E402
 
 NANO = "nfnet:nano"
+# XLA's own convolutions: the wrapper, not the CPU lowering, is under test here (the
+# lowerings give the same numbers, tests/test_conv.py), and they compile several times
+# quicker on CPU, grouped ones (NF-RegNet-B0's) most of all.
+XLA = {"conv_impl": "xla"}
 # Stochastic depth and dropout off: training mode without random draws.
-NO_RANDOMNESS = {"stochdepth_rate": 0.0, "drop_rate": 0.0}
+NO_RANDOMNESS = {"stochdepth_rate": 0.0, "drop_rate": 0.0, **XLA}
 
 
 def _images(n=2, size=32, seed=1):
@@ -33,7 +37,7 @@ def _images(n=2, size=32, seed=1):
 @functools.cache
 def _nano_init():
   """Haiku's jitted init of nano (10 classes)."""
-  return jax.jit(models.transform(NANO, 10).init)
+  return jax.jit(models.transform(NANO, 10, **XLA).init)
 
 
 @functools.cache
@@ -86,11 +90,12 @@ def _assert_trees_equal(a, b):
       np.testing.assert_array_equal(x, y, err_msg=f"{module}/{name}")
 
 
-def _check_logits_match(name, params, images, return_metrics=False, **kwargs):
+def _check_logits_match(name, params, images, return_metrics=False, modes=(False, True),
+                        **kwargs):
   """from_haiku's logits (and with `return_metrics` the signal metrics) against
-  Haiku's, in inference and in training mode."""
+  Haiku's, in each mode of `modes` (is_training: inference, training)."""
   module = nf_nnx.from_haiku(name, params, **kwargs)
-  for is_training in (False, True):
+  for is_training in modes:
     got = _nnx_logits(module, images, is_training, return_metrics=return_metrics)
     want = _haiku_outputs(name, params, images, is_training, return_metrics=return_metrics,
                           **kwargs)
@@ -108,10 +113,13 @@ def test_nano_logits_match_haiku_in_inference_and_training():
   _check_logits_match(NANO, _nano_params(), _images(), return_metrics=True, **NO_RANDOMNESS)
 
 
+# The larger models in inference mode only: the module hands `is_training` to the Haiku
+# model whatever the network (nano checks both modes above), and each mode is a compile
+# of the whole network on both sides.
 @pytest.mark.slow
-def test_f0_logits_match_haiku_in_inference_and_training():
+def test_f0_logits_match_haiku():
   params = rebuild_params(param_trees()["nfnet:F0"])
-  _check_logits_match("nfnet:F0", params, _images(), **NO_RANDOMNESS)
+  _check_logits_match("nfnet:F0", params, _images(), modes=(False,), **NO_RANDOMNESS)
 
 
 @pytest.mark.slow
@@ -126,7 +134,7 @@ def test_nf_regnet_logits_match_haiku_with_its_runs_stacked():
   for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Param))[0]:
     stacked = "__x" in optim.split_path(path)[0]
     assert optim.stacked_layers(*optim.split_path(path)) == int(stacked), path
-  _check_logits_match("nf_regnet:B0", params, _images(), **kwargs)
+  _check_logits_match("nf_regnet:B0", params, _images(), modes=(False,), **kwargs)
   _assert_trees_equal(nf_nnx.to_haiku(module), params)
 
 
@@ -151,16 +159,17 @@ def test_training_draws_from_the_modules_rngs():
   """Stochastic depth and dropout take their keys from the module's `dropout`
   stream: the same keys give Haiku's logits, and each call draws a new one."""
   params, images = _nano_params(), _images(8)
-  module = nf_nnx.from_haiku(NANO, params, rngs=nnx.Rngs(dropout=5))
+  module = nf_nnx.from_haiku(NANO, params, rngs=nnx.Rngs(dropout=5), **XLA)
   twin = nnx.Rngs(dropout=5)
   first = _nnx_logits(module, images, True)
   second = _nnx_logits(module, images, True)
-  _assert_close_to_largest(first, _haiku_logits(NANO, params, images, True, twin.dropout()))
-  _assert_close_to_largest(second, _haiku_logits(NANO, params, images, True, twin.dropout()))
+  _assert_close_to_largest(first, _haiku_logits(NANO, params, images, True, twin.dropout(), **XLA))
+  _assert_close_to_largest(second,
+                           _haiku_logits(NANO, params, images, True, twin.dropout(), **XLA))
   assert not np.allclose(first, second)
 
-  no_rngs = nf_nnx.from_haiku(NANO, params)
-  no_rngs(images, is_training=False)  # inference needs no key
+  no_rngs = nf_nnx.from_haiku(NANO, params, **XLA)
+  _nnx_logits(no_rngs, images, False)  # inference needs no key
   with pytest.raises(ValueError, match=r"nfnet:nano drops .* no rngs: .*nnx\.Rngs\(dropout"):
     no_rngs(images, is_training=True)
 
@@ -228,7 +237,7 @@ def test_three_nnx_optimizer_steps_equal_three_haiku_steps():
   the same keys on both sides: the same parameters after three steps."""
   params, images = _nano_params(), _images(8)
   labels = jnp.arange(8) % 10
-  model, tx = models.transform(NANO, 10), _optimizer()
+  model, tx = models.transform(NANO, 10, **XLA), _optimizer()
 
   @jax.jit
   def haiku_step(params, opt_state, key):
@@ -243,7 +252,7 @@ def test_three_nnx_optimizer_steps_equal_three_haiku_steps():
     haiku_params, opt_state, loss = haiku_step(haiku_params, opt_state, twin.dropout())
     haiku_losses.append(float(loss))
 
-  module = nf_nnx.from_haiku(NANO, params, rngs=nnx.Rngs(dropout=2))
+  module = nf_nnx.from_haiku(NANO, params, rngs=nnx.Rngs(dropout=2), **XLA)
   optimizer = nnx.Optimizer(module, tx, wrt=nnx.Param)
   losses = [float(_nnx_step(module, optimizer, images, labels)) for _ in range(3)]
 
@@ -259,7 +268,7 @@ def test_three_nnx_optimizer_steps_equal_three_haiku_steps():
 
 
 def test_frozen_backbone_fine_tune_trains_only_the_head():
-  module = nf_nnx.from_haiku(NANO, _nano_params(), rngs=nnx.Rngs(dropout=0))
+  module = nf_nnx.from_haiku(NANO, _nano_params(), rngs=nnx.Rngs(dropout=0), **XLA)
   before = jax.tree.map(np.array, nf_nnx.to_haiku(module))
   optimizer = nnx.Optimizer(module, _optimizer(), wrt=nf_nnx.CLASSIFIER)
 
@@ -330,19 +339,19 @@ def test_params_ema_takes_the_nnx_state():
 @pytest.mark.slow
 def test_nnx_state_saves_and_restores_with_orbax(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint", reason="the orbax test needs orbax-checkpoint")
-  module = nf_nnx.from_haiku(NANO, _nano_params(), rngs=nnx.Rngs(dropout=4))
-  module(_images(), is_training=True)  # moves the rng stream on
+  module = nf_nnx.from_haiku(NANO, _nano_params(), rngs=nnx.Rngs(dropout=4), **XLA)
+  images = _images(8)
+  _nnx_logits(module, images, True)  # moves the rng stream on
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "state", nnx.state(module))
   checkpointer.wait_until_finished()
 
   abstract = nnx.eval_shape(
-      lambda: nf_nnx.from_haiku(NANO, _nano_params(), rngs=nnx.Rngs(dropout=0)))
+      lambda: nf_nnx.from_haiku(NANO, _nano_params(), rngs=nnx.Rngs(dropout=0), **XLA))
   graphdef, abstract_state = nnx.split(abstract)
   restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / "state", abstract_state))
   _assert_trees_equal(nf_nnx.to_haiku(restored), nf_nnx.to_haiku(module))
   # The rng stream resumes where it was: the next training call drops the same branches.
-  images = _images(8)
   np.testing.assert_array_equal(_nnx_logits(restored, images, True),
                                 _nnx_logits(module, images, True))
 

@@ -13,17 +13,14 @@ import shutil
 import signal
 import subprocess
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from checkpoint_helpers import LINEARS, abstract_target, save_steps, small_state
 from demo_run import (REPO, SHARED_DEVICES, SHARED_EXTRA, checkpoint_steps, final_json,
                       local_launch, trainer_command, trainer_env)
-from nfnets_jax.optim import EmaState
 from nfnets_jax.train import checkpoint_recovery, preemption, steps
 from nfnets_jax.train.checkpoints import Checkpointer
-from nfnets_jax.train.state import TrainState
 
 HOOK = REPO / "tests" / "preemption_hook.py"
 
@@ -52,28 +49,6 @@ def test_preempted_message_names_the_step_and_how_to_resume():
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _state(step: int) -> TrainState:
-  """A small train state (real arrays, the trainer's tree kinds) whose values depend on `step`."""
-  mesh = steps.make_mesh()
-  put = lambda x: jax.device_put(x, steps.replicated(mesh))  # noqa: E731
-  params = {"net/~/linear": {"w": put(jnp.full((8, 4), float(step))), "b": put(jnp.zeros(4))}}
-  return TrainState(step=put(jnp.asarray(step, jnp.int32)), params=params,
-                    opt_state=(put(jnp.arange(5.0) * step),),
-                    ema=EmaState(count=put(jnp.asarray(step, jnp.int32)), ema=params))
-
-
-def _target() -> TrainState:
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0))
-
-
-def _save_steps(workdir, *saved: int) -> Checkpointer:
-  checkpointer = Checkpointer(str(workdir), max_to_keep=5, async_save=False)
-  for step in saved:
-    checkpointer.save(_state(step), {"model": "test"})
-  return checkpointer
-
-
 def _largest_file(directory: pathlib.Path) -> pathlib.Path:
   return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
@@ -94,28 +69,29 @@ def _garble_metadata(step_dir: pathlib.Path) -> None:
 @pytest.mark.parametrize("damage", [_truncate_array_file, _remove_item, _garble_metadata])
 def test_damaged_newest_checkpoint_is_named_set_aside_and_the_next_older_restored(
     tmp_path, damage, caplog):
-  checkpointer = _save_steps(tmp_path, 1, 2, 3)
+  checkpointer = save_steps(tmp_path, 1, 2, 3)
   damage(tmp_path / "checkpoints" / "3")
   state, meta, step = checkpoint_recovery.restore_newest_readable(
-      checkpointer, _target(), steps.make_mesh())
+      checkpointer, abstract_target(), steps.make_mesh())
   assert (step, meta["step"]) == (2, 2)
-  assert float(state.params["net/~/linear"]["w"][0, 0]) == 2.0
+  np.testing.assert_array_equal(state.params[LINEARS[0]]["w"],
+                                small_state(2).params[LINEARS[0]]["w"])
   assert f"Checkpoint step 3 in {tmp_path / 'checkpoints'} cannot be read" in caplog.text
   assert (tmp_path / "damaged_checkpoints" / "3" / "params").is_dir()  # moved, not deleted
   assert checkpointer.all_steps() == [1, 2]
-  checkpointer.save(_state(3), {"model": "test"})  # the resumed run can save step 3 again
+  checkpointer.save(small_state(3), {"model": "test"})  # the resumed run can save step 3 again
   assert checkpointer.all_steps() == [1, 2, 3]
   checkpointer.close()
 
 
 def test_no_readable_checkpoint_lists_every_step_and_moves_nothing(tmp_path):
-  checkpointer = _save_steps(tmp_path, 1, 2)
+  checkpointer = save_steps(tmp_path, 1, 2)
   for step in (1, 2):
     _remove_item(tmp_path / "checkpoints" / str(step))
   with pytest.raises(checkpoint_recovery.NoReadableCheckpointError,
                      match=r"None of the 2 checkpoints in .*checkpoints can be restored \(step 2: "
                            r".*; step 1: .*\)\. Nothing was moved or deleted"):
-    checkpoint_recovery.restore_newest_readable(checkpointer, _target(), steps.make_mesh())
+    checkpoint_recovery.restore_newest_readable(checkpointer, abstract_target(), steps.make_mesh())
   assert checkpoint_steps(tmp_path) == [1, 2] and not (tmp_path / "damaged_checkpoints").exists()
   checkpointer.close()
 
@@ -123,14 +99,15 @@ def test_no_readable_checkpoint_lists_every_step_and_moves_nothing(tmp_path):
 def test_tools_reading_a_damaged_step_get_a_clear_error_naming_the_other_steps(tmp_path):
   """Evaluate/convert/classify read workdirs through weights.load_params."""
   from nfnets_jax import weights  # pylint: disable=import-outside-toplevel
-  _save_steps(tmp_path, 1, 2).close()
+  save_steps(tmp_path, 1, 2).close()
   _truncate_array_file(tmp_path / "checkpoints" / "2")
   with pytest.raises(weights.DamagedCheckpointError,
                      match=r"\(step 2\): the 'params' item cannot be read \(.*\); the checkpoint may "
                            r"be damaged .* Other saved steps in .*checkpoints: \[1\]; read one with "
                            r"step= \(--step\)\."):
     weights.load_params(tmp_path)
-  assert weights.load_params(tmp_path, step=1)["net/~/linear"]["w"][0, 0] == 1.0
+  np.testing.assert_array_equal(weights.load_params(tmp_path, step=1)[LINEARS[0]]["w"],
+                                small_state(1).params[LINEARS[0]]["w"])
 
 
 class ReadOnly:
@@ -164,19 +141,19 @@ class ReadOnly:
 
 
 def test_failed_save_names_directory_step_and_cause_and_keeps_previous(tmp_path):
-  checkpointer = _save_steps(tmp_path, 1)
+  checkpointer = save_steps(tmp_path, 1)
   ckpt = tmp_path / "checkpoints"
   with ReadOnly(ckpt) as read_only:
     if read_only.unavailable:
       pytest.skip(read_only.unavailable)
     with pytest.raises(checkpoint_recovery.CheckpointSaveError) as err:
-      checkpointer.save(_state(2), {"model": "test"})
+      checkpointer.save(small_state(2), {"model": "test"})
   message = str(err.value)
   assert message.startswith(f"Saving the checkpoint of step 2 in {ckpt} failed (PermissionError")
   assert "it was not saved" in message and "\n" not in message
   assert checkpoint_steps(tmp_path) == [1]
   _, meta, step = checkpoint_recovery.restore_newest_readable(
-      Checkpointer(str(tmp_path), async_save=False), _target(), steps.make_mesh())
+      Checkpointer(str(tmp_path), async_save=False), abstract_target(), steps.make_mesh())
   assert (step, meta["step"]) == (1, 1)
 
 
@@ -273,20 +250,22 @@ def test_two_processes_signal_one_both_stop_at_the_same_step_and_resume_bitwise(
 
 @pytest.fixture(scope="module")
 def own_dirs(tmp_path_factory):
-  """A data dir and a compilation cache for this module's one-device runs below."""
+  """A data dir and an empty compilation cache for the one-device runs signalled before
+  their first step: they need the seconds the programs take to compile (a cache filled
+  by an earlier run would leave the signal racing the first step)."""
   root = tmp_path_factory.mktemp("bounded_stops")
   return {"data_dir": str(root / "tfds"), "cache": str(root / "xla_cache")}
 
 
 def _signalled(dirs, workdir, wait_for: str, *signals: tuple[float, int], moment: str = "",
-               env: dict | None = None) -> tuple[int, str, float]:
-  """Runs the one-device demo (through preemption_hook at `moment`), sends `signals`
+               env: dict | None = None, devices: int = 1) -> tuple[int, str, float]:
+  """Runs the demo on `devices` (through preemption_hook at `moment`), sends `signals`
   ((seconds after the line, signal)) once a stderr line contains `wait_for`; returns
   the exit status, stderr and the seconds from the first signal to the exit."""
   import threading  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
   argv = trainer_command(dirs, workdir)
-  run_env = trainer_env(1, **(env or {}))
+  run_env = trainer_env(devices, **(env or {}))
   if moment:
     argv[1:3] = [str(HOOK)]
     run_env.update(NFNETS_TEST_SIGNAL=moment, PYTHONPATH=os.pathsep.join(
@@ -341,14 +320,20 @@ def test_a_signal_before_the_first_step_ends_the_run_at_once(own_dirs, tmp_path,
   assert "Traceback" not in stderr and not checkpoint_steps(tmp_path)
 
 
+def _shared_dirs(demo_run) -> dict:
+  """The session's demo data and compilation cache: a stuck-step run on the demo's devices
+  compiles nothing (its programs are the demo's); the cache is only read."""
+  return {"data_dir": demo_run["data_dir"], "cache": demo_run["cache"]}
+
+
 @pytest.mark.slow
-def test_a_step_that_cannot_finish_ends_the_run_after_the_grace_period(own_dirs, tmp_path):
+def test_a_step_that_cannot_finish_ends_the_run_after_the_grace_period(demo_run, tmp_path):
   """Step 2 never returns (a stuck input pipeline or device) after its SIGTERM: the stop,
   read only at a step boundary, would wait forever. After the grace period (3 s here)
   the run ends with one line; the checkpoints it saved are kept."""
   status, stderr, seconds = _signalled(
-      own_dirs, tmp_path, "SIGTERM received: finishing the current step", moment="stuck:2",
-      env={"NFNETS_TEST_MIN_GRACE": "3"})
+      _shared_dirs(demo_run), tmp_path, "SIGTERM received: finishing the current step",
+      moment="stuck:2", env={"NFNETS_TEST_MIN_GRACE": "3"}, devices=SHARED_DEVICES)
   assert status == 128 + signal.SIGTERM, stderr[-3000:]
   assert seconds < 30
   assert ("Stopped on SIGTERM: the running step did not end within 3 s of the signal (0 x the "
@@ -360,13 +345,13 @@ def test_a_step_that_cannot_finish_ends_the_run_after_the_grace_period(own_dirs,
 
 @pytest.mark.slow
 def test_a_second_signal_ends_the_run_at_once_unless_it_is_the_same_delivered_twice(
-    own_dirs, tmp_path):
+    demo_run, tmp_path):
   """The first SIGTERM asks step 2 to end, which it never does; a SIGINT 0.5 s later is
   the same request delivered twice (a launcher forwarding Ctrl-C), one 3 s later ends
   the run at once, where the default grace period (60 s) would still be waiting."""
   status, stderr, seconds = _signalled(
-      own_dirs, tmp_path, "SIGTERM received: finishing the current step",
-      (0.5, signal.SIGINT), (3.0, signal.SIGINT), moment="stuck:2")
+      _shared_dirs(demo_run), tmp_path, "SIGTERM received: finishing the current step",
+      (0.5, signal.SIGINT), (3.0, signal.SIGINT), moment="stuck:2", devices=SHARED_DEVICES)
   assert status == 128 + signal.SIGINT, stderr[-3000:]
   assert 3.0 <= seconds < 20
   assert ("SIGINT received while already stopping on SIGTERM: ignored, as the same stop "

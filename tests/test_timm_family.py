@@ -20,6 +20,7 @@ import pytest
 
 from nfnets_jax import convert, models, weights
 from nfnets_jax.weights import timm as timm_weights
+from nfnets_jax.weights import timm_parity
 from nfnets_jax.models import layers, network, timm_family
 
 TOL = 1e-4
@@ -197,7 +198,8 @@ def test_folded_network_equals_the_training_form(name):
             for m, g in params.items()}
   images = np.random.default_rng(2).standard_normal((2, 33, 33, 3)).astype(np.float32)
   net = models.transform(f"timm:{name}", 1000, conv_impl="xla")
-  expected = np.asarray(net.apply(params, None, images, is_training=False)["logits"])
+  apply = jax.jit(lambda p, x: net.apply(p, None, x, is_training=False)["logits"])
+  expected = np.asarray(apply(params, images))
   folded = models.fold_for_inference(f"timm:{name}", params, conv_impl="xla")
   logits = np.asarray(folded(images))
   assert np.abs(logits - expected).max() / np.abs(expected).max() < 1e-5
@@ -252,37 +254,14 @@ def _random_params(name: str, num_classes: int = 1000) -> dict:
 # ----------------------------------------------------------------------------- against timm
 
 
-def _randomised_timm(name: str):
-  torch = pytest.importorskip("torch", reason="the timm agreement tests need PyTorch (peers extra)")
-  timm = pytest.importorskip("timm", reason="the timm agreement tests need timm (peers extra)")
-  torch.manual_seed(0)
-  model = timm.create_model(name).eval()
-  with torch.no_grad():
-    for key, p in model.named_parameters():
-      if key.endswith("skipinit_gain"):
-        p.copy_(0.5 + torch.rand(p.shape))
-      elif key.endswith(".gain"):
-        p.copy_(1.0 + 0.3 * torch.randn(p.shape))
-      elif key.endswith("bias"):
-        p.copy_(0.1 * torch.randn(p.shape))
-  return torch, model
-
-
 def _check_agreement(name: str, size: int):
-  torch, model = _randomised_timm(name)
-  sd = {key: value.numpy() for key, value in model.state_dict().items()}
+  pytest.importorskip("torch", reason="the timm agreement tests need PyTorch (peers extra)")
+  timm = pytest.importorskip("timm", reason="the timm agreement tests need timm (peers extra)")
+  model = timm_parity.randomise(timm.create_model(name).eval(), seed=0)
   images = np.random.default_rng(1).standard_normal((2, size, size, 3)).astype(np.float32)
-  with torch.no_grad():
-    expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-  params = timm_weights.from_timm(sd, f"timm:{name}")
-  net = models.transform(f"timm:{name}", 1000, conv_impl="xla")
-  logits = np.asarray(net.apply(params, None, images, is_training=False)["logits"])
-  err = np.abs(logits - expected).max() / np.abs(expected).max()
-  assert err < TOL, (name, err)
-  back = timm_weights.to_timm(params, f"timm:{name}")
-  assert sorted(back) == sorted(sd)
-  for key, value in sd.items():
-    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  parity = timm_parity.compare(model, name, images)
+  assert parity.error < TOL, (name, parity.error)
+  assert not parity.mismatched, parity.mismatched[:5]
 
 
 @pytest.mark.parametrize("name,size", [

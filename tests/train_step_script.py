@@ -23,7 +23,10 @@ from nfnets_jax.train.state import TrainState
 
 assert jax.device_count() == 4, jax.devices()
 NUM_CLASSES, SMOOTHING, STEPS = 10, 0.1, 3
-model = models.transform("nfnet:nano", NUM_CLASSES, drop_rate=0.0, stochdepth_rate=0.0)
+# XLA's own convolutions: the data-parallel step is under test, not the CPU lowering
+# (tests/test_conv.py compares the lowerings), and its programs compile quicker.
+model = models.transform("nfnet:nano", NUM_CLASSES, drop_rate=0.0, stochdepth_rate=0.0,
+                         conv_impl="xla")
 rng = np.random.default_rng(0)
 batch = {"images": rng.standard_normal((8, 16, 16, 3)).astype(np.float32),
          "labels": rng.integers(0, NUM_CLASSES, 8).astype(np.int32)}

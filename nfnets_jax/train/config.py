@@ -11,7 +11,7 @@ spelt `--config.<field>=None` (see `accept_none_overrides`).
 
 import fnmatch
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import ml_collections
 from absl import flags
@@ -144,6 +144,27 @@ class ConfigError(ValueError):
 
   The trainer reports it as one line (no traceback) and exits with status 1.
   """
+
+
+def table_row(table: Mapping[str, Any], name: str, what: str, where: str) -> Any:
+  """`table[name]` for an experiment file's variant argument; an unknown name is a
+  ConfigError naming `what` it should be, `where` it was given and the valid names."""
+  if name not in table:
+    raise ConfigError(f"Unknown {what} {name!r} in {where}; valid: {', '.join(table)}.")
+  return table[name]
+
+
+def model_config(model: str, *, stochdepth_rate: float, drop_rate: float, image_size: int,
+                 eval_image_size: int) -> ml_collections.ConfigDict:
+  """`base_config()` for `model` with the regularisation and the train and test
+  resolutions its experiment gives it, unlocked for the experiment's other changes."""
+  c = base_config()
+  c.model = model
+  c.model_kwargs.stochdepth_rate = stochdepth_rate
+  c.model_kwargs.drop_rate = drop_rate
+  c.dataset.image_size = image_size
+  c.dataset.eval_image_size = eval_image_size
+  return c
 
 
 # ----------------------------------------------------------------------------- None

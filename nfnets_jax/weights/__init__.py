@@ -13,8 +13,9 @@
 
 Behind it: `formats` (files), `workdir` (the training-run layout),
 `safe_pickle`, `published` and `download` (the published catalogue and its
-verified download), `timm` (timm <-> ours), `timm_hub` (timm's trained weights
-from the hub), `loading` (the face's functions).
+verified download), `timm` (timm <-> ours), `timm_parity` (a timm model against
+its conversion), `timm_hub` (timm's trained weights from the hub), `loading` (the
+face's functions).
 """
 
 from nfnets_jax.models.tree import ParameterMismatchError
