@@ -61,6 +61,8 @@ PUBLISHED: dict[str, tuple[float, float]] = {
     "nfnet:F5": (377.2e6, 289.76e9),
     "nfnet:F6": (438.4e6, 377.28e9),
 }
+# timm's dm_nfnet_f0..f6 are the paper's F0..F6 (DeepMind's weights, the same test sizes).
+PUBLISHED.update({f"timm:dm_nfnet_f{i}": PUBLISHED[f"nfnet:F{i}"] for i in range(7)})
 #: Resolution for variants without published train/test sizes (the ResNets).
 DEFAULT_IMSIZE = 224
 FORMATS = ("table", "markdown", "json")

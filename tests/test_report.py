@@ -280,6 +280,14 @@ def test_without_measuring_the_timm_columns_say_so(capsys):
   assert "timm's counts not measured: --notimm_counts." in table
 
 
+def test_timms_dm_nfnets_are_compared_with_the_paper_too(capsys):
+  code, out, err = _run(capsys, "--format=json", "--notimm_counts", "--models=timm:dm_nfnet_f0")
+  assert code == 0, err
+  (row,) = json.loads(out)
+  assert row["published_params"] == pytest.approx(71.5e6)
+  assert abs(row["params_diff_pct"]) < 0.1 and abs(row["test_flops_diff_pct"]) < 0.1
+
+
 def test_without_the_peers_timm_counts_are_not_measured_and_not_an_error(capsys, monkeypatch):
   """A None entry in sys.modules is Python's own mark of a module that cannot be
   imported: find_spec then reports it missing, as on a machine without timm."""

@@ -21,7 +21,7 @@ import types
 import numpy as np
 import pytest
 
-from nfnets_jax.weights import timm_hub
+from nfnets_jax.weights import timm_hub, timm_parity
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -80,13 +80,8 @@ def _hub(tmp_path_factory):
   from safetensors.torch import save as save_torch  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(0)
-  model = timm.create_model("test_nfnet").eval()
-  with torch.no_grad():  # trained-looking: every branch switched on
-    for key, p in model.named_parameters():
-      if key.endswith(".gain"):
-        p.copy_(1.0 + 0.3 * torch.randn(p.shape))
-      elif key.endswith("bias"):
-        p.copy_(0.1 * torch.randn(p.shape))
+  # Trained-looking: random gains and biases switch every branch on.
+  model = timm_parity.randomise(timm.create_model("test_nfnet").eval(), seed=0)
   payload = save_torch(model.state_dict(), metadata={"format": "pt"})
   root = tmp_path_factory.mktemp("hub")
   cache = root / "hub"
@@ -199,12 +194,13 @@ def test_timm_weights_fine_tune_on_digits_and_export_to_onnx(tmp_path, hub):
        "--config.dataset.train_preproc=resize", "--config.dataset.autotune=False",
        "--config.dataset.deterministic=True", "--config.train_batch_size=64",
        "--config.eval_batch_size=120", "--config.num_train_steps=60", "--config.warmup_steps=5",
-       "--config.optimizer.base_lr=0.8", "--config.checkpoint_every_steps=60",
+       "--config.optimizer.base_lr=0.4", "--config.checkpoint_every_steps=60",
        "--config.model_kwargs.conv_impl=xla"],
       capture_output=True, text=True, env=hub.env, cwd=REPO, timeout=900)
   assert train.returncode == 0, train.stderr[-3000:]
   result = json.loads(train.stdout.strip().splitlines()[-1])
-  assert result["step"] == 60 and result["top1"] > 0.5  # 10 classes: chance is 0.1
+  # 10 classes: chance is 0.1; two draws of the starting weights gave 0.94 and 0.95.
+  assert result["step"] == 60 and result["top1"] > 0.6
   assert "init_from timm:test_nfnet: loaded 91 parameters" in train.stderr
   assert "normalised with" not in train.stderr  # no mismatch warning: the config follows timm
 
