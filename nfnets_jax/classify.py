@@ -197,7 +197,7 @@ def classify_images(loaded: weights.LoadedModel, paths: Sequence[str], *, image_
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if normalization is None:
-    normalization = loaded.eval_record.get("normalization", preproc_spec.DEFAULT_NORMALIZATION)
+    normalization = loaded.normalization
   classes, _ = class_table(loaded)
   ready, failed = [], {}
   for path in paths:

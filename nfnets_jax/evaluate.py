@@ -33,7 +33,6 @@ import numpy as np
 
 from nfnets_jax import cli, models, weights
 from nfnets_jax.cli import model_flags, runtime
-from nfnets_jax.data import preproc_spec  # Without TF, as the tool's start needs.
 
 #: Examples per device when --batch_size is not given.
 DEFAULT_PER_DEVICE_BATCH = 32
@@ -89,7 +88,7 @@ def evaluate_params(loaded: weights.LoadedModel, dataset: str = "imagenet2012",
   check_batch_size(batch_size)
   image_size = models.default_image_size(loaded.name) if image_size is None else image_size
   if normalization is None:
-    normalization = loaded.eval_record.get("normalization", preproc_spec.DEFAULT_NORMALIZATION)
+    normalization = loaded.normalization
   if progress not in ("auto", "bar", "lines", "none"):
     raise ValueError(f"progress must be 'auto', 'bar', 'lines' or 'none', got {progress!r}")
 
@@ -141,8 +140,8 @@ def replicated_params(params: Any, mesh: Any) -> Any:
 
 
 def _this_process_batches(dataset: str, split: str, local_batch: int, image_size: int,
-                          eval_preproc: str, normalization: str, data_dir: Optional[str], manual_dir: Optional[str],
-                          val_fraction: float):
+                          eval_preproc: str, normalization: str, data_dir: Optional[str],
+                          manual_dir: Optional[str], val_fraction: float):
   """This process's part of the split, in evaluation batches (`data.load`)."""
   import jax
 
@@ -333,7 +332,8 @@ def _evaluate_from_flags(fv, runtime_flags: runtime.RuntimeFlags) -> None:
   results = evaluate_params(
       loaded, settings["dataset"], settings["split"], batch_size=fv.batch_size,
       image_size=settings["image_size"], eval_preproc=settings["eval_preproc"],
-      normalization=settings["normalization"], data_dir=settings["data_dir"], manual_dir=fv.manual_dir,
+      normalization=settings["normalization"], data_dir=settings["data_dir"],
+      manual_dir=fv.manual_dir,
       val_fraction=settings.values.get("val_fraction", 0.0), compute_dtype=fv.compute_dtype,
       progress=fv.progress)
   results["ema"] = settings["ema"]

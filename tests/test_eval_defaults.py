@@ -77,6 +77,7 @@ def test_recorded_settings_are_the_defaults_and_flags_override_them(workdirs):
   assert set(settings.origins.values()) == {"checkpoint"}
   assert "  eval_preproc   resize_crop_1  [checkpoint]" in settings.describe().splitlines()
   assert loaded.class_names == ["cat", "dog", "emu"]
+  assert loaded.normalization == "inception"  # what evaluate_params/classify_images default to
 
   _, settings = resolve(f"--checkpoint={workdir}", "--noema", "--image_size=32",
                         "--eval_preproc=crop_resize", "--split=train", "--normalization=imagenet")
@@ -105,6 +106,7 @@ def test_checkpoints_without_a_record_keep_the_published_defaults(workdirs, tmp_
                                         "normalization")] == [
       "checkpoint", "default", "default", "default", "default"]
   assert loaded.class_names is None and classify.class_table(loaded) == (None, "default")
+  assert loaded.normalization == "imagenet"
   npz = weights.save_params_npz(weights.load_params(old), tmp_path / "p.npz")
   _, settings = resolve(f"--checkpoint={npz}", "--image_size=16", dataset=False)
   assert settings.origins == {"model": "weights", "num_classes": "weights", "ema": "default",

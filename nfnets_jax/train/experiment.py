@@ -284,7 +284,8 @@ class Experiment:
         image_size=ds.image_size, augment_name=ds.augment_name,
         augment_before_mix=ds.augment_before_mix, mix_source=ds.mix_source,
         data_dir=ds.data_dir, val_fraction=ds.val_fraction, train_preproc=ds.train_preproc,
-        normalization=ds.normalization, seed=self.config.seed if ds.deterministic else None, deterministic=ds.deterministic,
+        normalization=ds.normalization, seed=self.config.seed if ds.deterministic else None,
+        deterministic=ds.deterministic,
         start_step=start_step, autotune=ds.autotune)
 
   def _eval_batches(self) -> Iterator[dict[str, np.ndarray]]:

@@ -24,6 +24,7 @@ import pathlib
 from typing import Any, Mapping, Optional
 
 from nfnets_jax import models
+from nfnets_jax.data import preproc_spec
 from nfnets_jax.weights import formats, published, timm_hub, workdir
 
 #: Where a setting came from, as the tools print it.
@@ -81,6 +82,12 @@ class LoadedModel:
   def eval_record(self) -> dict[str, Any]:
     """How the training run evaluated these weights ({} for older or other checkpoints)."""
     return dict(self.record.get("eval") or {})
+
+  @property
+  def normalization(self) -> str:
+    """The input normalisation the weights were trained with: the record's, else the
+    published 'imagenet' (`data.preproc_spec.NORMALIZATIONS`)."""
+    return self.eval_record.get("normalization", preproc_spec.DEFAULT_NORMALIZATION)
 
   @property
   def class_names(self) -> Optional[list[str]]:
